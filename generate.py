@@ -1,0 +1,176 @@
+"""Generate responses with a KV cache, many prompts at once.
+
+    python generate.py --ckpt out/ckpt.pt --prompt "Name three primary colors."
+    python generate.py --ckpt out/ckpt.pt --interactive
+    python generate.py --model gpt2 --prompt-style alpaca --prompt "..." --temperature 0.7 --top-k 50
+"""
+import argparse
+import sys
+
+import torch
+
+from data import EOT_ID, PROMPT_STYLES, decode, encode, format_prompt
+from model import KVCache, build_model, load_checkpoint, model_from_checkpoint
+
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """Next token ids (B,) from last-position logits (B, vocab): greedy at temperature 0,
+    otherwise sampled from the temperature-scaled distribution cut to top-k and/or top-p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens more likely than it already cover top_p
+        drop = probs.cumsum(dim=-1) - probs > top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+             eos_id=EOT_ID, generator=None):
+    """Continue each prompt (a list of token ids) by up to max_new_tokens, stopping a row at
+    eos_id (None: never) or when the context is full. Returns the new ids of each row,
+    without the eos. Prompts are left-padded into one batch; a row's result is the same as
+    generating it alone, and finished rows leave the batch so they cost nothing more."""
+    ctx = model.config.context_length
+    lengths = [len(p) for p in prompts]
+    if not prompts or min(lengths) == 0:
+        raise ValueError("every prompt needs at least one token")
+    longest = max(lengths)
+    if longest > ctx:
+        raise ValueError(f"a prompt of {longest} tokens exceeds the context length {ctx}; truncate it first")
+    device = model.wte.weight.device
+    pad_lens = [longest - n for n in lengths]
+    idx = torch.tensor([[EOT_ID] * pad + p for pad, p in zip(pad_lens, prompts)], device=device)
+    # the last new token is sampled but never fed back, hence the - 1
+    cache_len = min(ctx, longest + max(max_new_tokens - 1, 0))
+    cache = KVCache(model.config, len(prompts), cache_len, device, model.wte.weight.dtype, pad_lens)
+
+    outputs = [[] for _ in prompts]
+    active = list(range(len(prompts)))  # original row of each batch row still generating
+    logits = model.forward_cached(idx, cache) if max_new_tokens > 0 else None
+    for step in range(max_new_tokens):
+        next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+        keep = []
+        for row, token in enumerate(next_ids.tolist()):
+            if token == eos_id:
+                continue
+            outputs[active[row]].append(token)
+            keep.append(row)
+        if not keep or step == max_new_tokens - 1 or cache.pos == cache.max_len:
+            break
+        if len(keep) < len(active):
+            cache.reorder(torch.tensor(keep, device=device))
+            active = [active[row] for row in keep]
+            next_ids = next_ids[keep]
+        logits = model.forward_cached(next_ids[:, None], cache)
+    return outputs
+
+
+# ----------------------------------------------------------------------------- shared by the scripts
+
+
+def resolve_device(name):
+    """'auto' picks cuda, then mps, then cpu; an explicit device must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' asked for, but this PyTorch has no CUDA device; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device '{name}' does not exist: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' asked for, but MPS is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device '{name}'; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, device="cpu"):
+    """(model in eval mode on device, checkpoint dict or None, prompt style): a fine-tuned
+    checkpoint from train.py (its prompt style unless overridden) or a base GPT-2."""
+    if (ckpt_path is None) == (model_name is None):
+        raise ValueError("give exactly one of --ckpt (a train.py checkpoint) or --model (a GPT-2 name or folder)")
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path)
+        model, style = model_from_checkpoint(ckpt), prompt_style or ckpt.get("prompt_style", "alpaca")
+    else:
+        ckpt, model, style = None, build_model(model_name), prompt_style or "alpaca"
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style '{style}'; choose one of {', '.join(PROMPT_STYLES)}")
+    return model.to(device).eval(), ckpt, style
+
+
+def respond(model, entries, prompt_style, max_new_tokens, **sampling):
+    """The model's response text to each instruction entry, prompted in prompt_style."""
+    prompts = [encode(format_prompt(entry, prompt_style)) for entry in entries]
+    return [decode(ids).strip() for ids in generate(model, prompts, max_new_tokens, **sampling)]
+
+
+def run_main(main):
+    """Run a script's main(); a user mistake ends it with one line and exit status 1."""
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="a checkpoint written by train.py")
+    p.add_argument("--model", help="instead of --ckpt: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local HF folder")
+    p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), help="default: the checkpoint's, else alpaca")
+    p.add_argument("--prompt", action="append", default=[], help="an instruction; repeat for a batch")
+    p.add_argument("--input", default="", help="optional input that goes with the instruction")
+    p.add_argument("--interactive", action="store_true", help="read instructions from a prompt loop")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    args = p.parse_args()
+    if not args.prompt and not args.interactive:
+        p.error("give --prompt TEXT (repeatable) or --interactive")
+    if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1) \
+            or (args.top_p is not None and not 0 < args.top_p <= 1):
+        p.error("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 1 and 0 < --top-p <= 1")
+
+    device = resolve_device(args.device)
+    model, _, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
+
+    def answer(instructions, input_text=""):
+        entries = [{"instruction": text, "input": input_text} for text in instructions]
+        return respond(model, entries, style, args.max_new_tokens, **sampling)
+
+    for i, response in enumerate(answer(args.prompt, args.input) if args.prompt else []):
+        print(("\n" if i else "") + response)
+    if args.interactive:
+        print(f"prompt style {style}; an empty line or Ctrl-D quits", file=sys.stderr)
+        while True:
+            try:
+                instruction = input("> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                break
+            if not instruction:
+                break
+            print(answer([instruction])[0])
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,378 @@
+"""GPT-2 in one file: config presets, the model, a KV cache for generation, and loading
+of Hugging Face GPT-2 weights (hub names or local folders) and of our own checkpoints."""
+import json
+import math
+import os
+import sys
+import urllib.request
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # targets equal to this are left out of the loss (padding, masked prompts)
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    drop_rate: float = 0.0
+    qkv_bias: bool = True
+
+
+PRESETS = {
+    "gpt2": dict(emb_dim=768, n_layers=12, n_heads=12),  # 124M
+    "gpt2-medium": dict(emb_dim=1024, n_layers=24, n_heads=16),  # 355M
+    "gpt2-large": dict(emb_dim=1280, n_layers=36, n_heads=20),  # 774M
+    "gpt2-xl": dict(emb_dim=1600, n_layers=48, n_heads=25),  # 1558M
+    "tiny": dict(emb_dim=64, n_layers=2, n_heads=4),  # tests and smoke runs (3.3M, mostly embeddings)
+}
+HF_REPOS = {name: f"openai-community/{name}" for name in PRESETS if name.startswith("gpt2")}
+
+
+def config_for(name, **overrides):
+    """The GPTConfig of a preset name, with overrides (e.g. context_length, drop_rate)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset '{name}'; choose one of {', '.join(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.emb_dim % cfg.n_heads == 0, "emb_dim must be divisible by n_heads"
+        self.n_heads, self.drop_rate = cfg.n_heads, cfg.drop_rate
+        self.c_attn = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
+        self.c_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.resid_drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        if cache is None:  # training / plain path: causal attention over the whole sequence
+            dropout = self.drop_rate if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:  # generation: append to the cache and attend over everything cached so far
+            k, v = cache.update(layer, k, v)
+            mask = cache.attn_mask(T)
+            causal = mask is None and T > 1  # fresh cache, no padding: plain causal prefill
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.resid_drop(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.c_proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+        self.drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x):
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.emb_dim)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.emb_dim)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2. Module names follow Hugging Face's, so loading its weights is a key rename."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop = nn.Dropout(cfg.drop_rate)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.emb_dim)
+        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def _hidden(self, idx, pos, cache=None):
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for layer, block in enumerate(self.h):
+            x = block(x, cache, layer)
+        return self.ln_f(x)
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        """idx (B, T) -> logits (B, T, vocab). With targets (B, T): the cross-entropy over
+        targets != -100 instead, "mean" per counted target or "sum" (divide it by the count
+        yourself to average over several batches). A batch with no counted target gives 0,
+        not NaN."""
+        B, T = idx.shape
+        if T > self.config.context_length:
+            raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.context_length}")
+        x = self._hidden(idx, torch.arange(T, device=idx.device))
+        if targets is None:
+            return self.lm_head(x)
+        # Only positions that count go through the output head: with padding and masked
+        # instructions that skips a large share of the biggest matmul of the model.
+        keep = targets != IGNORE_INDEX
+        logits = self.lm_head(x[keep])
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return loss / keep.sum().clamp(min=1) if reduction == "mean" else loss
+
+    def forward_cached(self, idx, cache):
+        """Generation path: run the new tokens idx (B, T) through the model, appending their
+        keys and values to `cache`; returns the logits of the last position only (B, vocab)."""
+        T = idx.size(1)
+        if cache.pos + T > cache.max_len:
+            raise ValueError(f"KV cache full: {cache.pos} + {T} tokens > {cache.max_len}")
+        x = self._hidden(idx, cache.positions(T), cache)
+        cache.pos += T
+        return self.lm_head(x[:, -1])
+
+
+@torch.no_grad()
+def calc_loss_loader(model, loader, device, num_batches=None):
+    """Mean cross-entropy per counted target over the first num_batches of loader (all by
+    default), and the number of targets counted. Batches weigh by their counted targets,
+    so a batch that truncation left without any counts as nothing rather than as zero loss."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i, (inputs, targets) in enumerate(loader):
+        if num_batches is not None and i >= num_batches:
+            break
+        inputs, targets = inputs.to(device), targets.to(device)
+        total += model(inputs, targets, reduction="sum").item()
+        count += (targets != IGNORE_INDEX).sum().item()
+    model.train(was_training)
+    return (total / count if count else float("nan")), count
+
+
+class KVCache:
+    """Preallocated keys and values of every layer for a batch of left-padded sequences.
+    Row b's first pad_lens[b] slots are padding: they are never attended to, and its
+    positions count from its first real token, so a row gives the same result as alone."""
+
+    def __init__(self, cfg, batch_size, max_len, device, dtype=torch.float32, pad_lens=None):
+        if max_len > cfg.context_length:
+            raise ValueError(f"KV cache of {max_len} tokens exceeds the context length {cfg.context_length}")
+        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, cfg.emb_dim // cfg.n_heads)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.max_len, self.pos = max_len, 0
+        self.pad_lens = None
+        if pad_lens is not None and any(pad_lens):
+            self.pad_lens = torch.as_tensor(pad_lens, device=device).view(-1, 1)
+
+    def update(self, layer, k, v):
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def positions(self, T):
+        pos = torch.arange(self.pos, self.pos + T, device=self.k.device)
+        if self.pad_lens is None:
+            return pos
+        return (pos - self.pad_lens).clamp(min=0)  # (B, T); padding slots get position 0
+
+    def attn_mask(self, T):
+        """Boolean (B, 1, T, pos+T) mask of the keys each new query may see, or None when
+        plain attention is right (no padding and either one new token or a fresh cache)."""
+        if self.pad_lens is None and (T == 1 or self.pos == 0):
+            return None
+        keys = torch.arange(self.pos + T, device=self.k.device)
+        queries = torch.arange(self.pos, self.pos + T, device=self.k.device)
+        mask = keys[None, :] <= queries[:, None]  # causal
+        if self.pad_lens is None:
+            return mask
+        # A real token sees no padding; a padding slot sees only itself (a row of all-False
+        # would give NaN, and NaN values times zero weights would still leak into real rows).
+        real = keys[None, None, :] >= self.pad_lens[:, :, None]
+        return (mask[None] & (real | (keys[None, :] == queries[:, None])[None]))[:, None]
+
+    def reorder(self, rows):
+        """Keep only the given batch rows (drop finished sequences)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        if self.pad_lens is not None:
+            self.pad_lens = self.pad_lens[rows]
+
+
+# ----------------------------------------------------------------------------- Hugging Face weights
+
+
+def default_cache_dir():
+    return os.environ.get("GPT2_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "gpt2-weights"))
+
+
+def download(url, dest):
+    """Fetch url to dest with a progress line; written to dest.tmp and renamed when complete."""
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    tmp = dest + ".tmp"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
+            total, done = int(response.headers.get("Content-Length") or 0), 0
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                if total:
+                    print(f"\rdownloading {os.path.basename(dest)}: {done / 2**20:.0f}/{total / 2**20:.0f} MiB",
+                          end="", file=sys.stderr, flush=True)
+        if total:
+            print(file=sys.stderr)
+        os.replace(tmp, dest)
+    except OSError as e:  # URLError is an OSError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"could not download {url} ({getattr(e, 'reason', e)}); check the network") from None
+
+
+def hf_folder(name_or_path, cache_dir=None):
+    """A local folder holding config.json and model.safetensors: the folder given, or the
+    hub's files for a preset name, downloaded once into the cache folder."""
+    if os.path.isdir(name_or_path):
+        folder = name_or_path
+    elif name_or_path in HF_REPOS:
+        folder = os.path.join(cache_dir or default_cache_dir(), name_or_path)
+        for file in ("config.json", "model.safetensors"):
+            if not os.path.exists(os.path.join(folder, file)):
+                try:
+                    download(f"https://huggingface.co/{HF_REPOS[name_or_path]}/resolve/main/{file}",
+                             os.path.join(folder, file))
+                except OSError as e:
+                    raise OSError(f"{e}, or pass a local folder with config.json and model.safetensors") from None
+    else:
+        raise ValueError(f"'{name_or_path}' is neither a GPT-2 name ({', '.join(HF_REPOS)}) nor a local folder")
+    for file in ("config.json", "model.safetensors"):
+        if not os.path.isfile(os.path.join(folder, file)):
+            raise FileNotFoundError(f"{os.path.join(folder, file)} is missing; a GPT-2 folder needs "
+                                    "config.json and model.safetensors")
+    return folder
+
+
+def hf_config(folder, context_length=None, drop_rate=0.0):
+    """GPTConfig from a Hugging Face config.json, optionally with a shorter context."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            hf = json.load(f)
+        cfg = GPTConfig(vocab_size=hf["vocab_size"], context_length=hf["n_positions"], emb_dim=hf["n_embd"],
+                        n_layers=hf["n_layer"], n_heads=hf["n_head"], drop_rate=drop_rate, qkv_bias=True)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{folder}/config.json is not a GPT-2 config ({e!r})") from None
+    return with_context_length(cfg, context_length)
+
+
+def with_context_length(cfg, context_length):
+    if context_length is not None:
+        if not 0 < context_length <= cfg.context_length:
+            raise ValueError(f"context length {context_length} must be between 1 and the model's {cfg.context_length}")
+        cfg.context_length = context_length
+    return cfg
+
+
+def from_pretrained(name_or_path, context_length=None, drop_rate=0.0, cache_dir=None):
+    """GPT-2 with Hugging Face weights: a preset name (downloaded once) or a local folder.
+    A context_length below the checkpoint's keeps the first rows of the position embedding."""
+    from safetensors.torch import load_file
+
+    folder = hf_folder(name_or_path, cache_dir)
+    cfg = hf_config(folder, context_length, drop_rate)
+    try:
+        hf_state = load_file(os.path.join(folder, "model.safetensors"))
+    except Exception as e:  # safetensors' own error or an OSError: either way unreadable
+        raise ValueError(f"{folder}/model.safetensors cannot be read ({e}); delete it to download it again") from None
+
+    model = GPT(cfg)
+    state = model.state_dict()
+    loaded = set()
+    for key, tensor in hf_state.items():
+        key = key.removeprefix("transformer.")
+        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+            continue  # causal-mask buffers; lm_head is tied to wte
+        if key not in state:
+            raise ValueError(f"{folder}/model.safetensors has an unexpected tensor '{key}'; is it a GPT-2 checkpoint?")
+        if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            tensor = tensor.t()  # HF's Conv1D stores [in, out]; nn.Linear wants [out, in]
+        if key == "wpe.weight":
+            tensor = tensor[: cfg.context_length]
+        if tensor.shape != state[key].shape:
+            raise ValueError(f"{folder}: '{key}' has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(state[key].shape)} from its config.json")
+        state[key] = tensor
+        loaded.add(key)
+    missing = set(state) - loaded - {"lm_head.weight"}
+    if missing:
+        raise ValueError(f"{folder}/model.safetensors lacks {len(missing)} tensors, e.g. '{sorted(missing)[0]}'")
+    model.load_state_dict(state)
+    return model
+
+
+def build_model(name_or_path, pretrained=True, context_length=None, drop_rate=0.0):
+    """The model train.py and generate.py start from: Hugging Face weights for a GPT-2 name
+    or folder, or random weights of a preset's (or a folder's) shape."""
+    if pretrained:
+        if name_or_path in PRESETS and name_or_path not in HF_REPOS:
+            raise ValueError(f"'{name_or_path}' has no pretrained weights; use random initialisation")
+        return from_pretrained(name_or_path, context_length, drop_rate)
+    if name_or_path in PRESETS:
+        return GPT(with_context_length(config_for(name_or_path, drop_rate=drop_rate), context_length))
+    if os.path.isdir(name_or_path):
+        return GPT(hf_config(name_or_path, context_length, drop_rate))
+    raise ValueError(f"'{name_or_path}' is neither a preset ({', '.join(PRESETS)}) nor a local folder")
+
+
+# ----------------------------------------------------------------------------- our checkpoints
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary name, then rename: a crash never leaves a truncated file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a checkpoint written by train.py, with one clear error if it is missing or damaged."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, wrong file type, pickle error: all mean "not a checkpoint"
+        raise ValueError(f"checkpoint {path} is corrupt or not a train.py checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"checkpoint {path} is not a train.py checkpoint (no model weights or config)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt):
+    """The GPT of a checkpoint dict (as loaded by load_checkpoint)."""
+    model = GPT(GPTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model

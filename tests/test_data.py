@@ -1,0 +1,380 @@
+"""Tests of data.py on small data made here (no network, no ../shared)."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import data
+from data import EOT_ID, IGNORE_INDEX
+
+ALPACA_HEAD = ("Below is an instruction that describes a task. "
+               "Write a response that appropriately completes the request.")
+
+
+def make_entries(n):
+    return [{"instruction": f"Say {i}.", "input": "" if i % 2 else f"n={i}", "output": f"{i}"} for i in range(n)]
+
+
+def write_json(tmp_path, value, name="data.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(value), encoding="utf-8")
+    return str(path)
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+def test_encode_round_trips_unicode_emoji_and_literal_endoftext():
+    text = "Grüße, 日本語 🙂🚀 and a literal <|endoftext|> in the middle"
+    ids = data.encode(text)
+    assert EOT_ID not in ids
+    assert data.decode(ids) == text
+    assert data.decode(torch.tensor(ids)) == text
+    assert data.encode("<|endoftext|>") == [27, 91, 437, 1659, 5239, 91, 29]
+
+
+# ---------------------------------------------------------------------------- prompt styles
+
+def test_alpaca_prompt_is_byte_for_byte_the_seeds_format():
+    entry = {"instruction": "Edit the sentence.", "input": "He go home.", "output": "He goes home."}
+    assert data.format_input(entry) == (
+        ALPACA_HEAD + "\n\n### Instruction:\nEdit the sentence.\n\n### Input:\nHe go home.")
+    assert data.format_prompt(entry) == data.format_input(entry) + "\n\n### Response:\n"
+    no_input = {"instruction": "Name a color.", "input": "", "output": "Blue."}
+    assert data.format_prompt(no_input) == ALPACA_HEAD + "\n\n### Instruction:\nName a color.\n\n### Response:\n"
+    assert data.format_prompt({"instruction": "Name a color.", "output": "x"}) == data.format_prompt(no_input)
+
+
+def test_phi3_prompt_uses_plain_text_markers():
+    entry = {"instruction": "Edit the sentence.", "input": "He go home.", "output": "He goes home."}
+    assert data.format_prompt(entry, "phi3") == "<|user|>\nEdit the sentence.\nHe go home.\n<|assistant|>:\n"
+    entry["input"] = ""
+    assert data.format_prompt(entry, "phi3") == "<|user|>\nEdit the sentence.\n<|assistant|>:\n"
+
+
+def test_braces_in_user_text_are_kept_verbatim():
+    entry = {"instruction": "Fill {input} and {0}", "input": "{instruction}", "output": ""}
+    assert data.format_prompt(entry, "phi3") == "<|user|>\nFill {input} and {0}\n{instruction}\n<|assistant|>:\n"
+
+
+def test_unknown_prompt_style_lists_the_known_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown prompt style 'chatml'; known styles: alpaca, phi3"):
+        data.format_prompt({"instruction": "x", "output": "y"}, "chatml")
+    with pytest.raises(ValueError, match="known styles: alpaca, phi3"):
+        data.prepare_data(write_json(tmp_path, make_entries(20)), prompt_style="chatml")
+
+
+# ---------------------------------------------------------------------------- loading
+
+def test_load_json_array_and_jsonl(tmp_path):
+    entries = [{"instruction": "Hi 🙂 <|endoftext|>", "output": "Grüße", "extra": 1},
+               {"instruction": "b", "input": "c", "output": "d"}]
+    loaded = data.load_instruction_data(write_json(tmp_path, entries))
+    assert loaded == [{"instruction": "Hi 🙂 <|endoftext|>", "input": "", "output": "Grüße", "extra": 1},
+                      {"instruction": "b", "input": "c", "output": "d"}]
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("\n".join(json.dumps(e) for e in entries) + "\n\n", encoding="utf-8")
+    assert data.load_instruction_data(str(jsonl)) == loaded
+
+
+def test_load_tolerates_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"instruction": "a", "output": "b"}]).encode())
+    assert data.load_instruction_data(str(path)) == [{"instruction": "a", "input": "", "output": "b"}]
+
+
+BAD_DATA = [
+    ("bad.json", "[{\"instruction\": \"a\",", r"bad\.json: not valid JSON: "),
+    ("bad.json", json.dumps({"instruction": "a", "output": "b"}), r"bad\.json: expected a list of entries, got a JSON dict"),
+    ("bad.json", "[]", r"bad\.json: the data set has no entries"),
+    ("bad.jsonl", "\n\n", r"bad\.jsonl: the data set has no entries"),
+    ("bad.json", json.dumps([{"instruction": "a", "output": "b"}, "text"]), r"bad\.json: entry 1: expected an object, got str"),
+    ("bad.json", json.dumps([{"instruction": "a", "output": "b"}, {"output": "b"}]), r"bad\.json: entry 1: missing 'instruction'"),
+    ("bad.json", json.dumps([{"instruction": "a", "input": "b"}]), r"bad\.json: entry 0: missing 'output'"),
+    ("bad.json", json.dumps([{"instruction": "a", "output": 3}]), r"bad\.json: entry 0: 'output' must be a string, got int"),
+    ("bad.json", json.dumps([{"instruction": ["a"], "output": "b"}]), r"bad\.json: entry 0: 'instruction' must be a string, got list"),
+    ("bad.json", json.dumps([{"instruction": "a", "input": None, "output": "b"}]), r"bad\.json: entry 0: 'input' must be a string, got null"),
+    ("bad.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": "a", "output"}\n', r"bad\.jsonl: line 3: not valid JSON: "),
+    ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', r"bad\.jsonl: entry 1: missing 'output'"),
+]
+
+
+@pytest.mark.parametrize("name, content, message", BAD_DATA)
+def test_bad_data_gives_one_clear_error(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match="^" + str(tmp_path).replace("\\", "\\\\") + "/" + message):
+        data.load_instruction_data(str(path))
+
+
+def test_missing_and_non_utf8_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.json: no such data file"):
+        data.load_instruction_data(str(tmp_path / "nope.json"))
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'[{"instruction": "caf\xe9", "output": "b"}]')
+    with pytest.raises(ValueError, match=r"latin1\.json: not UTF-8 text \(byte 21\)"):
+        data.load_instruction_data(str(path))
+
+
+# ---------------------------------------------------------------------------- default data set
+
+def test_default_data_is_downloaded_once_then_reused(tmp_path, monkeypatch):
+    source = write_json(tmp_path, make_entries(3), "source.json")
+    monkeypatch.setattr(data, "DEFAULT_DATA_URL", (tmp_path / "source.json").as_uri())
+    data_dir = tmp_path / "data"
+    path = data.default_data_path(str(data_dir))
+    assert path == str(data_dir / "source.json")
+    assert data.load_instruction_data(path) == data.load_instruction_data(source)
+    assert sorted(p.name for p in data_dir.iterdir()) == ["source.json"]  # no temporary file left
+    (tmp_path / "source.json").unlink()  # no "network" any more: the local copy is reused
+    assert data.default_data_path(str(data_dir)) == path
+
+
+def test_default_data_without_network_says_to_pass_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEFAULT_DATA_URL", (tmp_path / "missing.json").as_uri())
+    with pytest.raises(ValueError, match=r"the default data set: could not download .*check the network, or pass a local file with --data PATH"):
+        data.default_data_path(str(tmp_path / "data"))
+    assert not list(tmp_path.glob("data/*"))
+
+
+def test_default_data_that_is_not_json_is_not_saved(tmp_path, monkeypatch):
+    (tmp_path / "page.json").write_text("<html>rate limited</html>")
+    monkeypatch.setattr(data, "DEFAULT_DATA_URL", (tmp_path / "page.json").as_uri())
+    with pytest.raises(ValueError, match="did not return JSON; pass a local file with --data PATH"):
+        data.default_data_path(str(tmp_path / "data"))
+    assert not list(tmp_path.glob("data/*"))
+
+
+# ---------------------------------------------------------------------------- splitting
+
+def test_split_reproduces_the_seeds_counts_in_file_order():
+    entries = make_entries(1100)
+    train, test, val = data.split_data(entries)
+    assert (len(train), len(test), len(val)) == (935, 110, 55)
+    assert train + test + val == entries
+    assert test[0] is entries[935] and val[0] is entries[1045]
+    train, test, val = data.split_data(make_entries(10), train_frac=0.5, test_frac=0.2)
+    assert [len(train), len(test), len(val)] == [5, 2, 3]
+
+
+@pytest.mark.parametrize("train_frac, test_frac", [(0.0, 0.1), (0.9, 0.1), (0.5, -0.1), (1.2, 0.0)])
+def test_bad_split_fractions(train_frac, test_frac):
+    with pytest.raises(ValueError, match="bad split fractions"):
+        data.split_data(make_entries(10), train_frac, test_frac)
+
+
+# ---------------------------------------------------------------------------- dataset
+
+def test_instruction_dataset_tokenizes_prompt_and_response_separately():
+    entries = [{"instruction": "Say hi 🙂", "input": "<|endoftext|>", "output": "Hi!"},
+               {"instruction": "Count.", "input": "", "output": ""}]
+    ds = data.InstructionDataset(entries)
+    prompt = data.encode(data.format_prompt(entries[0]))
+    assert ds[0] == prompt + data.encode("Hi!")
+    assert ds.prompt_lengths[0] == len(prompt)
+    assert ds.lengths == [len(ds[0]), len(data.encode(data.format_prompt(entries[1])))]
+    assert ds.entries is entries and len(ds) == 2
+    assert data.decode(ds[0]) == data.format_prompt(entries[0]) + "Hi!"
+
+    masked = data.InstructionDataset(entries, prompt_style="phi3", mask_instructions=True)
+    ids, n_prompt = masked[0]
+    assert n_prompt == len(data.encode("<|user|>\nSay hi 🙂\n<|endoftext|>\n<|assistant|>:\n"))
+    assert data.decode(ids[:n_prompt]).endswith("<|assistant|>:\n")
+    assert data.decode(ids[n_prompt:]) == "Hi!"
+    assert EOT_ID not in ids
+
+
+# ---------------------------------------------------------------------------- collate
+
+def test_collate_reproduces_the_seeds_worked_example():
+    batch = [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    inputs, targets = data.collate(batch)
+    assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, 50256, 50256, 50256], [7, 8, 9, 50256, 50256]]
+    assert targets.tolist() == [[1, 2, 3, 4, 50256], [6, 50256, -100, -100, -100], [8, 9, 50256, -100, -100]]
+    assert inputs.dtype == targets.dtype == torch.long
+    assert inputs.device.type == targets.device.type == "cpu"
+    assert batch == [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]]  # the caller's lists are untouched
+
+
+def test_collate_truncates_to_allowed_max_length():
+    inputs, targets = data.collate([[0, 1, 2, 3, 4], [5, 6]], allowed_max_length=3)
+    assert inputs.tolist() == [[0, 1, 2], [5, 6, 50256]]
+    assert targets.tolist() == [[1, 2, 3], [6, 50256, -100]]
+
+
+def test_collate_with_other_pad_and_ignore_ids():
+    inputs, targets = data.collate([[1, 2, 3], [4]], pad_token_id=0, ignore_index=-1)
+    assert inputs.tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert targets.tolist() == [[2, 3, 0], [0, -1, -1]]
+
+
+def test_collate_masks_the_prompt_when_given_its_length():
+    batch = [([10, 11, 12, 20, 21], 3), ([10, 11, 20], 2)]
+    inputs, targets = data.collate(batch)
+    assert inputs.tolist() == [[10, 11, 12, 20, 21], [10, 11, 20, 50256, 50256]]
+    # Only targets that predict a response token or the end-of-text token count.
+    assert targets.tolist() == [[-100, -100, 20, 21, 50256], [-100, 20, 50256, -100, -100]]
+    assert batch == [([10, 11, 12, 20, 21], 3), ([10, 11, 20], 2)]
+
+
+def test_truncation_can_leave_no_target_that_counts():
+    inputs, targets = data.collate([([1, 2, 3, 4, 5, 6], 5), ([1, 2, 3, 4, 5], 4)], allowed_max_length=3)
+    assert inputs.tolist() == [[1, 2, 3], [1, 2, 3]]
+    assert targets.tolist() == [[-100, -100, -100], [-100, -100, -100]]
+    # The loop sums the loss and divides by the count of counted targets: 0 tokens, not NaN.
+    logits = torch.zeros(2, 3, 8)
+    loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    assert loss_sum.item() == 0.0 and (targets != IGNORE_INDEX).sum().item() == 0
+
+
+def test_collate_keeps_a_text_token_equal_to_the_pad_id():
+    inputs, targets = data.collate([[7, EOT_ID, 8], [9]])
+    assert targets.tolist() == [[EOT_ID, 8, EOT_ID], [EOT_ID, -100, -100]]
+
+
+# ---------------------------------------------------------------------------- raw text windows
+
+def test_text_windows_match_the_seeds_gpt_dataset():
+    ds = data.TextWindowDataset(list(range(10)), max_length=4, stride=3)
+    assert [(x.tolist(), y.tolist()) for x, y in ds] == [
+        ([0, 1, 2, 3], [1, 2, 3, 4]), ([3, 4, 5, 6], [4, 5, 6, 7])]
+    assert ds.lengths == [4, 4]
+    assert len(data.TextWindowDataset(list(range(5)), max_length=4, stride=4)) == 1
+    assert len(data.TextWindowDataset(list(range(4)), max_length=4, stride=4)) == 0
+
+
+def test_prepare_text_data_splits_90_10_by_characters(tmp_path):
+    text = "".join(f"word{i} " for i in range(300)) + "<|endoftext|> Grüße 🙂"
+    path = tmp_path / "story.txt"
+    path.write_text(text, encoding="utf-8")
+    splits = data.prepare_data(str(path), context_length=16)
+    split_idx = int(0.9 * len(text))
+    train_ids, val_ids = data.encode(text[:split_idx]), data.encode(text[split_idx:])
+    assert splits.kind == "text" and splits.test is None and splits.collate_fn is None
+    assert splits.train_entries is None and splits.val_entries is None
+    assert len(splits.train) == len(range(0, len(train_ids) - 16, 16))
+    assert splits.val[0][0].tolist() == val_ids[:16] and splits.val[0][1].tolist() == val_ids[1:17]
+    inputs, targets = next(iter(DataLoader(splits.train, batch_size=4, collate_fn=splits.collate_fn)))
+    assert inputs.shape == targets.shape == (4, 16)
+    assert torch.equal(inputs[0, 1:], targets[0, :-1])
+    assert "windows of 16 tokens: " in data.summarize_data(splits, 4, 16)
+    with pytest.raises(ValueError, match=r"story\.txt: the validation part has \d+ tokens, too few for one window of 512"):
+        data.prepare_data(str(path), context_length=512)
+
+
+# ---------------------------------------------------------------------------- batching
+
+def test_batch_indices_in_file_order():
+    assert data.batch_indices([1] * 7, 3, shuffle=False) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert data.batch_indices([1] * 7, 3, shuffle=False, drop_last=True) == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_batch_indices_shuffle_is_deterministic_per_seed_and_epoch():
+    lengths = list(range(40))
+    first = data.batch_indices(lengths, 4, shuffle=True, seed=1, epoch=0)
+    assert first == data.batch_indices(lengths, 4, shuffle=True, seed=1, epoch=0)
+    assert first != data.batch_indices(lengths, 4, shuffle=True, seed=1, epoch=1)
+    assert first != data.batch_indices(lengths, 4, shuffle=True, seed=2, epoch=0)
+    assert sorted(i for b in first for i in b) == lengths
+
+
+def test_group_by_length_gives_batches_of_similar_length_in_random_order():
+    lengths = [(i * 37) % 100 for i in range(100)]
+    batches = data.batch_indices(lengths, 5, shuffle=True, group_by_length=True, seed=3)
+    assert sorted(i for b in batches for i in b) == list(range(100))
+    assert all(max(lengths[i] for i in b) - min(lengths[i] for i in b) == 4 for b in batches)
+    batch_maxes = [max(lengths[i] for i in b) for b in batches]
+    assert batch_maxes != sorted(batch_maxes)  # the batch order is still shuffled
+    # Without shuffle: sorted within each chunk of 50 batches, in file order.
+    assert data.batch_indices([3, 1, 2, 0], 2, shuffle=False, group_by_length=True) == [[3, 1], [2, 0]]
+
+
+def test_group_by_length_sorts_only_within_chunks_of_50_batches():
+    lengths = list(range(120, 0, -1))  # longest first
+    batches = data.batch_indices(lengths, 1, shuffle=False, group_by_length=True)
+    assert [b[0] for b in batches] == list(range(49, -1, -1)) + list(range(99, 49, -1)) + list(range(119, 99, -1))
+
+
+def test_ranks_together_see_the_same_examples_as_one_process():
+    lengths = [(i * 13) % 29 for i in range(30)]
+    for group in (False, True):
+        kwargs = dict(shuffle=True, seed=5, epoch=2, group_by_length=group)
+        single = data.batch_indices(lengths, 6, drop_last=True, **kwargs)
+        per_rank = [data.batch_indices(lengths, 2, drop_last=True, rank=r, world_size=3, **kwargs) for r in range(3)]
+        assert [sum(steps, []) for steps in zip(*per_rank)] == single
+    # Without drop_last the incomplete global batch comes last; a rank with nothing in it gets one batch fewer.
+    ranks = [data.batch_indices([1] * 7, 2, shuffle=False, rank=r, world_size=2) for r in range(2)]
+    assert ranks == [[[0, 1], [4, 5]], [[2, 3], [6]]]
+    ranks = [data.batch_indices([1] * 5, 2, shuffle=False, rank=r, world_size=2) for r in range(2)]
+    assert ranks == [[[0, 1], [4]], [[2, 3]]]
+
+
+def test_batch_indices_feed_a_dataloader():
+    ds = data.InstructionDataset(make_entries(6))
+    sampler = data.batch_indices(ds.lengths, 4, shuffle=True, drop_last=True)
+    batches = list(DataLoader(ds, batch_sampler=sampler, collate_fn=data.collate))
+    assert len(batches) == 1 and batches[0][0].shape[0] == 4
+
+
+def test_padding_fraction():
+    # Batch widths 4 (lengths 4, 2: 2 pads) and 3 (lengths 3, 1: 2 pads): 4 of 14 input tokens.
+    assert data.padding_fraction([4, 2, 3, 1], [[0, 1], [2, 3]], context_length=10) == pytest.approx(4 / 14)
+    # Truncated to a context of 2: widths 2 and 2, one pad (after the length-1 example).
+    assert data.padding_fraction([4, 2, 3, 1], [[0, 1], [2, 3]], context_length=2) == pytest.approx(1 / 8)
+
+
+# ---------------------------------------------------------------------------- prepare_data and summary
+
+def test_prepare_instruction_data(tmp_path):
+    entries = make_entries(20)
+    splits = data.prepare_data(write_json(tmp_path, entries), context_length=40, mask_instructions=True)
+    assert splits.kind == "instruction"
+    assert (len(splits.train), len(splits.test), len(splits.val)) == (17, 2, 1)
+    assert splits.train_entries == entries[:17] and splits.test_entries == entries[17:19]
+    assert splits.val_entries == entries[19:]
+    ids, n_prompt = splits.train[0]
+    assert n_prompt > 0 and len(ids) > 40
+    inputs, targets = splits.collate_fn([splits.train[0], splits.train[1]])
+    assert inputs.shape == targets.shape == (2, 40)
+    data.check_batchable(splits, 17)
+    with pytest.raises(ValueError, match=r"data\.json: the train split has 17 examples, fewer than the batch size of 18"):
+        data.check_batchable(splits, 18)
+
+
+def test_prepare_data_rejects_empty_splits(tmp_path):
+    path = write_json(tmp_path, make_entries(5))
+    with pytest.raises(ValueError, match=r"data\.json: the test split is empty"):
+        data.prepare_data(path)
+    splits = data.prepare_data(path, test_frac=0.0)  # no test set asked for
+    assert (len(splits.train), len(splits.test), len(splits.val)) == (4, 0, 1)
+    with pytest.raises(ValueError, match=r"data\.json: the train split is empty"):
+        data.prepare_data(write_json(tmp_path, make_entries(1)), train_frac=0.5, test_frac=0.0)
+
+
+def test_prepare_data_without_path_uses_the_default_set(tmp_path, monkeypatch):
+    write_json(tmp_path, make_entries(20), "source.json")
+    monkeypatch.setattr(data, "DEFAULT_DATA_URL", (tmp_path / "source.json").as_uri())
+    monkeypatch.chdir(tmp_path)
+    splits = data.prepare_data(None)
+    assert splits.path == "data/source.json" and len(splits.train) == 17
+
+
+def test_summary_reports_sizes_truncation_and_padding(tmp_path):
+    entries = make_entries(19) + [{"instruction": "long " * 60, "input": "", "output": "x"}]
+    splits = data.prepare_data(write_json(tmp_path, entries), context_length=60, mask_instructions=True,
+                               train_frac=0.5, test_frac=0.45)
+    lengths = splits.train.lengths
+    summary = data.summarize_data(splits, batch_size=2, context_length=60).splitlines()
+    shuffled = data.padding_fraction(lengths, data.batch_indices(lengths, 2, True, drop_last=True), 60)
+    grouped = data.padding_fraction(
+        lengths, data.batch_indices(lengths, 2, True, drop_last=True, group_by_length=True), 60)
+    assert summary == [
+        f"instruction data: {splits.path} (prompt style alpaca, instructions masked in the loss)",
+        "examples: 10 train, 1 val, 9 test",
+        f"tokens per train example: min {min(lengths)}, mean {sum(lengths) / 10:.1f}, max {max(lengths)}",
+        "longer than the context length of 60 (truncated): 0 train, 1 val, 0 test",
+        "train examples whose prompt alone fills the context (nothing to learn): 0",
+        f"padding in train batches of 2: {shuffled:.1%} of input tokens shuffled, {grouped:.1%} grouped by length",
+    ]
+    assert grouped < shuffled

@@ -1,0 +1,145 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from data import encode, format_prompt
+from generate import generate, load_for_inference, resolve_device, respond, sample_next
+from model import GPT, config_for, from_pretrained, save_checkpoint
+from test_model import FIXTURE, REFERENCE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_gpt2_vocab(seed=0):
+    """A random tiny model with GPT-2's vocabulary, so real text prompts work."""
+    torch.manual_seed(seed)
+    return GPT(config_for("tiny", context_length=128)).eval()
+
+
+def generate_without_cache(model, prompt, max_new_tokens, eos_id=None):
+    """The plain reference: recompute the whole sequence for every new token."""
+    ids = list(prompt)
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            token = model(torch.tensor([ids]))[0, -1].argmax().item()
+        if token == eos_id:
+            break
+        ids.append(token)
+    return ids[len(prompt):]
+
+
+def test_greedy_generation_matches_transformers_and_plain_path():
+    model = from_pretrained(os.path.join(FIXTURE, "prefixed")).eval()
+    prompt = REFERENCE["input_ids"][0]
+    assert generate(model, [prompt], 20, eos_id=None) == [REFERENCE["greedy_20"]]
+    assert generate_without_cache(model, prompt, 20) == REFERENCE["greedy_20"]
+
+
+def test_generation_stops_at_eos():
+    model = from_pretrained(os.path.join(FIXTURE, "bare")).eval()
+    # transformers' greedy continuation is 129, 582, 582, ...: with 582 as eos we keep [129]
+    assert generate(model, [REFERENCE["input_ids"][0]], 20, eos_id=582) == [[129]]
+
+
+def test_batched_generation_equals_one_at_a_time():
+    model = tiny_gpt2_vocab(seed=1)
+    prompts = [encode(t) for t in ("Hello there", "A much longer prompt, with several more tokens in it.",
+                                   "x", "Name three primary colors.")]
+    # random weights: pick an eos that some rows hit early, so rows also leave the batch
+    alone = [generate(model, [p], 24, eos_id=None)[0] for p in prompts]
+    eos = alone[0][5]
+    alone = [generate(model, [p], 24, eos_id=eos)[0] for p in prompts]
+    assert generate(model, prompts, 24, eos_id=eos) == alone
+    assert alone[0] == generate_without_cache(model, prompts[0], 24, eos_id=eos)
+    assert len({len(a) for a in alone}) > 1  # rows really did finish at different steps
+
+
+def test_generation_stops_when_context_is_full():
+    model = tiny_gpt2_vocab()
+    prompt = list(range(120))
+    out = generate(model, [prompt], 50, eos_id=None)[0]
+    assert len(out) == 128 - 120 + 1  # the last token is sampled from a full context
+    with pytest.raises(ValueError, match="a prompt of 129 tokens exceeds the context length 128"):
+        generate(model, [list(range(129))], 5)
+
+
+def test_sampling_top_k_top_p_and_seed():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5], [0.0, 0.0, 5.0, 0.0]])
+    assert sample_next(logits).tolist() == [1, 2]
+    g = torch.Generator().manual_seed(0)
+    # top_k=1 and a tiny top_p both leave only the most likely token
+    assert sample_next(logits, 1.0, top_k=1, generator=g).tolist() == [1, 2]
+    assert sample_next(logits, 1.0, top_p=1e-3, generator=g).tolist() == [1, 2]
+    draws = torch.stack([sample_next(logits, 2.0, top_k=2, generator=g) for _ in range(300)])
+    assert set(draws[:, 0].tolist()) == {1, 2}  # both top-2 tokens drawn, never the others
+    # top_p=0.9 on row 0: probs .61 .22 .08 .06 (softmax) -> the first two cover 0.83 < 0.9, so keep three
+    draws = torch.stack([sample_next(logits, 1.0, top_p=0.9, generator=g) for _ in range(300)])
+    assert set(draws[:, 0].tolist()) == {0, 1, 2}
+    a = sample_next(logits, 1.0, generator=torch.Generator().manual_seed(5))
+    b = sample_next(logits, 1.0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_sampled_generation_is_reproducible_with_a_seed():
+    model = tiny_gpt2_vocab()
+    prompts = [encode("Once upon a time")]
+    runs = [generate(model, prompts, 16, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(7))
+            for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0][0]) > 0
+
+
+def test_resolve_device_errors():
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device; use --device cpu"):
+            resolve_device("cuda")
+
+
+def save_tiny_checkpoint(path, style="alpaca", seed=0):
+    model = tiny_gpt2_vocab(seed)
+    save_checkpoint({"model": model.state_dict(), "config": vars(model.config), "prompt_style": style}, path)
+    return model
+
+
+def run_script(*args, stdin=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], input=stdin,
+                          capture_output=True, text=True, cwd=ROOT, env=os.environ.copy(), timeout=120)
+
+
+def test_cli_prints_the_response_in_the_checkpoints_prompt_style(tmp_path):
+    ckpt = str(tmp_path / "ckpt.pt")
+    model = save_tiny_checkpoint(ckpt, style="phi3")
+    entries = [{"instruction": "Name a color.", "input": ""}, {"instruction": "Say hi.", "input": ""}]
+    expected = respond(model, entries, "phi3", 12)
+    assert respond(model, entries[:1], "alpaca", 12) != expected[:1]  # the style matters
+    result = run_script("--ckpt", ckpt, "--prompt", "Name a color.", "--prompt", "Say hi.",
+                        "--max-new-tokens", "12", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected[0] + "\n\n" + expected[1] + "\n"
+    loaded, _, style = load_for_inference(ckpt, None, None, "cpu")
+    assert style == "phi3" and format_prompt(entries[0], style).startswith("<|user|>\nName a color.")
+
+
+def test_cli_interactive_loop(tmp_path):
+    ckpt = str(tmp_path / "ckpt.pt")
+    model = save_tiny_checkpoint(ckpt)
+    expected = respond(model, [{"instruction": "Say hi.", "input": ""}], "alpaca", 8)[0]
+    result = run_script("--ckpt", ckpt, "--interactive", "--max-new-tokens", "8", "--device", "cpu",
+                        stdin="Say hi.\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "> " + expected + "\n> "
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    result = run_script("--ckpt", str(tmp_path / "missing.pt"), "--prompt", "hi")
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: checkpoint {tmp_path / 'missing.pt'} does not exist"
+    result = run_script("--ckpt", "a.pt", "--model", "gpt2", "--prompt", "hi")
+    assert result.returncode == 1 and "exactly one of --ckpt" in result.stderr
+    result = run_script("--model", "gpt2", "--prompt", "hi", "--temperature", "-1")
+    assert result.returncode == 2 and "--temperature >= 0" in result.stderr

@@ -1,0 +1,218 @@
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import (GPT, PRESETS, KVCache, build_model, config_for, download, from_pretrained, hf_folder,
+                   load_checkpoint, model_from_checkpoint, save_checkpoint)
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf-tiny-gpt2")
+REFERENCE = json.load(open(os.path.join(FIXTURE, "reference.json")))
+
+
+def tiny(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return GPT(config_for("tiny", **{"vocab_size": 512, "context_length": 64, **overrides})).eval()
+
+
+@pytest.mark.parametrize("layout", ["bare", "prefixed"])
+def test_hf_logits_match_transformers(layout):
+    model = from_pretrained(os.path.join(FIXTURE, layout)).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor(REFERENCE["input_ids"]))
+    torch.testing.assert_close(logits, torch.tensor(REFERENCE["logits"]), atol=REFERENCE["tolerance"], rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["bare", "prefixed"])
+def test_hf_greedy_with_kv_cache_matches_transformers(layout):
+    model = from_pretrained(os.path.join(FIXTURE, layout)).eval()
+    prompt = torch.tensor(REFERENCE["input_ids"][:1])
+    cache = KVCache(model.config, 1, prompt.size(1) + 20, "cpu")
+    tokens = []
+    with torch.no_grad():
+        logits = model.forward_cached(prompt, cache)
+        for _ in range(20):
+            tokens.append(logits.argmax(-1))
+            logits = model.forward_cached(tokens[-1][:, None], cache)
+    assert torch.cat(tokens).tolist() == REFERENCE["greedy_20"]
+
+
+def test_shorter_context_keeps_first_position_rows():
+    full = from_pretrained(os.path.join(FIXTURE, "bare"))
+    short = from_pretrained(os.path.join(FIXTURE, "bare"), context_length=16)
+    assert short.config.context_length == 16 and short.wpe.weight.shape == (16, 64)
+    assert torch.equal(short.wpe.weight, full.wpe.weight[:16])
+    ids = torch.tensor(REFERENCE["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(short(ids), full(ids))
+    with pytest.raises(ValueError, match="context length 65 must be between 1 and the model's 64"):
+        from_pretrained(os.path.join(FIXTURE, "bare"), context_length=65)
+
+
+def test_output_head_tied_to_token_embedding():
+    model = tiny()
+    assert model.lm_head.weight is model.wte.weight
+
+
+def test_preset_parameter_counts():
+    expected = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+    for name, count in expected.items():
+        with torch.device("meta"):
+            assert GPT(config_for(name)).num_params() == count, name
+    assert set(PRESETS) == set(expected) | {"tiny"}
+
+
+def test_loss_equals_cross_entropy_over_counted_targets():
+    model = tiny()
+    idx = torch.randint(0, 512, (3, 10))
+    targets = torch.randint(0, 512, (3, 10))
+    targets[0, 6:] = -100
+    targets[2, :4] = -100
+    logits = model(idx)
+    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    torch.testing.assert_close(model(idx, targets), expected)
+    torch.testing.assert_close(model(idx, targets, reduction="sum"), expected * (targets != -100).sum())
+
+
+def test_loss_skipping_ignored_positions_gives_same_gradients():
+    model = tiny()
+    idx = torch.randint(0, 512, (2, 12))
+    targets = torch.randint(0, 512, (2, 12))
+    targets[:, :7] = -100
+    model(idx, targets).backward()
+    fast = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    F.cross_entropy(model(idx).flatten(0, 1), targets.flatten(), ignore_index=-100).backward()
+    for a, (name, p) in zip(fast, model.named_parameters()):
+        torch.testing.assert_close(a, p.grad, msg=name)
+
+
+def test_loss_with_no_counted_target_is_zero_not_nan():
+    model = tiny()
+    idx = torch.randint(0, 512, (2, 5))
+    loss = model(idx, torch.full((2, 5), -100))
+    assert loss.item() == 0.0
+    loss.backward()  # still a valid graph: zero gradients, no NaN
+    assert all(torch.isfinite(p.grad).all() and not p.grad.any() for p in model.parameters())
+
+
+def test_sequence_longer_than_context_is_refused():
+    with pytest.raises(ValueError, match="sequence of 65 tokens exceeds the context length 64"):
+        tiny()(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_kv_cache_matches_plain_forward_token_by_token():
+    model = tiny(seed=1)
+    idx = torch.randint(0, 512, (2, 20))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(model.config, 2, 20, "cpu")
+        steps = [model.forward_cached(idx[:, :7], cache)]  # a prefill, then one token at a time
+        steps += [model.forward_cached(idx[:, t:t + 1], cache) for t in range(7, 20)]
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 6:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="KV cache full"):
+        model.forward_cached(idx[:, :1], cache)
+
+
+def test_kv_cache_with_left_padding_matches_each_row_alone():
+    model = tiny(seed=2)
+    rows = [torch.randint(0, 512, (n,)).tolist() for n in (9, 4, 6)]
+    pad_lens = [9 - len(r) for r in rows]
+    batch = torch.tensor([[0] * p + r for p, r in zip(pad_lens, rows)])
+    extra = torch.randint(0, 512, (3, 3))
+    with torch.no_grad():
+        cache = KVCache(model.config, 3, 12, "cpu", pad_lens=pad_lens)
+        batched = [model.forward_cached(batch, cache)] + [model.forward_cached(extra[:, t:t + 1], cache) for t in range(3)]
+        batched = torch.stack(batched, 1)
+        for b, r in enumerate(rows):
+            alone = model(torch.tensor([r + extra[b].tolist()]))[0]
+            torch.testing.assert_close(batched[b], alone[len(r) - 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_only_in_training():
+    model = tiny(drop_rate=0.5)
+    idx = torch.randint(0, 512, (1, 8))
+    model.train()
+    assert not torch.equal(model(idx), model(idx))
+    model.eval()
+    assert torch.equal(model(idx), model(idx))
+
+
+def test_build_model_random_and_errors(tmp_path):
+    model = build_model("tiny", pretrained=False, context_length=128, drop_rate=0.1)
+    assert model.config.context_length == 128 and model.config.drop_rate == 0.1
+    assert build_model(os.path.join(FIXTURE, "bare"), pretrained=False).config.vocab_size == 1024
+    with pytest.raises(ValueError, match="'tiny' has no pretrained weights"):
+        build_model("tiny")
+    with pytest.raises(ValueError, match="'gpt3' is neither a GPT-2 name"):
+        build_model("gpt3")
+    with pytest.raises(ValueError, match="context length 2048 must be between 1 and the model's 1024"):
+        build_model("gpt2", pretrained=False, context_length=2048)
+
+
+def test_from_pretrained_reports_bad_folders(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        from_pretrained(str(folder))
+    config = json.load(open(os.path.join(FIXTURE, "bare", "config.json")))
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+        from_pretrained(str(folder))
+    (folder / "model.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(ValueError, match="model.safetensors cannot be read"):
+        from_pretrained(str(folder))
+    (folder / "model.safetensors").write_bytes(open(os.path.join(FIXTURE, "bare", "model.safetensors"), "rb").read())
+    (folder / "config.json").write_text(json.dumps({**config, "n_embd": 128}))
+    with pytest.raises(ValueError, match=r"'h.0.attn.c_attn.bias' has shape \(192,\), expected \(384,\) from its config.json"):
+        from_pretrained(str(folder))
+    (folder / "config.json").write_text("{broken")
+    with pytest.raises(ValueError, match="config.json is not a GPT-2 config"):
+        from_pretrained(str(folder))
+
+
+def test_hub_names_use_the_cache_and_download_atomically(tmp_path, monkeypatch):
+    # a cached download is reused: no network touched
+    cached = tmp_path / "gpt2"
+    cached.mkdir()
+    for file in ("config.json", "model.safetensors"):
+        (cached / file).write_bytes(open(os.path.join(FIXTURE, "bare", file), "rb").read())
+    monkeypatch.setattr("model.download", lambda url, dest: pytest.fail("should not download"))
+    assert hf_folder("gpt2", cache_dir=str(tmp_path)) == str(cached)
+    # download() writes through a temporary name; a failure leaves nothing behind
+    def offline(url, dest):
+        raise OSError(f"could not download {url} (offline); check the network")
+    monkeypatch.setattr("model.download", offline)
+    with pytest.raises(OSError, match="check the network, or pass a local folder with config.json"):
+        hf_folder("gpt2-medium", cache_dir=str(tmp_path))
+    monkeypatch.undo()
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 3000)
+    dest = tmp_path / "dl" / "file.bin"
+    download(src.as_uri(), str(dest))
+    assert dest.read_bytes() == b"x" * 3000 and not os.path.exists(str(dest) + ".tmp")
+    with pytest.raises(OSError, match="could not download .*absent.bin .*; check the network"):
+        download((tmp_path / "absent.bin").as_uri(), str(tmp_path / "dl" / "absent.bin"))
+    assert os.listdir(tmp_path / "dl") == ["file.bin"]
+
+
+def test_checkpoint_round_trip_and_damage(tmp_path):
+    model = tiny(seed=3)
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint({"model": model.state_dict(), "config": vars(model.config), "prompt_style": "phi3"}, path)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    ckpt = load_checkpoint(path)
+    restored = model_from_checkpoint(ckpt)
+    idx = torch.randint(0, 512, (1, 6))
+    assert torch.equal(restored.eval()(idx), model(idx)) and ckpt["prompt_style"] == "phi3"
+    with pytest.raises(FileNotFoundError, match="checkpoint .*nope.pt does not exist"):
+        load_checkpoint(str(tmp_path / "nope.pt"))
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="is corrupt or not a train.py checkpoint"):
+        load_checkpoint(path)
+    torch.save({"weights": 1}, path)
+    with pytest.raises(ValueError, match="no model weights or config"):
+        load_checkpoint(path)
