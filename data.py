@@ -1,5 +1,7 @@
 """Data for instruction fine-tuning (and plain next-token training on raw text).
 
+    python data.py [--data FILE]    # fetch the default data set once, print a summary
+
 Follows "Fine-tuning to follow instructions" (Raschka, LLMs from scratch, ch07):
 load Alpaca-style entries, split them 85/10/5 in file order, format each one as a
 prompt plus response, tokenize with GPT-2's tiktoken encoding, and batch them with
@@ -404,3 +406,22 @@ def summarize_data(splits: DataSplits, batch_size: int, context_length: int) -> 
         f"{padding_fraction(lengths, grouped, context_length):.1%} grouped by length"
     )
     return "\n".join(lines)
+
+
+def main():
+    import argparse
+    p = argparse.ArgumentParser(description="Prepare a data set (the default one is downloaded once into "
+                                "data/) and print its summary: split sizes, lengths, truncation, padding.")
+    p.add_argument("--data", help="a .json/.jsonl instruction file or a .txt file (default: the seeds' set)")
+    p.add_argument("--prompt-style", default="alpaca", choices=list(PROMPT_STYLES))
+    p.add_argument("--context-length", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--mask-instructions", action="store_true")
+    args = p.parse_args()
+    splits = prepare_data(args.data, args.prompt_style, args.context_length, args.mask_instructions)
+    print(summarize_data(splits, args.batch_size, args.context_length))
+
+
+if __name__ == "__main__":
+    from generate import run_main
+    run_main(main)

@@ -19,9 +19,10 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
+    candidates = None
     if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # sample among the k best only: cheaper than masking and sorting the whole vocabulary
+        logits, candidates = torch.topk(logits, top_k, dim=-1)
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
@@ -29,7 +30,8 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
         drop = probs.cumsum(dim=-1) - probs > top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return choice if candidates is None else candidates.gather(-1, choice[:, None]).squeeze(-1)
 
 
 @torch.inference_mode()
@@ -41,6 +43,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     generating it alone, and finished rows leave the batch so they cost nothing more."""
     ctx = model.config.context_length
     lengths = [len(p) for p in prompts]
+    if max_new_tokens < 1:
+        return [[] for _ in prompts]
     if not prompts or min(lengths) == 0:
         raise ValueError("every prompt needs at least one token")
     longest = max(lengths)
@@ -49,28 +53,30 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     device = model.wte.weight.device
     pad_lens = [longest - n for n in lengths]
     idx = torch.tensor([[EOT_ID] * pad + p for pad, p in zip(pad_lens, prompts)], device=device)
-    # the last new token is sampled but never fed back, hence the - 1
-    cache_len = min(ctx, longest + max(max_new_tokens - 1, 0))
-    cache = KVCache(model.config, len(prompts), cache_len, device, model.wte.weight.dtype, pad_lens)
+    # A row may make tokens until its own context is full; its last token is sampled but never
+    # fed back, hence the + 1. Padding slots do not count against a row's context.
+    budgets = [min(max_new_tokens, ctx - n + 1) for n in lengths]
+    cache = KVCache(model.config, len(prompts), longest + max(budgets) - 1, device,
+                    model.wte.weight.dtype, pad_lens)
 
     outputs = [[] for _ in prompts]
     active = list(range(len(prompts)))  # original row of each batch row still generating
-    logits = model.forward_cached(idx, cache) if max_new_tokens > 0 else None
-    for step in range(max_new_tokens):
+    logits = model.forward_cached(idx, cache)
+    while active:
         next_ids = sample_next(logits, temperature, top_k, top_p, generator)
         keep = []
         for row, token in enumerate(next_ids.tolist()):
-            if token == eos_id:
-                continue
-            outputs[active[row]].append(token)
-            keep.append(row)
-        if not keep or step == max_new_tokens - 1 or cache.pos == cache.max_len:
-            break
-        if len(keep) < len(active):
-            cache.reorder(torch.tensor(keep, device=device))
+            out = outputs[active[row]]
+            if token != eos_id:
+                out.append(token)
+                if len(out) < budgets[active[row]]:
+                    keep.append(row)
+        if len(keep) < len(active):  # drop finished rows from the batch and the cache
+            cache.reorder(torch.tensor(keep, device=device, dtype=torch.long))
             active = [active[row] for row in keep]
             next_ids = next_ids[keep]
-        logits = model.forward_cached(next_ids[:, None], cache)
+        if active:
+            logits = model.forward_cached(next_ids[:, None], cache)
     return outputs
 
 
@@ -106,7 +112,7 @@ def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, devic
         raise ValueError("give exactly one of --ckpt (a train.py checkpoint) or --model (a GPT-2 name or folder)")
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path)
-        model, style = model_from_checkpoint(ckpt), prompt_style or ckpt.get("prompt_style", "alpaca")
+        model, style = model_from_checkpoint(ckpt, ckpt_path), prompt_style or ckpt.get("prompt_style", "alpaca")
     else:
         ckpt, model, style = None, build_model(model_name), prompt_style or "alpaca"
     if style not in PROMPT_STYLES:

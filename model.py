@@ -180,7 +180,7 @@ class KVCache:
     positions count from its first real token, so a row gives the same result as alone."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype=torch.float32, pad_lens=None):
-        if max_len > cfg.context_length:
+        if max_len - max(pad_lens or [0]) > cfg.context_length:
             raise ValueError(f"KV cache of {max_len} tokens exceeds the context length {cfg.context_length}")
         shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, cfg.emb_dim // cfg.n_heads)
         self.k = torch.empty(shape, device=device, dtype=dtype)
@@ -371,8 +371,12 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def model_from_checkpoint(ckpt):
-    """The GPT of a checkpoint dict (as loaded by load_checkpoint)."""
-    model = GPT(GPTConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
+def model_from_checkpoint(ckpt, path="checkpoint"):
+    """The GPT of a checkpoint dict (as loaded by load_checkpoint from path)."""
+    try:
+        model = GPT(GPTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError) as e:  # unknown config keys, weights of another shape
+        detail = str(e).strip().splitlines()[-1].strip()  # load_state_dict lists mismatches a line each
+        raise ValueError(f"{path} is corrupt: its weights do not fit its config ({detail})") from None
     return model

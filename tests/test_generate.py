@@ -62,6 +62,11 @@ def test_generation_stops_when_context_is_full():
     prompt = list(range(120))
     out = generate(model, [prompt], 50, eos_id=None)[0]
     assert len(out) == 128 - 120 + 1  # the last token is sampled from a full context
+    # batched with a longer prompt, a shorter row still fills its own context, not the longest's
+    prompts = [list(range(120)), list(range(7, 107))]
+    batched = generate(model, prompts, 50, eos_id=None)
+    assert [len(o) for o in batched] == [9, 29]
+    assert batched == [generate(model, [p], 50, eos_id=None)[0] for p in prompts]
     with pytest.raises(ValueError, match="a prompt of 129 tokens exceeds the context length 128"):
         generate(model, [list(range(129))], 5)
 

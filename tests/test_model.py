@@ -213,6 +213,9 @@ def test_checkpoint_round_trip_and_damage(tmp_path):
     open(path, "wb").write(data[: len(data) // 2])
     with pytest.raises(ValueError, match="is corrupt or not a train.py checkpoint"):
         load_checkpoint(path)
+    torch.save({"model": model.state_dict(), "config": {**vars(model.config), "emb_dim": 32}}, path)
+    with pytest.raises(ValueError, match="ckpt.pt is corrupt: its weights do not fit its config"):
+        model_from_checkpoint(load_checkpoint(path), path)
     torch.save({"weights": 1}, path)
     with pytest.raises(ValueError, match="no model weights or config"):
         load_checkpoint(path)
