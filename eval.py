@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from data import PROMPT_STYLES, batch_indices, decode, get_prompt_style, prepare_data
 from generate import generate, load_for_inference, resolve_device, run_main
-from model import calc_loss_loader
+from model import atomic_write, calc_loss_loader
 
 MAX_LABELS, MAX_LABEL_WORDS = 20, 3  # outputs with fewer distinct values, this short, are labels
 
@@ -167,16 +167,10 @@ def score_responses(references, responses):
 
 
 def write_json(obj, path):
-    """json.dump to a temporary name, then rename: an interrupted run leaves no half-written file."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=4, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """json.dump through a temporary name: an interrupted run leaves no half-written file."""
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=4, ensure_ascii=False)
+        f.write("\n")
 
 
 def finite_or_none(x):

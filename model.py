@@ -1,5 +1,6 @@
 """GPT-2 in one file: config presets, the model, a KV cache for generation, and loading
 of Hugging Face GPT-2 weights (hub names or local folders) and of our own checkpoints."""
+import contextlib
 import json
 import math
 import os
@@ -231,12 +232,24 @@ def default_cache_dir():
     return os.environ.get("GPT2_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "gpt2-weights"))
 
 
-def download(url, dest):
-    """Fetch url to dest with a progress line; written to dest.tmp and renamed when complete."""
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    tmp = dest + ".tmp"
+@contextlib.contextmanager
+def atomic_write(path):
+    """Yields a temporary name to write to, renamed to path only once the block has finished:
+    a crash or Ctrl-C never leaves a half-written file where a good one was."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
     try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def download(url, dest):
+    """Fetch url to dest with a progress line, through a temporary name."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, atomic_write(dest) as tmp, open(tmp, "wb") as f:
             total, done = int(response.headers.get("Content-Length") or 0), 0
             while chunk := response.read(1 << 20):
                 f.write(chunk)
@@ -246,10 +259,7 @@ def download(url, dest):
                           end="", file=sys.stderr, flush=True)
         if total:
             print(file=sys.stderr)
-        os.replace(tmp, dest)
     except OSError as e:  # URLError is an OSError
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise OSError(f"could not download {url} ({getattr(e, 'reason', e)}); check the network") from None
 
 
@@ -351,11 +361,9 @@ def build_model(name_or_path, pretrained=True, context_length=None, drop_rate=0.
 
 
 def save_checkpoint(obj, path):
-    """torch.save to a temporary name, then rename: a crash never leaves a truncated file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through a temporary name: a crash never leaves a truncated checkpoint."""
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (GPT, PRESETS, KVCache, build_model, config_for, download, from_pretrained, hf_folder,
+from model import (GPT, PRESETS, KVCache, atomic_write, build_model, config_for, download, from_pretrained, hf_folder,
                    load_checkpoint, model_from_checkpoint, save_checkpoint)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf-tiny-gpt2")
@@ -219,3 +219,13 @@ def test_checkpoint_round_trip_and_damage(tmp_path):
     torch.save({"weights": 1}, path)
     with pytest.raises(ValueError, match="no model weights or config"):
         load_checkpoint(path)
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint({"step": 1}, path)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write(path) as tmp:
+            open(tmp, "wb").write(b"half a checkpo")
+            raise KeyboardInterrupt
+    assert torch.load(path) == {"step": 1} and os.listdir(tmp_path) == ["ckpt.pt"]
