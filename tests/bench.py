@@ -1,0 +1,177 @@
+"""Speed benchmarks, one line per figure (a script, not collected by pytest).
+
+    python tests/bench.py                    # everything (about 15 minutes on 2 cores)
+    python tests/bench.py --only generation  # or training, eval
+
+All on the gpt2 (124M) config with random weights, on the CPU. Targets are ratios within
+one run, since absolute times on a shared machine are noisy; see README.md.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED = os.path.join(ROOT, "..", "shared")
+if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(os.path.join(SHARED, "tiktoken")):
+    os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(SHARED, "tiktoken")
+
+from data import encode, format_prompt, prepare_data  # noqa: E402
+from generate import generate  # noqa: E402
+from model import GPT, config_for  # noqa: E402
+
+
+def gpt2_random(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return GPT(config_for("gpt2", **overrides)).eval()
+
+
+def default_data_path():
+    shared = os.path.join(SHARED, "data", "instruction-data.json")
+    return shared if os.path.exists(shared) else None  # None: data.py downloads it
+
+
+def timed_generate(model, prompts, new_tokens):
+    """Aggregate new tokens per second, end-of-text ignored so every row makes new_tokens."""
+    start = time.perf_counter()
+    out = generate(model, prompts, new_tokens, eos_id=None)
+    elapsed = time.perf_counter() - start
+    assert all(len(o) == new_tokens for o in out)
+    return len(prompts) * new_tokens / elapsed
+
+
+def bench_generation():
+    model = gpt2_random()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 50257, (45,), generator=g).tolist()
+    timed_generate(model, [prompt], 8)  # warm-up
+    single = timed_generate(model, [prompt], 64)
+    print(f"generation, batch 1, 45-token prompt, 64 greedy tokens: {single:.1f} tokens/s "
+          f"(target: >= transformers' GPT2LMHeadModel.generate, ~21 tokens/s here)")
+    try:  # the reference, when transformers happens to be installed (not a dependency)
+        from transformers import GPT2Config, GPT2LMHeadModel
+        hf = GPT2LMHeadModel(GPT2Config()).eval()
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=50256)  # warm-up
+            start = time.perf_counter()
+            hf.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=50256)
+        reference = 64 / (time.perf_counter() - start)
+        print(f"generation, batch 1, transformers {sys.modules['transformers'].__version__} generate with "
+              f"its cache: {reference:.1f} tokens/s; ours = {single / reference:.2f}x (target >= 1)")
+    except ImportError:
+        pass
+    # 16 prompts of different lengths around 45 tokens, left-padded into one batch
+    prompts = [torch.randint(0, 50257, (35 + i,), generator=g).tolist() for i in range(0, 32, 2)]
+    batched = timed_generate(model, prompts, 64)
+    print(f"generation, 16 prompts batched (35-65 tokens), 64 greedy tokens each: {batched:.1f} tokens/s "
+          f"= {batched / single:.1f}x batch 1 (target >= 6x)")
+
+
+def bench_eval(batch_size=16, one_at_a_time=12):
+    """Responses to the 110 test prompts of the default data, 64 new tokens each."""
+    splits = prepare_data(default_data_path())
+    prompts = [encode(format_prompt(e, "alpaca")) for e in splits.test_entries]
+    model = gpt2_random()
+    timed_generate(model, prompts[:1], 8)  # warm-up
+    # one at a time is slow (~5 minutes for all 110): its rate is measured on the first few
+    single = sum(timed_generate(model, [p], 64) ** -1 for p in prompts[:one_at_a_time])
+    single = one_at_a_time / single
+    start = time.perf_counter()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # as eval.py batches them
+    for i in range(0, len(order), batch_size):
+        generate(model, [prompts[j] for j in order[i:i + batch_size]], 64, eos_id=None)
+    batched = len(prompts) * 64 / (time.perf_counter() - start)
+    print(f"eval responses, {len(prompts)} test prompts x 64 tokens, one at a time "
+          f"(first {one_at_a_time}): {single:.1f} tokens/s")
+    print(f"eval responses, {len(prompts)} test prompts x 64 tokens, batches of {batch_size}: "
+          f"{batched:.1f} tokens/s = {batched / single:.1f}x one at a time (target >= 5x)")
+
+
+def bench_training(every=8):
+    """One epoch of the default data (935 examples, batch 8) on gpt2 (124M, random weights):
+    train.py's step with and without grouping and masking, against the seeds' plain loop
+    (logits at every position, default AdamW) and that loop with train.py's fused AdamW.
+    A full epoch takes minutes per variant here, so each is timed on every 8th batch of its
+    epoch's order, the variants taking turns so that a change in the machine's load hits all
+    of them alike, and scaled to the epoch by padded tokens."""
+    import resource
+
+    import torch.nn.functional as F
+
+    from data import batch_indices
+    from train import count_tokens, make_optimizer, train_step
+
+    path = default_data_path()
+    plain, masked = prepare_data(path), prepare_data(path, mask_instructions=True)
+    lengths, prompt_lengths = masked.train.lengths, masked.train.prompt_lengths
+    model = gpt2_random().train()
+    seeds_optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
+    fused_optimizer = make_optimizer(model, 5e-5, 0.1)
+
+    def plain_loop(optimizer):
+        def step(inputs, targets):  # calc_loss_batch and train_model_simple of ch07
+            optimizer.zero_grad()
+            F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten()).backward()
+            optimizer.step()
+        return step
+
+    def train_py(inputs, targets):
+        train_step(model, fused_optimizer, [(inputs, targets)], count_tokens([(inputs, targets)], "cpu")[0])
+
+    variants = [  # name, step, data, grouped by length, target speed-up over the seeds' loop
+        ("seeds' plain loop", plain_loop(seeds_optimizer), plain, False, None),
+        ("plain loop with fused AdamW", plain_loop(fused_optimizer), plain, False, None),
+        ("train.py default", train_py, plain, False, 1.0),
+        ("--group-by-length", train_py, plain, True, None),
+        ("--mask-instructions", train_py, masked, False, None),
+        ("--group-by-length --mask-instructions", train_py, masked, True, 1.5),
+    ]
+    orders = {grouped: batch_indices(lengths, 8, shuffle=True, seed=123, drop_last=True, group_by_length=grouped)
+              for grouped in (False, True)}
+    padded = lambda batch: len(batch) * max(lengths[i] for i in batch)  # noqa: E731  (inputs of collate)
+    positions = range(0, len(orders[False]), every)
+    seconds, tokens, responses = ([0.0] * len(variants) for _ in range(3))
+    print(f"training: 1 epoch of {len(plain.train)} examples, batch 8, gpt2 random weights, "
+          f"{len(orders[False])} steps, timed on {len(positions)}")
+    for position in [1, *positions]:  # the first round warms up
+        for v, (_, step, splits, grouped, _) in enumerate(variants):
+            batch = orders[grouped][position]
+            inputs, targets = splits.collate_fn([splits.train[i] for i in batch])
+            start = time.perf_counter()
+            step(inputs, targets)
+            elapsed = time.perf_counter() - start
+            # Leave no gradients behind: the next variant would add to them, not allocate them.
+            model.zero_grad(set_to_none=True)
+            if position != 1:
+                seconds[v] += elapsed
+                tokens[v] += padded(batch)
+                responses[v] += sum(lengths[i] - prompt_lengths[i] + 1 for i in batch)  # + end-of-text
+    epochs = [seconds[v] * sum(map(padded, orders[grouped])) / tokens[v]
+              for v, (_, _, _, grouped, _) in enumerate(variants)]
+    for v, (name, _, _, _, target) in enumerate(variants):
+        print(f"training, {name}: {tokens[v] / seconds[v]:,.0f} padded tokens/s, "
+              f"{responses[v] / seconds[v]:,.0f} response tokens/s, epoch {epochs[v] / 60:.1f} min = "
+              f"{epochs[0] / epochs[v]:.2f}x the seeds' loop" + (f" (target >= {target}x)" if target else "")
+              + (f", {epochs[1] / epochs[v]:.2f}x with fused AdamW" if v > 1 else ""))
+    print(f"training, peak resident memory of the bench (gpt2, its gradients, two AdamW states): "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
+
+BENCHES = {"generation": bench_generation, "eval": bench_eval, "training": bench_training}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=list(BENCHES), action="append", help="run only these (repeatable)")
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    for name in args.only or BENCHES:
+        BENCHES[name]()
+
+
+if __name__ == "__main__":
+    main()

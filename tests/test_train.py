@@ -1,0 +1,331 @@
+"""train.py on the tiny model (random weights, GPT-2 vocabulary) and small data made here.
+Runs are in-process (train.main) where that saves the cost of starting Python and torch;
+the command-line behaviour (exit codes, Ctrl-C, torchrun) runs in subprocesses."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from generate import load_for_inference, run_main
+from model import GPT, load_checkpoint, save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "tiny", "--init", "random", "--context-length", "64", "--batch-size", "2", "--eval-batches", "2"]
+# Loss on the responses only: the output head over GPT-2's vocabulary is most of the tiny
+# model's cost, and masking spares it at most positions.
+FAST = [*TINY, "--mask-instructions"]
+CKPT_KEYS = {"model", "config", "prompt_style", "mask_instructions", "context_length", "data", "train_frac",
+             "test_frac", "optimizer", "scheduler", "step", "epoch", "batch_in_epoch", "rng", "args",
+             "best_val_loss", "val_loss"}
+WORDS = "apple river stone cloud green quiet music window bread silver paper garden".split()
+
+
+def make_data(folder, n=48):
+    """n short Alpaca-style entries (n=48: 40 train, 4 test, 4 validation), some with an input."""
+    entries = []
+    for i in range(n):
+        word = WORDS[i % len(WORDS)]
+        if i % 3:
+            entries.append({"instruction": f"Add {i % 7} and {i % 5}.", "input": "", "output": f"{i % 7 + i % 5}."})
+        else:
+            entries.append({"instruction": "Spell the word backwards.", "input": word, "output": word[::-1]})
+    path = os.path.join(folder, "data.json")
+    with open(path, "w") as f:
+        json.dump(entries, f)
+    return path
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_data(tmp_path)
+
+
+def run(*argv):
+    """train.main in this process; SystemExit (an error or Ctrl-C) propagates."""
+    train.main([str(a) for a in argv])
+
+
+def run_cli(*argv):
+    """train.main as `python train.py`: run_main turns a ValueError or OSError into SystemExit."""
+    run_main(lambda: train.main([str(a) for a in argv]))
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(out):
+    return [(m["step"], m["train_loss"], m["val_loss"]) for m in metrics(out)]
+
+
+def assert_same_weights(out_a, out_b, exact=True):
+    """The final weights of two runs are equal, or close: then the difference is compared as a
+    whole, because Adam turns rounding noise in a gradient that is (nearly) zero, such as that
+    of an attention key bias, into a full-size step of either sign at a few single weights.
+    Weighting micro-batches by their own mean instead of the global one gives about 1e-2."""
+    a, b = load_checkpoint(os.path.join(out_a, "ckpt.pt")), load_checkpoint(os.path.join(out_b, "ckpt.pt"))
+    assert a["step"] == b["step"] and a["model"].keys() == b["model"].keys()
+    if exact:
+        for name, tensor in a["model"].items():
+            assert torch.equal(tensor, b["model"][name]), name
+    else:
+        flat_a, flat_b = (torch.cat([t.flatten() for t in ckpt["model"].values()]) for ckpt in (a, b))
+        assert (flat_a - flat_b).norm() < 1e-3 * flat_a.norm()
+
+
+def script(*argv, **kwargs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, *[str(a) for a in argv]], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+# ----------------------------------------------------------------------------- a run and what it writes
+
+
+def test_training_lowers_the_loss_and_writes_checkpoints_metrics_and_plot(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(*TINY, "--data", data, "--out", out, "--lr", "1e-3", "--max-steps", 11)
+    printed = capsys.readouterr().out
+    assert "global batch 2 = batch size 2 x 1 process x grad accum 1; 11 optimizer steps (20 per epoch)" in printed
+    assert "epoch 1 step 1/11 | train loss " in printed and "tokens/s" in printed and "left" in printed
+
+    rows = metrics(out)
+    assert [m["step"] for m in rows] == [1, 6, 11]  # the seeds' schedule: after step 1, then every 5
+    assert set(rows[0]) == {"step", "epoch", "train_loss", "val_loss", "tokens_seen", "lr", "elapsed"}
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.5 and rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.5
+    assert rows[0]["tokens_seen"] < rows[1]["tokens_seen"] < rows[2]["tokens_seen"]
+
+    ckpt, best = load_checkpoint(out / "ckpt.pt"), load_checkpoint(out / "best.pt")
+    assert CKPT_KEYS <= set(ckpt) and CKPT_KEYS <= set(best)
+    assert ckpt["step"] == best["step"] == 11 and ckpt["val_loss"] == best["best_val_loss"] == rows[-1]["val_loss"]
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["context_length"]) == (0, 11, 64)
+    assert ckpt["args"]["lr"] == 1e-3 and ckpt["data"] == str(data) and ckpt["prompt_style"] == "alpaca"
+    assert torch.load(out / "ckpt.pt", weights_only=True)["rng"]["torch"].dtype == torch.uint8
+    model, _, style = load_for_inference(str(out / "best.pt"))  # what generate.py and eval.py do
+    assert style == "alpaca" and model.config.context_length == 64
+    assert os.path.getsize(out / "loss.png") > 0
+    assert glob.glob(str(tmp_path / "**" / "*.tmp"), recursive=True) == []
+
+
+def test_best_checkpoint_keeps_the_lowest_validation_loss(data, tmp_path, monkeypatch):
+    scripted = iter([5.0, 5.0, 3.0, 3.0, 4.0, 4.0, 2.5, 2.5, 6.0, 6.0])  # (train, validation) per evaluation
+    monkeypatch.setattr(train, "calc_loss_loader", lambda *args: (next(scripted), 1))
+    out = tmp_path / "out"
+    run(*FAST, "--data", data, "--out", out, "--max-steps", 9, "--eval-every", 2)
+    assert [(m["step"], m["val_loss"]) for m in metrics(out)] == [(1, 5.0), (3, 3.0), (5, 4.0), (7, 2.5), (9, 6.0)]
+    best, ckpt = load_checkpoint(out / "best.pt"), load_checkpoint(out / "ckpt.pt")
+    assert (best["step"], best["val_loss"], best["best_val_loss"]) == (7, 2.5, 2.5)
+    assert (ckpt["step"], ckpt["val_loss"], ckpt["best_val_loss"]) == (9, 6.0, 2.5)
+    assert not torch.equal(best["model"]["wte.weight"], ckpt["model"]["wte.weight"])
+
+
+def test_resume_mid_epoch_gives_the_same_losses_and_weights(data, tmp_path):
+    common = [*FAST, "--batch-size", 4, "--data", data, "--lr", "1e-3", "--dropout", "0.1", "--eval-every", 4,
+              "--group-by-length"]
+    run(*common, "--out", tmp_path / "full", "--max-steps", 13)  # 10 steps per epoch: ends in epoch 2
+    run(*common, "--out", tmp_path / "part", "--max-steps", 5)
+    assert load_checkpoint(tmp_path / "part" / "ckpt.pt")["batch_in_epoch"] == 5
+    with open(tmp_path / "part" / "metrics.jsonl", "a") as f:  # as if it crashed after a line, before its checkpoint
+        f.write(json.dumps({**metrics(tmp_path / "part")[-1], "step": 9}) + "\n")
+    # Only what may change is given: the rest (data, dropout, grouping...) comes from the checkpoint.
+    run("--resume", "--out", tmp_path / "part", "--max-steps", 13)
+    assert [m["step"] for m in metrics(tmp_path / "full")] == [1, 5, 9, 13]
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+    tokens_seen = [[m["tokens_seen"] for m in metrics(tmp_path / out)] for out in ("part", "full")]
+    assert tokens_seen[0] == tokens_seen[1]
+    assert_same_weights(tmp_path / "part", tmp_path / "full")
+
+
+def test_grad_accum_matches_one_batch_of_the_same_size(data, tmp_path):
+    common = [*FAST, "--data", data, "--lr", "1e-3", "--max-steps", 4, "--eval-every", 3]
+    run(*common, "--out", tmp_path / "accum", "--batch-size", 2, "--grad-accum", 2, "--eval-batches", 4)
+    run(*common, "--out", tmp_path / "big", "--batch-size", 4, "--eval-batches", 2)  # the same examples
+    for (step_a, *a), (step_b, *b) in zip(losses(tmp_path / "accum"), losses(tmp_path / "big"), strict=True):
+        assert step_a == step_b and a == pytest.approx(b, rel=1e-5)
+    assert_same_weights(tmp_path / "accum", tmp_path / "big", exact=False)
+
+
+def test_distributed_run_matches_one_process_with_the_global_batch(data, tmp_path):
+    common = [*FAST, "--data", data, "--lr", "1e-3", "--max-steps", 5, "--eval-every", 2, "--device", "cpu"]
+    proc = script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *common,
+                  "--batch-size", 2, "--out", tmp_path / "ddp")
+    run(*common, "--batch-size", 4, "--out", tmp_path / "single")
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "global batch 4 = batch size 2 x 2 processes x grad accum 1" in stdout
+    assert stdout.count("epoch 1 step 1/5 |") == 1  # only rank 0 prints
+    for (step_a, *a), (step_b, *b) in zip(losses(tmp_path / "ddp"), losses(tmp_path / "single"), strict=True):
+        assert step_a == step_b and a == pytest.approx(b, rel=1e-5)
+    assert_same_weights(tmp_path / "ddp", tmp_path / "single", exact=False)
+
+
+def test_mask_instructions_trains_on_responses_only_and_survives_resume(data, tmp_path, capsys):
+    run(*TINY, "--data", data, "--out", tmp_path / "plain", "--max-steps", 1)
+    run(*TINY, "--data", data, "--out", tmp_path / "masked", "--max-steps", 1, "--mask-instructions")
+    (_, plain_train, plain_val), = losses(tmp_path / "plain")
+    (_, masked_train, masked_val), = losses(tmp_path / "masked")
+    assert masked_train != plain_train and masked_val != plain_val
+    # The same weights before the first step, but the masked run counted far fewer targets:
+    # its tokens seen are the same padded inputs.
+    assert metrics(tmp_path / "plain")[0]["tokens_seen"] == metrics(tmp_path / "masked")[0]["tokens_seen"]
+    assert load_checkpoint(tmp_path / "masked" / "ckpt.pt")["mask_instructions"] is True
+    capsys.readouterr()
+    run("--resume", "--out", tmp_path / "masked", "--max-steps", 2)
+    assert "instructions masked in the loss" in capsys.readouterr().out
+
+
+def test_raw_text_trains_too(tmp_path, capsys, monkeypatch):
+    text = tmp_path / "story.txt"
+    text.write_text(" ".join(WORDS[(i * 7) % len(WORDS)] for i in range(1500)))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    run(*TINY, "--data", text, "--context-length", 32, "--out", tmp_path / "out", "--lr", "1e-3", "--epochs", 1)
+    printed = capsys.readouterr().out
+    assert "text data:" in printed and "epoch 1 sample: " in printed
+    assert printed.count("matplotlib is not installed (pip install matplotlib)") == 1
+    rows = metrics(tmp_path / "out")
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] and not os.path.exists(tmp_path / "out" / "loss.png")
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(*TINY, "--data", text, "--context-length", 32, "--out", tmp_path / "masked", "--mask-instructions")
+    assert stopped.value.code == \
+        "error: --mask-instructions needs instruction data; raw text has no instructions to mask"
+
+
+def test_lr_schedules():
+    class Args:
+        lr, warmup_steps, lr_schedule = 1e-3, 4, "cosine"
+    assert [train.lr_at(s, Args, 15) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert train.lr_at(4, Args, 15) == pytest.approx(1e-3) and train.lr_at(14, Args, 15) == pytest.approx(1e-4)
+    assert train.lr_at(9, Args, 15) == pytest.approx(0.55e-3)  # halfway down
+    Args.lr_schedule = "constant"
+    assert train.lr_at(14, Args, 15) == 1e-3
+
+
+# ----------------------------------------------------------------------------- stopping
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    forward, training_calls = GPT.forward, []
+
+    def forward_going_nan(self, idx, targets=None, reduction="mean"):
+        out = forward(self, idx, targets, reduction)
+        if self.training and targets is not None:
+            training_calls.append(1)
+            if len(training_calls) == 4:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(GPT, "forward", forward_going_nan)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(*FAST, "--data", data, "--out", out, "--max-steps", 10, "--eval-every", 2)
+    assert stopped.value.code == (f"error: the training loss became nan at step 4; stopped, {out / 'ckpt.pt'} holds "
+                                  "the last good state; try a lower --lr, or --grad-clip 1")
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["step"] == 3 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert [m["step"] for m in metrics(out)] == [1, 3]
+    assert glob.glob(str(out / "*.tmp")) == []
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(data, tmp_path):
+    common = [*FAST, "--data", data, "--lr", "1e-3", "--eval-every", 1, "--epochs", 1000]
+    out = tmp_path / "stopped"
+    proc = script("train.py", *common, "--out", out)
+    deadline = time.time() + 60
+    while not os.path.exists(out / "ckpt.pt") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    stopped_at = ckpt["step"]
+    assert f"interrupted at step {stopped_at}: saved {out / 'ckpt.pt'}; continue with --resume" in stdout
+    assert glob.glob(str(out / "*.tmp")) == []
+
+    run("--resume", "--out", out, "--max-steps", stopped_at + 2)
+    run(*common, "--out", tmp_path / "full", "--max-steps", stopped_at + 2)
+    assert losses(out) == losses(tmp_path / "full")
+    assert len(losses(out)) == stopped_at + 2
+    assert_same_weights(out, tmp_path / "full")
+
+
+# ----------------------------------------------------------------------------- mistakes
+
+
+def test_bad_argument_from_the_command_line_is_one_line_and_exit_1(tmp_path):
+    proc = script("train.py", "--device", "quantum", "--out", tmp_path / "out")
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert stderr == "error: unknown device 'quantum'; use auto, cpu, cuda, cuda:N or mps\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["--lr", "-1"], "argument --lr: must be a positive number, got -1"),
+    (["--dropout", "1"], "argument --dropout: must be in [0, 1), got 1"),
+    (["--lr-schedule", "linear"], "argument --lr-schedule: invalid choice: 'linear'"),
+])
+def test_bad_values_are_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        run(*argv)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_but_missing(data, tmp_path):
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(*TINY, "--data", data, "--out", tmp_path / "out", "--device", "cuda")
+    assert stopped.value.code == "error: device 'cuda' asked for, but this PyTorch has no CUDA device; use --device cpu"
+
+
+def test_setting_mistakes_are_one_sentence(data, tmp_path):
+    def error(*argv):
+        with pytest.raises(SystemExit) as stopped:
+            run_cli(*FAST, "--data", data, *argv)
+        return stopped.value.code
+
+    out = tmp_path / "out"
+    assert error("--out", out, "--context-length", 2048) == \
+        "error: context length 2048 must be between 1 and the model's 1024"
+    assert error("--out", out, "--batch-size", 41).endswith(  # too little data for one batch
+        "the train split has 40 examples, fewer than the batch size of 41; use a smaller batch size or more data")
+    assert error("--out", out, "--dtype", "float16").startswith("error: --dtype float16 needs CUDA")
+    small_vocab = os.path.join(ROOT, "tests", "fixtures", "hf-tiny-gpt2", "bare")  # a real pretrained folder
+    assert error("--out", out, "--model", small_vocab, "--init", "pretrained") == \
+        f"error: {small_vocab} has a vocabulary of 1024 tokens; GPT-2's tokenizer needs 50257"
+    assert error("--out", out, "--resume") == \
+        f"error: nothing to resume: {out / 'ckpt.pt'} does not exist (--resume continues the run saved in --out)"
+    assert not os.path.exists(out)
+
+    run(*FAST, "--data", data, "--out", out, "--max-steps", 1)
+    before = (out / "ckpt.pt").read_bytes()
+    assert error("--out", out, "--model", "gpt2") == (  # another model into the same folder
+        f"error: {out / 'ckpt.pt'} already exists; continue that run with --resume, or choose another --out "
+        "(nothing was overwritten)")
+    assert error("--out", out, "--resume", "--batch-size", 4).startswith(
+        "error: --batch-size 4 differs from the checkpoint's 2; a resumed run keeps its settings")
+    assert (out / "ckpt.pt").read_bytes() == before
+
+    (out / "ckpt.pt").write_bytes(before[: len(before) // 2])  # a truncated file
+    assert error("--out", out, "--resume") == \
+        f"error: checkpoint {out / 'ckpt.pt'} is corrupt or not a train.py checkpoint (RuntimeError)"
+    save_checkpoint({"model": {}, "config": {}}, str(out / "ckpt.pt"))  # weights only, no training state
+    assert error("--out", out, "--resume").endswith("holds no training state (optimizer, data position); "
+                                                    "it cannot be resumed")
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        run("--help")
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: gpt2)", "(default: 5e-05)", "(default: 0.1)", "(default: 8)", "(default: 123)",
+                    "(default: 1024)", "(default: auto)", "(default: out)", "(default: float32)"):
+        assert default in text

@@ -1,0 +1,503 @@
+"""Fine-tune GPT-2 to follow instructions (or go on training it on raw text), nanoGPT style.
+
+    python train.py --data instruction-data.json                 # the seeds' run: gpt2, 2 epochs
+    python train.py --model tiny --init random --context-length 128 --max-steps 50 --out runs/smoke
+    python train.py --resume --out out                           # continue a stopped run
+    torchrun --nproc_per_node=2 train.py ...                     # DistributedDataParallel
+
+Writes OUT/ckpt.pt (the latest state, resumable), OUT/best.pt (the lowest validation loss so
+far), OUT/metrics.jsonl (one line per evaluation) and, with matplotlib, OUT/loss.png.
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from data import EOT_ID, PROMPT_STYLES, batch_indices, check_batchable, decode, encode, format_prompt, prepare_data, \
+    summarize_data
+from generate import generate, resolve_device, respond, run_main
+from model import IGNORE_INDEX, PRESETS, atomic_write, build_model, calc_loss_loader, load_checkpoint, \
+    model_from_checkpoint, save_checkpoint
+
+TRAIN_FRAC, TEST_FRAC = 0.85, 0.10  # the seeds' split; eval.py reads them from the checkpoint
+# What a resumed run may change; everything else comes from the checkpoint's arguments.
+CHANGEABLE_ON_RESUME = {"epochs", "max_steps", "eval_every", "eval_batches", "device", "dtype", "compile",
+                        "num_workers", "out", "resume"}
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def checked(kind, ok, requirement):
+    """An argparse type: `kind` of the text, which must satisfy `ok` (else "must be <requirement>")."""
+    def parse(text):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # so argparse says "invalid int value" for "--batch-size x"
+    return parse
+
+
+AT_LEAST_1 = checked(int, lambda v: v >= 1, "at least 1")
+AT_LEAST_0 = checked(int, lambda v: v >= 0, "at least 0")
+POSITIVE = checked(float, lambda v: 0 < v < math.inf, "a positive number")
+NON_NEGATIVE = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+
+
+def parse_args(argv=None):
+    """(the arguments, the names of those given on the command line)."""
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    p.add_argument("--model", default="gpt2", help=f"{', '.join(PRESETS)}, or a local Hugging Face GPT-2 folder")
+    p.add_argument("--init", choices=["pretrained", "random"], default="pretrained",
+                   help="start from GPT-2's weights or from random ones")
+    p.add_argument("--data", default=None, help="instruction data (.json or .jsonl, Alpaca layout) or raw "
+                   "text (.txt); by default the seeds' 1,100 entries, downloaded once into data/")
+    p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), default="alpaca", help="prompt template")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--context-length", type=AT_LEAST_1, default=1024,
+                   help="tokens per sequence; below the model's keeps its first position embeddings")
+    p.add_argument("--mask-instructions", action="store_true", help="compute the loss on response tokens only")
+    p.add_argument("--batch-size", type=AT_LEAST_1, default=8, help="examples per batch (per process)")
+    p.add_argument("--grad-accum", type=AT_LEAST_1, default=1, help="batches per optimizer step")
+    p.add_argument("--epochs", type=AT_LEAST_1, default=2, help="passes over the training split")
+    p.add_argument("--max-steps", type=AT_LEAST_1, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--lr", type=POSITIVE, default=5e-5, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.1, help="AdamW weight decay")
+    p.add_argument("--warmup-steps", type=AT_LEAST_0, default=0, help="steps of linear learning-rate warm-up")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="after warm-up: constant, or cosine decay to a tenth of --lr at the last step")
+    p.add_argument("--grad-clip", type=NON_NEGATIVE, default=0.0, help="clip the gradient norm to this; 0: no clipping")
+    p.add_argument("--dropout", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.0,
+                   help="dropout rate")
+    p.add_argument("--eval-every", type=AT_LEAST_1, default=5, help="evaluate every this many optimizer steps")
+    p.add_argument("--eval-batches", type=AT_LEAST_1, default=5,
+                   help="batches (of batch size x processes) of each split that an evaluation averages over")
+    p.add_argument("--seed", type=int, default=123, help="random seed (weights, data order, dropout)")
+    p.add_argument("--out", default="out", help="folder for checkpoints, metrics and the loss plot")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="autocast to bfloat16 or float16 (float16: CUDA only, with a grad scaler)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt, with its settings: "
+                   "only --epochs, --max-steps, --eval-every, --eval-batches, --device, --dtype, --compile and "
+                   "--num-workers may change")
+    p.add_argument("--num-workers", type=AT_LEAST_0, default=0, help="data loader worker processes")
+    p.add_argument("--group-by-length", action="store_true",
+                   help="batch examples of similar length together (less padding), batches in random order")
+    args = p.parse_args(argv)
+    # Parse again into a namespace already holding a marker: argparse fills in defaults only
+    # where a name is missing, so what no longer holds the marker was given.
+    marker = object()
+    again = p.parse_args(argv, argparse.Namespace(**{name: marker for name in vars(args)}))
+    return args, {name for name, value in vars(again).items() if value is not marker}
+
+
+def resume_arguments(args, given, ckpt):
+    """The arguments of a resumed run: the checkpoint's, except those it may change. Changing
+    one of the others (say --batch-size) would break the data position or the schedule."""
+    saved = ckpt["args"]
+    for name in given - CHANGEABLE_ON_RESUME:
+        if getattr(args, name) != saved.get(name):
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's "
+                             f"{saved.get(name)}; a resumed run keeps its settings (see --resume in --help)")
+    kept = (given & CHANGEABLE_ON_RESUME) | {"out", "resume"}  # out: where the checkpoint was found
+    return argparse.Namespace(**{**vars(args), **saved, **{name: getattr(args, name) for name in kept}})
+
+
+def setup_device(args):
+    """(device, rank, world size): one process, or one of torchrun's, joined to its process group
+    (NCCL on CUDA, one GPU per process; gloo on the CPU)."""
+    device = resolve_device(args.device)
+    if "LOCAL_RANK" not in os.environ:
+        return device, 0, 1
+    if device.type == "mps":
+        if args.device != "auto":
+            raise ValueError("torchrun training runs on cpu or cuda, not mps")
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def autocast_for(device, dtype):
+    """A function returning the context in which forward passes run: autocast, or nothing for float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext
+    if dtype == "float16" and device.type != "cuda":
+        raise ValueError(f"--dtype float16 needs CUDA (it trains with a grad scaler); "
+                         f"use bfloat16 or float32 on {device.type}")
+    return lambda: torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+# ----------------------------------------------------------------------------- one optimizer step
+
+
+def count_tokens(micro_batches, device, world_size=1, stop=False):
+    """(targets counted in the loss, padded input tokens, stop requested) of one optimizer step,
+    summed over all processes: the one small collective of a step when distributed."""
+    counts = torch.tensor([sum((targets != IGNORE_INDEX).sum().item() for _, targets in micro_batches),
+                           sum(inputs.numel() for inputs, _ in micro_batches), int(stop)])
+    if world_size > 1:
+        counts = counts.to(device)
+        dist.all_reduce(counts)
+    return counts.tolist()
+
+
+def train_step(model, optimizer, micro_batches, n_targets, world_size=1, autocast=contextlib.nullcontext,
+               scaler=None, grad_clip=0.0):
+    """One optimizer step on the mean loss per counted target over micro_batches, a list of
+    (inputs, targets), and over all processes: n_targets is their count over all of them. So
+    gradient accumulation and N processes with batch B give the update of one batch N * B.
+    Returns this process's share of that mean loss (the mean loss itself on one process)."""
+    device = next(model.parameters()).device
+    scale = world_size / max(n_targets, 1)  # DDP averages gradients over processes: undo that
+    total = 0.0
+    for i, (inputs, targets) in enumerate(micro_batches):
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        last = i == len(micro_batches) - 1
+        # Under DDP, gradients are all-reduced only on the last micro-batch of the step.
+        with (model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()):
+            with autocast():
+                loss = model(inputs, targets, reduction="sum") * scale
+            (scaler.scale(loss) if scaler else loss).backward()
+        total += loss.item()
+    total /= world_size
+    if not math.isfinite(total):
+        return total  # the caller stops the run; the weights stay as they were
+    if scaler:
+        scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def make_optimizer(model, lr, weight_decay):
+    """AdamW on every parameter, as the seeds. Its fused kernel takes 0.07 s a step for gpt2 on
+    this 2-core CPU, the default one 0.5 s (and several seconds when the machine is busy)."""
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
+
+
+def lr_at(step, args, total_steps):
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant or cosine
+    decay to a tenth of --lr at the last step."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.lr_schedule == "constant":
+        return args.lr
+    progress = (step - args.warmup_steps) / max(1, total_steps - 1 - args.warmup_steps)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+# ----------------------------------------------------------------------------- helpers of the loop
+
+
+def make_loader(dataset, splits, **kwargs):
+    # A private generator: a DataLoader draws a seed from the global RNG for every iterator
+    # otherwise, which would shift dropout masks between a resumed and an uninterrupted run.
+    return DataLoader(dataset, collate_fn=splits.collate_fn, generator=torch.Generator(), **kwargs)
+
+
+def ignore_sigint(worker_id):
+    """DataLoader workers leave Ctrl-C to the main process, which finishes its step and saves."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def sample_text(model, splits, prompt_style, max_new_tokens=50):
+    """The model's response to the first validation entry (a continuation of the first validation
+    window's first tokens for raw text), greedy, as at the end of each epoch of the seeds."""
+    ctx = model.config.context_length
+    was_training = model.training
+    model.eval()
+    if splits.kind == "text":
+        text = decode(generate(model, [splits.val[0][0][:16].tolist()], max_new_tokens)[0])
+    elif len(encode(format_prompt(splits.val_entries[0], prompt_style))) > ctx:
+        text = f"(no sample: the prompt of the first validation entry is longer than the context of {ctx})"
+    else:
+        text = respond(model, splits.val_entries[:1], prompt_style, max_new_tokens)[0]
+    model.train(was_training)
+    return text
+
+
+def plot_losses(metrics_path, png_path):
+    """OUT/loss.png: train and validation loss against steps, with tokens seen on a second
+    x-axis, as the seeds' plot_losses. False when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f]
+    steps, tokens = [r["step"] for r in rows], [r["tokens_seen"] for r in rows]
+    train, val = [r["train_loss"] for r in rows], [r["val_loss"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, train, label="training loss")
+    ax.plot(steps, val, linestyle="-.", label="validation loss")
+    ax.set_xlabel("optimizer steps")
+    ax.set_ylabel("loss")
+    ax.legend(loc="upper right")
+    top = ax.twiny()  # a second x-axis for tokens seen, aligned by an invisible plot
+    top.plot(tokens, train, alpha=0)
+    top.set_xlabel("tokens seen")
+    fig.tight_layout()
+    with atomic_write(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return True
+
+
+def diverged(what, value, step, ckpt_path):
+    return ValueError(f"the {what} loss became {value} at step {step}; stopped, {ckpt_path} holds the last good "
+                      "state; try a lower --lr, or --grad-clip 1")
+
+
+def duration(seconds):
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def main(argv=None):
+    args, given = parse_args(argv)
+    device, rank, world_size = setup_device(args)
+    try:
+        return train(args, given, device, rank, world_size)
+    except KeyboardInterrupt:  # before the loop, or a second Ctrl-C: nothing (more) to save
+        sys.exit("interrupted")
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def train(args, given, device, rank, world_size):
+    log = print if rank == 0 else (lambda *a, **k: None)
+    ckpt_path, best_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "best.pt")
+    metrics_path, plot_path = os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "loss.png")
+
+    # -- a new run, or the continuation of the one in OUT
+    ckpt = None
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            raise ValueError(f"nothing to resume: {ckpt_path} does not exist "
+                             "(--resume continues the run saved in --out)")
+        ckpt = load_checkpoint(ckpt_path)
+        if "optimizer" not in ckpt or "args" not in ckpt:
+            raise ValueError(f"{ckpt_path} holds no training state (optimizer, data position); it cannot be resumed")
+        args = resume_arguments(args, given, ckpt)
+        if ckpt.get("world_size", 1) != world_size:
+            raise ValueError(f"{ckpt_path} was trained with {ckpt.get('world_size', 1)} processes, not {world_size}; "
+                             "resume it with as many (the data order depends on it)")
+    elif os.path.exists(ckpt_path):
+        raise ValueError(f"{ckpt_path} already exists; continue that run with --resume, or choose another --out "
+                         "(nothing was overwritten)")
+    autocast = autocast_for(device, args.dtype)
+    torch.manual_seed(args.seed)
+
+    # -- data
+    splits = prepare_data(args.data, args.prompt_style, args.context_length, args.mask_instructions,
+                          TRAIN_FRAC, TEST_FRAC)
+    check_batchable(splits, args.batch_size * world_size)
+    if splits.kind == "text" and args.mask_instructions:
+        raise ValueError("--mask-instructions needs instruction data; raw text has no instructions to mask")
+    log(summarize_data(splits, args.batch_size, args.context_length))
+    batches_per_epoch = len(batch_indices(splits.train.lengths, args.batch_size, shuffle=True, seed=args.seed,
+                                          drop_last=True, rank=rank, world_size=world_size))
+    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)  # a short last step ends an epoch
+    total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
+    # Evaluation: the first eval_batches global batches of each split in file order, on rank 0.
+    eval_loaders = [make_loader(split, splits, batch_size=args.batch_size) for split in (splits.train, splits.val)]
+
+    # -- model and optimizer
+    if ckpt is None:
+        raw_model = build_model(args.model, pretrained=args.init == "pretrained",
+                                context_length=args.context_length, drop_rate=args.dropout)
+    else:
+        raw_model = model_from_checkpoint(ckpt)  # no download: the weights are in the checkpoint
+    if raw_model.config.vocab_size <= EOT_ID:
+        raise ValueError(f"{args.model} has a vocabulary of {raw_model.config.vocab_size} tokens; GPT-2's tokenizer "
+                         f"needs {EOT_ID + 1}")
+    raw_model.to(device)
+    optimizer = make_optimizer(raw_model, args.lr, args.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if args.dtype == "float16" else None
+    state = dict(step=0, epoch=0, batch_in_epoch=0, tokens_seen=0, elapsed=0.0, best_val_loss=None, val_loss=None)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        state = {name: ckpt[name] for name in state}
+        log(f"resuming {ckpt_path} at step {state['step']} (epoch {state['epoch'] + 1}, "
+            f"batch {state['batch_in_epoch']} of {batches_per_epoch})")
+    model = torch.compile(raw_model) if args.compile else raw_model
+    if world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    log(f"model {args.model} ({args.init} weights): {raw_model.num_params() / 1e6:.1f}M parameters, "
+        f"context {raw_model.config.context_length}, on {device} ({args.dtype})")
+    log(f"global batch {args.batch_size * world_size * args.grad_accum} = batch size {args.batch_size} x "
+        f"{world_size} process{'es' if world_size > 1 else ''} x grad accum {args.grad_accum}; "
+        f"{total_steps} optimizer steps ({steps_per_epoch} per epoch)")
+    if state["step"] >= total_steps:
+        log(f"nothing to do: the run is at step {state['step']} of {total_steps}; raise --epochs or --max-steps")
+        return
+
+    # -- outputs: on resume keep the metrics up to the checkpoint's step, drop any written after it
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        kept = []
+        if ckpt is not None and os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= state["step"]]
+        with atomic_write(metrics_path) as tmp, open(tmp, "w") as f:
+            f.writelines(kept)
+
+    start, start_elapsed, steps_run = time.time(), state["elapsed"], 0  # this process's time and steps
+    last_eval_time, last_eval_tokens = start, state["tokens_seen"]
+
+    def save(path):
+        state["elapsed"] = start_elapsed + time.time() - start
+        save_checkpoint({
+            "model": raw_model.state_dict(), "config": dataclasses.asdict(raw_model.config),
+            "prompt_style": args.prompt_style, "mask_instructions": args.mask_instructions,
+            "context_length": raw_model.config.context_length, "data": args.data,
+            "train_frac": TRAIN_FRAC, "test_frac": TEST_FRAC,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": {"schedule": args.lr_schedule, "warmup_steps": args.warmup_steps, "total_steps": total_steps},
+            "scaler": scaler.state_dict() if scaler else None,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+            "args": vars(args), "world_size": world_size, **state,
+        }, path)
+
+    def evaluate_and_save(epoch, lr):
+        """Losses on the first eval_batches global batches of each split, a line on the terminal
+        and in metrics.jsonl, then ckpt.pt (and best.pt when the validation loss improved)."""
+        nonlocal last_eval_time, last_eval_tokens
+        now = time.time()
+        tokens_per_s = (state["tokens_seen"] - last_eval_tokens) / max(now - last_eval_time, 1e-9)
+        with autocast():
+            (train_loss, n_train), (val_loss, n_val) = (
+                calc_loss_loader(raw_model, loader, device, args.eval_batches * world_size) for loader in eval_loaders)
+        for what, value, count in (("training", train_loss, n_train), ("validation", val_loss, n_val)):
+            if count and not math.isfinite(value):  # no count: nothing to evaluate (all masked), not divergence
+                raise diverged(what, value, state["step"], ckpt_path)
+        left = (now - start) / steps_run * (total_steps - state["step"])
+        print(f"epoch {epoch} step {state['step']}/{total_steps} | train loss {train_loss:.3f} | "
+              f"val loss {val_loss:.3f} | {state['tokens_seen']:,} tokens seen | "
+              f"{tokens_per_s:,.0f} tokens/s | {duration(left)} left", flush=True)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(dict(step=state["step"], epoch=epoch, train_loss=train_loss, val_loss=val_loss,
+                                    tokens_seen=state["tokens_seen"], lr=lr,
+                                    elapsed=round(start_elapsed + now - start, 3))) + "\n")
+        improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
+        state["val_loss"] = val_loss
+        state["best_val_loss"] = val_loss if improved else state["best_val_loss"]
+        save(ckpt_path)
+        if improved:  # the same bytes as ckpt.pt: a hard link costs no second write
+            try:
+                with atomic_write(best_path) as tmp:
+                    os.link(ckpt_path, tmp)
+            except OSError:
+                save(best_path)
+        last_eval_time, last_eval_tokens = time.time(), state["tokens_seen"]
+
+    # -- the loop. Ctrl-C (or SIGTERM) sets a flag; the processes agree on it in the step's
+    # all-reduce, so they all stop at the same step boundary, where rank 0 saves.
+    signalled, interrupted = threading.Event(), False
+
+    def on_signal(signum, frame):
+        # A second Ctrl-C stops at once, unsaved; not under torchrun, which passes on the first.
+        if signalled.is_set() and world_size == 1:
+            raise KeyboardInterrupt
+        signalled.set()
+
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while state["step"] < total_steps and not interrupted:
+            epoch_batches = batch_indices(splits.train.lengths, args.batch_size, shuffle=True, seed=args.seed,
+                                          epoch=state["epoch"], drop_last=True, group_by_length=args.group_by_length,
+                                          rank=rank, world_size=world_size)
+            loader = make_loader(splits.train, splits, batch_sampler=epoch_batches[state["batch_in_epoch"]:],
+                                 num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                 worker_init_fn=ignore_sigint if args.num_workers else None)
+            micro_batches = []
+            for i, batch in enumerate(loader, start=state["batch_in_epoch"] + 1):
+                micro_batches.append(batch)
+                if len(micro_batches) < args.grad_accum and i < len(epoch_batches):
+                    continue
+                n_targets, n_tokens, interrupted = count_tokens(micro_batches, device, world_size, signalled.is_set())
+                if interrupted:
+                    break
+                lr = lr_at(state["step"], args, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss = train_step(model, optimizer, micro_batches, n_targets, world_size, autocast, scaler,
+                                  args.grad_clip)
+                micro_batches = []
+                epoch = state["epoch"] + 1  # 1-based, for people
+                if not math.isfinite(loss):
+                    raise diverged("training", loss, state["step"] + 1, ckpt_path)
+                state["step"] += 1
+                state["tokens_seen"] += n_tokens
+                state["batch_in_epoch"] = i
+                if i == len(epoch_batches):
+                    state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
+                steps_run += 1
+
+                # The seeds evaluate after the first step, then every eval_every steps; so do we,
+                # and after the last step.
+                if rank == 0 and ((state["step"] - 1) % args.eval_every == 0 or state["step"] == total_steps):
+                    evaluate_and_save(epoch, lr)
+                if rank == 0 and state["batch_in_epoch"] == 0:
+                    print(f"epoch {epoch} sample: {sample_text(raw_model, splits, args.prompt_style)!r}", flush=True)
+                if state["step"] == total_steps:
+                    break
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+    if rank == 0:
+        if interrupted:
+            save(ckpt_path)
+        if not plot_losses(metrics_path, plot_path):
+            print(f"no {plot_path}: matplotlib is not installed (pip install matplotlib)")
+        if interrupted:
+            print(f"interrupted at step {state['step']}: saved {ckpt_path}; continue with --resume --out {args.out}")
+        else:
+            print(f"done: {state['step']} steps in {duration(time.time() - start)}; best val loss "
+                  f"{state['best_val_loss']:.3f}; checkpoints in {args.out}")
+    if interrupted:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    run_main(main)
