@@ -93,18 +93,18 @@ def test_test_and_val_loss_equal_the_loss_by_hand_with_the_checkpoints_masking(t
 
 def model_stopping_on(token, seed):
     """A random tiny model that says end-of-text exactly where it would have said `token`:
-    the two swap embeddings (the output head is tied to them)."""
+    the two swap embeddings (the output head is tied to them; wte.weight is [emb_dim, vocab])."""
     model = tiny_model(seed=seed)
     with torch.no_grad():
-        model.wte.weight[[token, EOT_ID]] = model.wte.weight[[EOT_ID, token]]
+        model.wte.weight[:, [token, EOT_ID]] = model.wte.weight[:, [EOT_ID, token]]
     return model
 
 
 def test_batched_responses_equal_one_at_a_time_and_json_keeps_the_seeds_layout(tmp_path):
     entries = make_entries()
     prompts = [encode(format_prompt(e)) for e in entries[10:16]]
-    second_words = [ids[1] for ids in generate(tiny_model(seed=4), prompts, 2, eos_id=None)]
-    model = model_stopping_on(second_words[1], seed=4)  # row 1 stops after one token; rows that never say it run on
+    second_words = [ids[1] for ids in generate(tiny_model(seed=2), prompts, 2, eos_id=None)]
+    model = model_stopping_on(second_words[1], seed=2)  # row 1 stops after one token; rows that never say it run on
     ckpt = save_ckpt(tmp_path / "ckpt.pt", model, data=write_data(tmp_path, entries))
     report, records = run_eval("--ckpt", ckpt, "--batch-size", 4, "--max-new-tokens", 12, "--out", tmp_path / "o")
 

@@ -51,9 +51,12 @@ def test_shorter_context_keeps_first_position_rows():
         from_pretrained(os.path.join(FIXTURE, "bare"), context_length=65)
 
 
-def test_output_head_tied_to_token_embedding():
+def test_output_head_is_the_token_embedding():
     model = tiny()
-    assert model.lm_head.weight is model.wte.weight
+    table = model.wte(torch.arange(512))  # (vocab, emb_dim): the embedding of every token
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(model.wte.logits(x), x @ table.t())  # the head scores by the same vectors
+    assert [p.shape for p in model.parameters()].count((64, 512)) == 1  # one matrix, not two
 
 
 def test_preset_parameter_counts():
