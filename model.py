@@ -133,6 +133,11 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @classmethod
+    def from_pretrained(cls, name_or_path, context_length=None, **kwargs):
+        """GPT-2 with Hugging Face weights; see the module function from_pretrained."""
+        return from_pretrained(name_or_path, context_length, **kwargs)
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 

@@ -19,7 +19,7 @@ def tiny(seed=0, **overrides):
 
 @pytest.mark.parametrize("layout", ["bare", "prefixed"])
 def test_hf_logits_match_transformers(layout):
-    model = from_pretrained(os.path.join(FIXTURE, layout)).eval()
+    model = GPT.from_pretrained(os.path.join(FIXTURE, layout)).eval()
     with torch.no_grad():
         logits = model(torch.tensor(REFERENCE["input_ids"]))
     torch.testing.assert_close(logits, torch.tensor(REFERENCE["logits"]), atol=REFERENCE["tolerance"], rtol=0)
