@@ -26,8 +26,8 @@ from collections import Counter
 import torch
 from torch.utils.data import DataLoader
 
-from data import PROMPT_STYLES, batch_indices, decode, get_prompt_style, prepare_data
-from generate import generate, load_for_inference, resolve_device, run_main
+from data import batch_indices, decode, get_prompt_style, prepare_data
+from generate import AT_LEAST_1, add_inference_args, generate, load_for_inference, resolve_device, run_main
 from model import atomic_write, calc_loss_loader
 
 MAX_LABELS, MAX_LABEL_WORDS = 20, 3  # outputs with fewer distinct values, this short, are labels
@@ -179,24 +179,14 @@ def finite_or_none(x):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="a checkpoint written by train.py")
-    p.add_argument("--model", help="instead of --ckpt: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local HF folder")
+    add_inference_args(p)
     p.add_argument("--data", help="instruction data (.json/.jsonl); default: the checkpoint's, else the seeds' set")
-    p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), help="default: the checkpoint's, else alpaca")
     p.add_argument("--mask-instructions", action=argparse.BooleanOptionalAction,
                    help="loss on the response only; default: as the checkpoint was trained (off for --model)")
     p.add_argument("--out", help="folder for test-responses.json and eval.json; default: the checkpoint's folder")
-    p.add_argument("--limit", type=int, help="evaluate only the first N test entries (loss and responses)")
-    p.add_argument("--batch-size", type=int, default=16, help="for the losses and for generation")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--limit", type=AT_LEAST_1, help="evaluate only the first N test entries (loss and responses)")
+    p.add_argument("--batch-size", type=AT_LEAST_1, default=16, help="for the losses and for generation")
     args = p.parse_args(argv)
-    if args.max_new_tokens < 1 or args.batch_size < 1 or args.temperature < 0 \
-            or (args.top_k is not None and args.top_k < 1) or (args.limit is not None and args.limit < 1):
-        p.error("need --max-new-tokens, --batch-size, --top-k and --limit >= 1 and --temperature >= 0")
     if args.model is not None and args.ckpt is None and args.out is None:  # say so before any download
         raise ValueError("give --out DIR for the results of a --model run")
 
@@ -228,7 +218,8 @@ def main(argv=None):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     start = time.perf_counter()
     new_ids, no_eot = generate_responses(model, prompts, args.max_new_tokens, args.batch_size,
-                                         temperature=args.temperature, top_k=args.top_k, generator=generator)
+                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                         generator=generator)
     seconds = time.perf_counter() - start
     n_tokens = sum(map(len, new_ids))
     responses = [clean_response(decode(ids), style) for ids in new_ids]
@@ -245,7 +236,8 @@ def main(argv=None):
         "val_loss": finite_or_none(val_loss),
         "n_test_entries": len(splits.test), "n_evaluated": len(entries),
         "generation": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                       "top_k": args.top_k, "batch_size": args.batch_size, "seed": args.seed},
+                       "top_k": args.top_k, "top_p": args.top_p, "batch_size": args.batch_size,
+                       "seed": args.seed},
         "tokens_per_second": round(n_tokens / seconds, 1),
         "no_end_of_text": sum(no_eot), "truncated_prompts": n_truncated,
         **scores,

@@ -5,6 +5,7 @@
     python generate.py --model gpt2 --prompt-style alpaca --prompt "..." --temperature 0.7 --top-k 50
 """
 import argparse
+import math
 import sys
 
 import torch
@@ -126,6 +127,37 @@ def respond(model, entries, prompt_style, max_new_tokens, **sampling):
     return [decode(ids).strip() for ids in generate(model, prompts, max_new_tokens, **sampling)]
 
 
+def checked(kind, ok, requirement):
+    """An argparse type: `kind` of the text, which must satisfy `ok` (else "must be <requirement>")."""
+    def parse(text):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # so argparse says "invalid int value" for "--batch-size x"
+    return parse
+
+
+AT_LEAST_1 = checked(int, lambda v: v >= 1, "at least 1")
+AT_LEAST_0 = checked(int, lambda v: v >= 0, "at least 0")
+POSITIVE = checked(float, lambda v: 0 < v < math.inf, "a positive number")
+NON_NEGATIVE = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+
+
+def add_inference_args(p):
+    """The flags generate.py and eval.py share: which model, its prompt style, sampling, device."""
+    p.add_argument("--ckpt", help="a checkpoint written by train.py")
+    p.add_argument("--model", help="instead of --ckpt: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local HF folder")
+    p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), help="default: the checkpoint's, else alpaca")
+    p.add_argument("--max-new-tokens", type=AT_LEAST_1, default=256)
+    p.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=AT_LEAST_1, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "in (0, 1]"), default=None,
+                   help="sample among the most likely tokens that cover this probability")
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+
 def run_main(main):
     """Run a script's main(); a user mistake ends it with one line and exit status 1."""
     try:
@@ -136,24 +168,13 @@ def run_main(main):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="a checkpoint written by train.py")
-    p.add_argument("--model", help="instead of --ckpt: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local HF folder")
-    p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), help="default: the checkpoint's, else alpaca")
+    add_inference_args(p)
     p.add_argument("--prompt", action="append", default=[], help="an instruction; repeat for a batch")
     p.add_argument("--input", default="", help="optional input that goes with the instruction")
     p.add_argument("--interactive", action="store_true", help="read instructions from a prompt loop")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     args = p.parse_args()
     if not args.prompt and not args.interactive:
         p.error("give --prompt TEXT (repeatable) or --interactive")
-    if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1) \
-            or (args.top_p is not None and not 0 < args.top_p <= 1):
-        p.error("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 1 and 0 < --top-p <= 1")
 
     device = resolve_device(args.device)
     model, _, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device)

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 
 from data import EOT_ID, PROMPT_STYLES, batch_indices, check_batchable, decode, encode, format_prompt, prepare_data, \
     summarize_data
-from generate import generate, resolve_device, respond, run_main
+from generate import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, checked, generate, resolve_device, respond, \
+    run_main
 from model import IGNORE_INDEX, PRESETS, atomic_write, build_model, calc_loss_loader, load_checkpoint, \
     model_from_checkpoint, save_checkpoint
 
@@ -37,23 +38,6 @@ CHANGEABLE_ON_RESUME = {"epochs", "max_steps", "eval_every", "eval_batches", "de
 
 
 # ----------------------------------------------------------------------------- arguments
-
-
-def checked(kind, ok, requirement):
-    """An argparse type: `kind` of the text, which must satisfy `ok` (else "must be <requirement>")."""
-    def parse(text):
-        value = kind(text)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
-        return value
-    parse.__name__ = kind.__name__  # so argparse says "invalid int value" for "--batch-size x"
-    return parse
-
-
-AT_LEAST_1 = checked(int, lambda v: v >= 1, "at least 1")
-AT_LEAST_0 = checked(int, lambda v: v >= 0, "at least 0")
-POSITIVE = checked(float, lambda v: 0 < v < math.inf, "a positive number")
-NON_NEGATIVE = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 
 
 def parse_args(argv=None):

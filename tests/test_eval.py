@@ -117,7 +117,7 @@ def test_batched_responses_equal_one_at_a_time_and_json_keeps_the_seeds_layout(t
     assert all(list(r) == ["instruction", "input", "output", "model_response"] for r in records)
     assert (tmp_path / "o" / "test-responses.json").read_text().startswith('[\n    {\n        "instruction": ')
     assert report["n_evaluated"] == 6 and report["truncated_prompts"] == 0 and "labels" not in report
-    assert report["generation"] == {"max_new_tokens": 12, "temperature": 0.0, "top_k": None,
+    assert report["generation"] == {"max_new_tokens": 12, "temperature": 0.0, "top_k": None, "top_p": None,
                                     "batch_size": 4, "seed": 123}
     assert report["tokens_per_second"] > 0 and 0 <= report["f1"] <= 1 and report["exact_match"] == 0
 
@@ -226,7 +226,7 @@ def test_clean_response_cuts_template_markers_of_any_style():
 # ----------------------------------------------------------------------------- errors and atomic writes
 
 
-def test_errors_are_clear(tmp_path):
+def test_errors_are_clear(tmp_path, capsys):
     entries = make_entries()
     data = write_data(tmp_path, entries)
     model = tiny_model()
@@ -251,6 +251,7 @@ def test_errors_are_clear(tmp_path):
         ev.main([])
     with pytest.raises(SystemExit):
         ev.main(["--ckpt", no_test, "--limit", "0"])
+    assert "argument --limit: must be at least 1, got 0" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.glob("*.json*")) == ["data.json"]  # none of these runs wrote a file
 
 

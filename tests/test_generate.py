@@ -147,4 +147,4 @@ def test_cli_errors_are_one_line(tmp_path):
     result = run_script("--ckpt", "a.pt", "--model", "gpt2", "--prompt", "hi")
     assert result.returncode == 1 and "exactly one of --ckpt" in result.stderr
     result = run_script("--model", "gpt2", "--prompt", "hi", "--temperature", "-1")
-    assert result.returncode == 2 and "--temperature >= 0" in result.stderr
+    assert result.returncode == 2 and "argument --temperature: must be a number >= 0, got -1" in result.stderr
