@@ -9,9 +9,12 @@ the chapter's custom collate (pad with <|endoftext|>, ignore padding in the loss
 A .txt file instead gives sliding windows of raw text, as in the chapter on
 pretraining (ch05).
 """
+import argparse
 import functools
 import json
+import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -74,6 +77,12 @@ PROMPT_STYLES = {
         "instruction": "<|user|>\n{instruction}",
         "input": "\n{input}",
         "response": "\n<|assistant|>:\n",
+    },
+    # no template: the text as it is, continued (checkpoints trained on raw text use this)
+    "none": {
+        "instruction": "{instruction}",
+        "input": "\n{input}",
+        "response": "",
     },
 }
 
@@ -408,14 +417,48 @@ def summarize_data(splits: DataSplits, batch_size: int, context_length: int) -> 
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------
+# Shared by the scripts: the tokenizer check, argparse types, one-line errors
+
+def check_vocab(vocab_size: int, what: str) -> None:
+    """ValueError unless a model of vocab_size tokens can take GPT-2's tokenizer's ids."""
+    if vocab_size <= EOT_ID:
+        raise ValueError(f"{what} has a vocabulary of {vocab_size} tokens; GPT-2's tokenizer needs {EOT_ID + 1}")
+
+
+def checked(kind, ok, requirement):
+    """An argparse type: `kind` of the text, which must satisfy `ok` (else "must be <requirement>")."""
+    def parse(text):
+        value = kind(text)  # a ValueError here: argparse says "invalid int value: 'x'"
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # ... naming the kind: "int", not "parse"
+    return parse
+
+
+AT_LEAST_1 = checked(int, lambda v: v >= 1, "at least 1")
+AT_LEAST_0 = checked(int, lambda v: v >= 0, "at least 0")
+POSITIVE = checked(float, lambda v: 0 < v < math.inf, "a positive number")
+NON_NEGATIVE = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+SEED = checked(int, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1")  # what torch and numpy both take
+
+
+def run_main(main):
+    """Run a script's main(); a user mistake ends it with one line and exit status 1."""
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
 def main():
-    import argparse
     p = argparse.ArgumentParser(description="Prepare a data set (the default one is downloaded once into "
                                 "data/) and print its summary: split sizes, lengths, truncation, padding.")
     p.add_argument("--data", help="a .json/.jsonl instruction file or a .txt file (default: the seeds' set)")
     p.add_argument("--prompt-style", default="alpaca", choices=list(PROMPT_STYLES))
-    p.add_argument("--context-length", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--context-length", type=AT_LEAST_1, default=1024)
+    p.add_argument("--batch-size", type=AT_LEAST_1, default=8)
     p.add_argument("--mask-instructions", action="store_true")
     args = p.parse_args()
     splits = prepare_data(args.data, args.prompt_style, args.context_length, args.mask_instructions)
@@ -423,5 +466,4 @@ def main():
 
 
 if __name__ == "__main__":
-    from generate import run_main
     run_main(main)

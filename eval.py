@@ -26,9 +26,9 @@ from collections import Counter
 import torch
 from torch.utils.data import DataLoader
 
-from data import batch_indices, decode, get_prompt_style, prepare_data
-from generate import AT_LEAST_1, add_inference_args, generate, load_for_inference, resolve_device, run_main
-from model import atomic_write, calc_loss_loader
+from data import AT_LEAST_1, batch_indices, decode, get_prompt_style, prepare_data, run_main
+from generate import add_inference_args, generate, load_for_inference
+from model import atomic_write, calc_loss_loader, resolve_device
 
 MAX_LABELS, MAX_LABEL_WORDS = 20, 3  # outputs with fewer distinct values, this short, are labels
 

@@ -5,13 +5,13 @@
     python generate.py --model gpt2 --prompt-style alpaca --prompt "..." --temperature 0.7 --top-k 50
 """
 import argparse
-import math
 import sys
 
 import torch
 
-from data import EOT_ID, PROMPT_STYLES, decode, encode, format_prompt
-from model import KVCache, build_model, load_checkpoint, model_from_checkpoint
+from data import AT_LEAST_1, EOT_ID, NON_NEGATIVE, PROMPT_STYLES, SEED, check_vocab, checked, decode, encode, \
+    format_prompt, run_main
+from model import KVCache, build_model, load_checkpoint, model_from_checkpoint, resolve_device
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -84,28 +84,6 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
 # ----------------------------------------------------------------------------- shared by the scripts
 
 
-def resolve_device(name):
-    """'auto' picks cuda, then mps, then cpu; an explicit device must be available."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{name}' asked for, but this PyTorch has no CUDA device; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device '{name}' does not exist: there are {torch.cuda.device_count()} CUDA devices")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' asked for, but MPS is not available here; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unsupported device '{name}'; use auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
 def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, device="cpu"):
     """(model in eval mode on device, checkpoint dict or None, prompt style): a fine-tuned
     checkpoint from train.py (its prompt style unless overridden) or a base GPT-2."""
@@ -118,6 +96,7 @@ def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, devic
         ckpt, model, style = None, build_model(model_name), prompt_style or "alpaca"
     if style not in PROMPT_STYLES:
         raise ValueError(f"unknown prompt style '{style}'; choose one of {', '.join(PROMPT_STYLES)}")
+    check_vocab(model.config.vocab_size, ckpt_path or model_name)
     return model.to(device).eval(), ckpt, style
 
 
@@ -125,23 +104,6 @@ def respond(model, entries, prompt_style, max_new_tokens, **sampling):
     """The model's response text to each instruction entry, prompted in prompt_style."""
     prompts = [encode(format_prompt(entry, prompt_style)) for entry in entries]
     return [decode(ids).strip() for ids in generate(model, prompts, max_new_tokens, **sampling)]
-
-
-def checked(kind, ok, requirement):
-    """An argparse type: `kind` of the text, which must satisfy `ok` (else "must be <requirement>")."""
-    def parse(text):
-        value = kind(text)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
-        return value
-    parse.__name__ = kind.__name__  # so argparse says "invalid int value" for "--batch-size x"
-    return parse
-
-
-AT_LEAST_1 = checked(int, lambda v: v >= 1, "at least 1")
-AT_LEAST_0 = checked(int, lambda v: v >= 0, "at least 0")
-POSITIVE = checked(float, lambda v: 0 < v < math.inf, "a positive number")
-NON_NEGATIVE = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 
 
 def add_inference_args(p):
@@ -154,16 +116,8 @@ def add_inference_args(p):
     p.add_argument("--top-k", type=AT_LEAST_1, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "in (0, 1]"), default=None,
                    help="sample among the most likely tokens that cover this probability")
-    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--seed", type=SEED, default=123, help="random seed for sampling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-
-
-def run_main(main):
-    """Run a script's main(); a user mistake ends it with one line and exit status 1."""
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
 
 
 def main():

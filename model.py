@@ -244,6 +244,31 @@ class KVCache:
             self.pad_lens = self.pad_lens[rows]
 
 
+# ----------------------------------------------------------------------------- devices
+
+
+def resolve_device(name):
+    """'auto' picks cuda, then mps, then cpu; an explicit device must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' asked for, but this PyTorch has no CUDA device; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device '{name}' does not exist: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' asked for, but MPS is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device '{name}'; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
 # ----------------------------------------------------------------------------- Hugging Face weights
 
 

@@ -24,12 +24,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from data import EOT_ID, PROMPT_STYLES, batch_indices, check_batchable, decode, encode, format_prompt, prepare_data, \
-    summarize_data
-from generate import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, checked, generate, resolve_device, respond, \
-    run_main
+from data import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROMPT_STYLES, SEED, batch_indices, \
+    check_batchable, check_vocab, checked, decode, encode, format_prompt, prepare_data, run_main, summarize_data
+from generate import generate, respond
 from model import IGNORE_INDEX, PRESETS, atomic_write, build_model, calc_loss_loader, load_checkpoint, \
-    model_from_checkpoint, save_checkpoint
+    model_from_checkpoint, resolve_device, save_checkpoint
 
 TRAIN_FRAC, TEST_FRAC = 0.85, 0.10  # the seeds' split; eval.py reads them from the checkpoint
 # What a resumed run may change; everything else comes from the checkpoint's arguments.
@@ -71,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=AT_LEAST_1, default=5, help="evaluate every this many optimizer steps")
     p.add_argument("--eval-batches", type=AT_LEAST_1, default=5,
                    help="batches (of batch size x processes) of each split that an evaluation averages over")
-    p.add_argument("--seed", type=int, default=123, help="random seed (weights, data order, dropout)")
+    p.add_argument("--seed", type=SEED, default=123, help="random seed (weights, data order, dropout)")
     p.add_argument("--out", default="out", help="folder for checkpoints, metrics and the loss plot")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="autocast to bfloat16 or float16 (float16: CUDA only, with a grad scaler)")
@@ -325,9 +324,7 @@ def train(args, given, device, rank, world_size):
                                 context_length=args.context_length, drop_rate=args.dropout)
     else:
         raw_model = model_from_checkpoint(ckpt)  # no download: the weights are in the checkpoint
-    if raw_model.config.vocab_size <= EOT_ID:
-        raise ValueError(f"{args.model} has a vocabulary of {raw_model.config.vocab_size} tokens; GPT-2's tokenizer "
-                         f"needs {EOT_ID + 1}")
+    check_vocab(raw_model.config.vocab_size, args.model)
     raw_model.to(device)
     optimizer = make_optimizer(raw_model, args.lr, args.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if args.dtype == "float16" else None

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from data import encode, format_prompt
-from generate import generate, load_for_inference, resolve_device, respond, sample_next
-from model import GPT, config_for, from_pretrained, save_checkpoint
+from generate import generate, load_for_inference, respond, sample_next
+from model import GPT, config_for, from_pretrained, resolve_device, save_checkpoint
 from test_model import FIXTURE, REFERENCE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

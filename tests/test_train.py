@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import train
-from generate import load_for_inference, run_main
+from data import run_main
+from generate import load_for_inference
 from model import GPT, load_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
