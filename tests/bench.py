@@ -1,10 +1,10 @@
 """Speed benchmarks, one line per figure (a script, not collected by pytest).
 
-    python tests/bench.py                    # everything (about 9 minutes on 2 cores)
-    python tests/bench.py --only generation  # or training, eval
+    python tests/bench.py                    # everything (about 15 minutes on 2 cores)
+    python tests/bench.py --only generation  # or training, eval, lora
 
-All on the gpt2 (124M) config with random weights, on the CPU. Targets are ratios within
-one run, since absolute times on a shared machine are noisy; see README.md.
+On the gpt2 (124M) config with random weights (lora: gpt2-medium), on the CPU. Targets are
+ratios within one run, since absolute times on a shared machine are noisy; see README.md.
 """
 import argparse
 import os
@@ -169,13 +169,106 @@ def bench_training(every=8):
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 
-BENCHES = {"generation": bench_generation, "eval": bench_eval, "training": bench_training}
+def tensor_bytes(obj):
+    """Bytes of the tensors in a (nested) checkpoint dict: its size on disk, without writing it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    return sum(map(tensor_bytes, obj.values())) if isinstance(obj, dict) else 0
+
+
+def lora_variant(variant):
+    """One side of bench_lora, in a process of its own: an optimizer step on the next batch for
+    every line read, its seconds printed; at the end of the input, its figures as JSON."""
+    import json
+    import resource
+
+    from data import batch_indices
+    from model import add_lora, base_fingerprint, lora_state_dict
+    from train import count_tokens, make_optimizer, train_step
+
+    splits = prepare_data(default_data_path())
+    order = batch_indices(splits.train.lengths, 8, shuffle=True, seed=123, drop_last=True)
+    torch.manual_seed(0)
+    model = GPT(config_for("gpt2-medium")).train()
+    result = {}
+    if variant == "lora":
+        result["base_bytes"] = tensor_bytes(model.state_dict())
+        start = time.perf_counter()
+        base_fingerprint(model)
+        result["fingerprint_s"] = time.perf_counter() - start
+        add_lora(model, rank=16, alpha=32)
+    optimizer = make_optimizer(model, 5e-5, 0.1)
+    for batch, _ in zip(order, sys.stdin):
+        inputs, targets = splits.collate_fn([splits.train[i] for i in batch])
+        start = time.perf_counter()
+        train_step(model, optimizer, [(inputs, targets)], count_tokens([(inputs, targets)], "cpu")[0])
+        print(time.perf_counter() - start, inputs.numel(), flush=True)
+    weights = lora_state_dict(model) if variant == "lora" else model.state_dict()
+    result.update(peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                  ckpt_bytes=tensor_bytes({"model": weights, "optimizer": optimizer.state_dict()["state"]}))
+    print(json.dumps(result), flush=True)
+
+
+def bench_lora(steps=4):
+    """gpt2-medium (355M) shape, random weights, batches of 8 of the default data (padded to
+    their longest entry): train.py's optimizer step (forward, backward, fused AdamW) with LoRA
+    rank 16 on all four linears of every block, against full fine-tuning. Each variant lives in
+    a process of its own, so that its peak resident memory is its own; the two take turns, a
+    step each on the same batch, so that a change in the machine's load hits both alike. Step
+    time: the median of `steps` steps after a warm-up step."""
+    import json
+    import statistics
+    import subprocess
+
+    procs = {variant: subprocess.Popen([sys.executable, os.path.abspath(__file__), "--lora-variant", variant],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for variant in ("full", "lora")}
+
+    def read(variant):
+        line = procs[variant].stdout.readline()
+        if not line:
+            sys.exit(f"bench_lora: the {variant} process failed (see above)")
+        return line
+
+    times, tokens = {variant: [] for variant in procs}, 0
+    for step in range(steps + 1):
+        for variant, proc in procs.items():
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            seconds, numel = read(variant).split()
+            if step:  # the first step warms up
+                times[variant].append(float(seconds))
+                tokens += int(numel) if variant == "full" else 0
+    runs = {}
+    for variant, proc in procs.items():
+        proc.stdin.close()
+        runs[variant] = json.loads(read(variant))
+        proc.wait()
+    full, lora = runs["full"], runs["lora"]
+    full["step_s"], lora["step_s"] = (statistics.median(times[variant]) for variant in ("full", "lora"))
+    print(f"lora: gpt2-medium random weights, batch 8, {steps} timed steps of {tokens // steps} padded tokens "
+          f"on average; trainable parameters {lora['trainable'] / 1e6:.1f}M vs {full['trainable'] / 1e6:.1f}M")
+    print(f"lora, time per optimizer step: rank 16 {lora['step_s']:.1f} s, full fine-tuning {full['step_s']:.1f} s "
+          f"= {lora['step_s'] / full['step_s']:.2f}x (target <= 0.75x)")
+    print(f"lora, peak resident memory: rank 16 {lora['peak_gib']:.2f} GiB, full fine-tuning {full['peak_gib']:.2f} "
+          f"GiB = {lora['peak_gib'] / full['peak_gib']:.2f}x (target <= 0.5x)")
+    print(f"lora, checkpoint (weights and AdamW state): rank 16 {lora['ckpt_bytes'] / 2**20:.1f} MiB (adapters), "
+          f"full fine-tuning {full['ckpt_bytes'] / 2**30:.2f} GiB")
+    print(f"lora, fingerprint of the gpt2-medium base (sha256 of {lora['base_bytes'] / 2**30:.2f} GiB): "
+          f"{lora['fingerprint_s']:.1f} s")
+
+
+BENCHES = {"generation": bench_generation, "eval": bench_eval, "training": bench_training, "lora": bench_lora}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=list(BENCHES), action="append", help="run only these (repeatable)")
+    p.add_argument("--lora-variant", choices=["full", "lora"], help=argparse.SUPPRESS)  # bench_lora's processes
     args = p.parse_args()
+    if args.lora_variant:
+        return lora_variant(args.lora_variant)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
     for name in args.only or BENCHES:
         BENCHES[name]()
