@@ -196,7 +196,7 @@ def lora_variant(variant):
         start = time.perf_counter()
         base_fingerprint(model)
         result["fingerprint_s"] = time.perf_counter() - start
-        add_lora(model, rank=16, alpha=32)
+        add_lora(model, rank=16, alpha=256)
     optimizer = make_optimizer(model, 5e-5, 0.1)
     for batch, _ in zip(order, sys.stdin):
         inputs, targets = splits.collate_fn([splits.train[i] for i in batch])
@@ -216,7 +216,9 @@ def bench_lora(steps=4):
     rank 16 on all four linears of every block, against full fine-tuning. Each variant lives in
     a process of its own, so that its peak resident memory is its own; the two take turns, a
     step each on the same batch, so that a change in the machine's load hits both alike. Step
-    time: the median of `steps` steps after a warm-up step."""
+    time: the median of `steps` steps after a warm-up step. On a busy machine, run it with
+    OMP_NUM_THREADS=1: LoRA's many small matmuls each wait for a thread the other programs hold,
+    which there makes its step as slow as full fine-tuning's."""
     import json
     import statistics
     import subprocess
