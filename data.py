@@ -23,7 +23,7 @@ import tiktoken
 import torch
 from torch.utils.data import Dataset
 
-from model import IGNORE_INDEX, download
+from model import IGNORE_INDEX, atomic_write, download
 
 EOT_ID = 50256  # GPT-2 <|endoftext|>, also used as the pad token
 DEFAULT_DATA_URL = (
@@ -137,6 +137,13 @@ def read_text(path: str) -> str:
             return f.read()
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def write_json(obj, path: str) -> None:
+    """json.dump through a temporary name: an interrupted run leaves no half-written file."""
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=4, ensure_ascii=False)
+        f.write("\n")
 
 
 def _parse_json(path: str, text: str) -> list:

@@ -26,9 +26,9 @@ from collections import Counter
 import torch
 from torch.utils.data import DataLoader
 
-from data import AT_LEAST_1, batch_indices, decode, get_prompt_style, prepare_data, run_main
+from data import AT_LEAST_1, batch_indices, decode, get_prompt_style, prepare_data, run_main, write_json
 from generate import add_inference_args, generate, load_for_inference
-from model import atomic_write, calc_loss_loader, resolve_device
+from model import calc_loss_loader, resolve_device
 
 MAX_LABELS, MAX_LABEL_WORDS = 20, 3  # outputs with fewer distinct values, this short, are labels
 
@@ -164,13 +164,6 @@ def score_responses(references, responses):
 
 
 # ----------------------------------------------------------------------------- main
-
-
-def write_json(obj, path):
-    """json.dump through a temporary name: an interrupted run leaves no half-written file."""
-    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=4, ensure_ascii=False)
-        f.write("\n")
 
 
 def finite_or_none(x):
