@@ -1,7 +1,7 @@
 """Speed benchmarks, one line per figure (a script, not collected by pytest).
 
     python tests/bench.py                    # everything (about 9 minutes on 2 cores)
-    python tests/bench.py --only generation  # or training, eval
+    python tests/bench.py --only generation  # or training, eval, judge
 
 All on the gpt2 (124M) config with random weights, on the CPU. Targets are ratios within
 one run, since absolute times on a shared machine are noisy; see README.md.
@@ -169,7 +169,33 @@ def bench_training(every=8):
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 
-BENCHES = {"generation": bench_generation, "eval": bench_eval, "training": bench_training}
+def bench_judge(n=40, delay=0.05, repeats=3):
+    """judge.py scoring n responses against a local server that answers each request after
+    `delay` seconds, one request at a time and four at a time (medians, taken in turns)."""
+    import json
+    import tempfile
+
+    from judge import judge_file
+    from judge_server import judge_server
+
+    records = [{"instruction": f"Name a color ({i}).", "input": "", "output": "Blue.", "model_response": str(i)}
+               for i in range(n)]
+    seconds = {1: [], 4: []}
+    with tempfile.TemporaryDirectory() as tmp, judge_server(delay=delay) as server:
+        path = os.path.join(tmp, "test-responses.json")
+        for _ in range(repeats):
+            for workers in seconds:
+                with open(path, "w") as f:
+                    json.dump(records, f)
+                start = time.perf_counter()
+                judge_file(path, "bench", server.url, workers=workers)
+                seconds[workers].append(time.perf_counter() - start)
+    one, four = (sorted(s)[repeats // 2] for s in seconds.values())
+    print(f"judge, {n} responses, server answering after {delay * 1000:.0f} ms: --judge-workers 1 {one:.2f} s, "
+          f"--judge-workers 4 {four:.2f} s = {four / one:.2f}x (target <= 0.4x)")
+
+
+BENCHES = {"generation": bench_generation, "eval": bench_eval, "training": bench_training, "judge": bench_judge}
 
 
 def main():
