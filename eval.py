@@ -31,11 +31,11 @@ from collections import Counter
 import torch
 from torch.utils.data import DataLoader
 
-from data import AT_LEAST_1, POSITIVE, batch_indices, checked, decode, get_prompt_style, prepare_data, read_text, \
-    run_main, write_json
-from generate import add_inference_args, generate, load_for_inference
+from data import AT_LEAST_1, POSITIVE, batch_indices, check_same_data, checked, decode, get_prompt_style, \
+    prepare_data, read_text, run_main, write_json
+from generate import add_inference_args, generate, hit_limit, load_for_inference
 from judge import DEFAULT_TIMEOUT, DEFAULT_URL, check_server, check_url, judge_file, load_responses
-from model import calc_loss_loader, resolve_device
+from model import calc_loss_loader, resolve_device, writable_folder
 
 MAX_LABELS, MAX_LABEL_WORDS = 20, 3  # outputs with fewer distinct values, this short, are labels
 
@@ -43,7 +43,8 @@ MAX_LABELS, MAX_LABEL_WORDS = 20, 3  # outputs with fewer distinct values, this 
 
 
 def load_data(path, ckpt, style, context_length, mask_instructions):
-    """The splits of `path` (default: the checkpoint's data) cut as the checkpoint's were."""
+    """The splits of `path` (default: the checkpoint's data) cut as the checkpoint's were. The
+    data given must be the checkpoint's (by content, wherever it lies now)."""
     if path is None and ckpt.get("data") is not None:
         path = ckpt["data"]
         if not os.path.isfile(path):
@@ -53,6 +54,7 @@ def load_data(path, ckpt, style, context_length, mask_instructions):
         raise ValueError(f"{path} is raw text, which has no test split; eval.py needs instruction data (.json/.jsonl)")
     fractions = {key: ckpt[key] for key in ("train_frac", "test_frac") if key in ckpt}  # else data.py's defaults
     splits = prepare_data(path, style, context_length, mask_instructions, **fractions)
+    check_same_data(splits, ckpt.get("data_fingerprint"), ckpt.get("data"))
     if not splits.test_entries:  # prepare_data refuses an empty test split unless test_frac is 0
         raise ValueError(f"{splits.path}: the test split is empty (test fraction 0); nothing to evaluate")
     return splits
@@ -86,7 +88,7 @@ def generate_responses(model, prompts, max_new_tokens, batch_size, **sampling):
     for first in range(0, len(order), batch_size):
         rows = order[first:first + batch_size]
         for i, ids in zip(rows, generate(model, [prompts[i] for i in rows], max_new_tokens, **sampling)):
-            outputs[i], no_eot[i] = ids, len(ids) == min(max_new_tokens, ctx - len(prompts[i]) + 1)
+            outputs[i], no_eot[i] = ids, hit_limit(prompts[i], ids, max_new_tokens, ctx)
             n_tokens += len(ids)
         done, elapsed = first + len(rows), time.perf_counter() - start
         left = elapsed / done * (len(prompts) - done)
@@ -221,7 +223,7 @@ def judge_responses(responses_path, eval_path, report, args, url):
 def judge_only(args, url):
     """--judge-only FILE: score FILE, with the summary in the eval.json beside it (new, or updated)."""
     load_responses(args.judge_only)  # a missing or malformed file stops here, before any request
-    eval_path = os.path.join(os.path.dirname(args.judge_only), "eval.json")
+    eval_path = os.path.join(writable_folder(os.path.dirname(args.judge_only) or "."), "eval.json")
     judge_responses(args.judge_only, eval_path, read_report(eval_path), args, url)
 
 
@@ -260,8 +262,8 @@ def main(argv=None):
         check_server(judge_url, args.judge, args.judge_timeout or DEFAULT_TIMEOUT)
 
     device = resolve_device(args.device)
+    out_dir = writable_folder(args.out or os.path.dirname(args.ckpt or "") or ".")  # before any work
     model, ckpt, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device)
-    out_dir = args.out or os.path.dirname(args.ckpt) or "."
     ckpt = ckpt or {}
     context_length = ckpt.get("context_length") or model.config.context_length
     mask = ckpt.get("mask_instructions", False) if args.mask_instructions is None else args.mask_instructions
@@ -317,7 +319,6 @@ def main(argv=None):
             f"{name} {c['correct']}/{c['count']}" for name, c in scores["labels"].items())
     print(summary)
 
-    os.makedirs(out_dir, exist_ok=True)
     responses_path, eval_path = os.path.join(out_dir, "test-responses.json"), os.path.join(out_dir, "eval.json")
     write_json([{**entry, "model_response": r} for entry, r in zip(entries, responses)], responses_path)
     write_json(report, eval_path)

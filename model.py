@@ -5,6 +5,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import urllib.request
 from dataclasses import dataclass
 
@@ -276,6 +277,28 @@ def default_cache_dir():
     return os.environ.get("GPT2_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "gpt2-weights"))
 
 
+def check_file(path, what):
+    """FileNotFoundError naming `what` ("a data file") when path is a directory or does not exist."""
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is a directory, not {what}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such {what.split(' ', 1)[1]}")
+
+
+def writable_folder(path):
+    """Make sure `path` is a folder this process can write in (creating it), before any long
+    work whose results go there; one clear OSError otherwise."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{path} is a file, not a folder to write results in")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise OSError(f"cannot write in {path} ({e.strerror or type(e).__name__})") from None
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path):
     """Yields a temporary name to write to, renamed to path only once the block has finished:
@@ -415,7 +438,8 @@ def save_checkpoint(obj, path):
 def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint written by train.py, with one clear error if it is missing or damaged."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path} is a directory, not a checkpoint file" if os.path.isdir(path)
+                                else f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, wrong file type, pickle error: all mean "not a checkpoint"

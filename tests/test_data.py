@@ -1,5 +1,7 @@
 """Tests of data.py on small data made here (no network, no ../shared)."""
+import hashlib
 import json
+import os
 
 import pytest
 import torch
@@ -97,6 +99,8 @@ BAD_DATA = [
     ("bad.json", json.dumps([{"instruction": "a", "input": None, "output": "b"}]), r"bad\.json: entry 0: 'input' must be a string, got null"),
     ("bad.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": "a", "output"}\n', r"bad\.jsonl: line 3: not valid JSON: "),
     ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', r"bad\.jsonl: entry 1: missing 'output'"),
+    ("bad", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output"}\n',
+     r"bad: not valid JSON \(Extra data: line 2 column 1 \(char 36\)\), nor JSON Lines \(line 2: not valid JSON: "),
 ]
 
 
@@ -108,13 +112,53 @@ def test_bad_data_gives_one_clear_error(tmp_path, name, content, message):
         data.load_instruction_data(str(path))
 
 
+def test_json_lines_are_recognised_by_content_whatever_the_name(tmp_path):
+    entries = make_entries(3)
+    for name in ("DATA.JSONL", "data", "data.json"):
+        (tmp_path / name).write_text("\n".join(json.dumps(e) for e in entries) + "\n", encoding="utf-8")
+        assert data.load_instruction_data(str(tmp_path / name)) == [{"input": "", **e} for e in entries]
+
+
 def test_missing_and_non_utf8_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.json: no such data file"):
         data.load_instruction_data(str(tmp_path / "nope.json"))
+    with pytest.raises(FileNotFoundError, match=f"^{tmp_path} is a directory, not a data file$"):
+        data.load_instruction_data(str(tmp_path))
     path = tmp_path / "latin1.json"
     path.write_bytes(b'[{"instruction": "caf\xe9", "output": "b"}]')
     with pytest.raises(ValueError, match=r"latin1\.json: not UTF-8 text \(byte 21\)"):
         data.load_instruction_data(str(path))
+
+
+def test_tokenizer_download_failure_says_what_failed_and_how_to_work_offline(monkeypatch):
+    import requests
+
+    def no_network(name):
+        raise requests.exceptions.ConnectionError("HTTPSConnectionPool(host='...'): Max retries exceeded")
+
+    monkeypatch.setattr(data.tiktoken, "get_encoding", no_network)
+    data.get_tokenizer.cache_clear()
+    try:
+        with pytest.raises(OSError, match=r"^could not load GPT-2's tokenizer files \(ConnectionError\); tiktoken "
+                           r"downloads them once, so check the network, or for offline use set TIKTOKEN_CACHE_DIR"):
+            data.encode("hello")
+    finally:
+        data.get_tokenizer.cache_clear()
+
+
+def test_data_fingerprint_names_the_content_not_the_path(tmp_path):
+    a = write_json(tmp_path, make_entries(20), "a.json")
+    b = tmp_path / "moved" / "b.json"
+    os.makedirs(b.parent)
+    b.write_bytes(open(a, "rb").read())
+    fingerprint = data.prepare_data(a).fingerprint
+    assert fingerprint == data.prepare_data(str(b)).fingerprint
+    assert fingerprint == {"sha256": hashlib.sha256(open(a, "rb").read()).hexdigest(), "entries": 20}
+    changed = write_json(tmp_path, make_entries(21), "c.json")
+    assert data.prepare_data(changed).fingerprint["entries"] == 21
+    with pytest.raises(ValueError, match=f"^{changed} is not the data the checkpoint was trained on \\({a}\\): its "
+                       "content differs"):
+        data.check_same_data(data.prepare_data(changed), fingerprint, a)
 
 
 # ---------------------------------------------------------------------------- default data set
