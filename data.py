@@ -227,7 +227,7 @@ class InstructionDataset(Dataset):
 
 def collate(batch, pad_token_id: int = EOT_ID, ignore_index: int = IGNORE_INDEX,
             allowed_max_length: Optional[int] = None):
-    """(inputs, targets) LongTensors of a batch of token lists, as the seeds' custom collate.
+    """(inputs, targets) LongTensors of a batch of token lists, as the chapter's custom collate.
 
     Each item gets one <|endoftext|> and is padded to the longest item plus one;
     inputs drop the last token and targets the first. Items may be
@@ -337,7 +337,7 @@ class DataSplits:
 def prepare_data(path: Optional[str], prompt_style: str = "alpaca", context_length: int = 1024,
                  mask_instructions: bool = False, train_frac: float = 0.85,
                  test_frac: float = 0.10) -> DataSplits:
-    """Datasets for `path`: instruction JSON/JSONL (default: the seeds' set) or a .txt file."""
+    """Datasets for `path`: instruction JSON/JSONL (default: the chapter's data set) or a .txt file."""
     get_prompt_style(prompt_style)  # fail early on an unknown style
     if path is None:
         path = default_data_path()
@@ -455,7 +455,7 @@ def run_main(main):
 def main():
     p = argparse.ArgumentParser(description="Prepare a data set (the default one is downloaded once into "
                                 "data/) and print its summary: split sizes, lengths, truncation, padding.")
-    p.add_argument("--data", help="a .json/.jsonl instruction file or a .txt file (default: the seeds' set)")
+    p.add_argument("--data", help="a .json/.jsonl instruction file or a .txt file (default: the chapter's data set)")
     p.add_argument("--prompt-style", default="alpaca", choices=list(PROMPT_STYLES))
     p.add_argument("--context-length", type=AT_LEAST_1, default=1024)
     p.add_argument("--batch-size", type=AT_LEAST_1, default=8)

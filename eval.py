@@ -180,7 +180,7 @@ def finite_or_none(x):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_inference_args(p)
-    p.add_argument("--data", help="instruction data (.json/.jsonl); default: the checkpoint's, else the seeds' set")
+    p.add_argument("--data", help="instruction data (.json/.jsonl); default: the checkpoint's, else the chapter's data set")
     p.add_argument("--mask-instructions", action=argparse.BooleanOptionalAction,
                    help="loss on the response only; default: as the checkpoint was trained (off for --model)")
     p.add_argument("--out", help="folder for test-responses.json and eval.json; default: the checkpoint's folder")

@@ -1,6 +1,6 @@
 """Fine-tune GPT-2 to follow instructions (or go on training it on raw text), nanoGPT style.
 
-    python train.py --data instruction-data.json                 # the seeds' run: gpt2, 2 epochs
+    python train.py --data instruction-data.json                 # the chapter's run: gpt2, 2 epochs
     python train.py --model tiny --init random --context-length 128 --max-steps 50 --out runs/smoke
     python train.py --resume --out out                           # continue a stopped run
     torchrun --nproc_per_node=2 train.py ...                     # DistributedDataParallel
@@ -30,7 +30,7 @@ from generate import generate, respond
 from model import IGNORE_INDEX, PRESETS, atomic_write, build_model, calc_loss_loader, load_checkpoint, \
     model_from_checkpoint, resolve_device, save_checkpoint
 
-TRAIN_FRAC, TEST_FRAC = 0.85, 0.10  # the seeds' split; eval.py reads them from the checkpoint
+TRAIN_FRAC, TEST_FRAC = 0.85, 0.10  # the chapter's split; eval.py reads them from the checkpoint
 # What a resumed run may change; everything else comes from the checkpoint's arguments.
 CHANGEABLE_ON_RESUME = {"epochs", "max_steps", "eval_every", "eval_batches", "device", "dtype", "compile",
                         "num_workers", "out", "resume"}
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--init", choices=["pretrained", "random"], default="pretrained",
                    help="start from GPT-2's weights or from random ones")
     p.add_argument("--data", default=None, help="instruction data (.json or .jsonl, Alpaca layout) or raw "
-                   "text (.txt); by default the seeds' 1,100 entries, downloaded once into data/")
+                   "text (.txt); by default the chapter's data set (1,100 entries), downloaded once into data/")
     p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), default="alpaca", help="prompt template")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--context-length", type=AT_LEAST_1, default=1024,
@@ -177,7 +177,7 @@ def train_step(model, optimizer, micro_batches, n_targets, world_size=1, autocas
 
 
 def make_optimizer(model, lr, weight_decay):
-    """AdamW on every parameter, as the seeds. Its fused kernel takes 0.07 s a step for gpt2 on
+    """AdamW on every trainable parameter, as the chapter's code. Its fused kernel takes 0.07 s a step for gpt2 on
     this 2-core CPU, the default one 0.5 s (and several seconds when the machine is busy)."""
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
@@ -210,7 +210,7 @@ def ignore_sigint(worker_id):
 
 def sample_text(model, splits, prompt_style, max_new_tokens=50):
     """The model's response to the first validation entry (a continuation of the first validation
-    window's first tokens for raw text), greedy, as at the end of each epoch of the seeds."""
+    window's first tokens for raw text), greedy, as the chapter's code does at the end of each epoch."""
     ctx = model.config.context_length
     was_training = model.training
     model.eval()
@@ -226,7 +226,7 @@ def sample_text(model, splits, prompt_style, max_new_tokens=50):
 
 def plot_losses(metrics_path, png_path):
     """OUT/loss.png: train and validation loss against steps, with tokens seen on a second
-    x-axis, as the seeds' plot_losses. False when matplotlib is not installed."""
+    x-axis, as the chapter's plot_losses. False when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -454,7 +454,7 @@ def train(args, given, device, rank, world_size):
                     state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
                 steps_run += 1
 
-                # The seeds evaluate after the first step, then every eval_every steps; so do we,
+                # The chapter's code evaluates after the first step, then every eval_every steps; so do we,
                 # and after the last step.
                 if rank == 0 and ((state["step"] - 1) % args.eval_every == 0 or state["step"] == total_steps):
                     evaluate_and_save(epoch, lr)

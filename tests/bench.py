@@ -101,7 +101,7 @@ def bench_eval(batch_size=16, one_at_a_time=12):
 
 def bench_training(every=8):
     """One epoch of the default data (935 examples, batch 8) on gpt2 (124M, random weights):
-    train.py's step with and without grouping and masking, against the seeds' plain loop
+    train.py's step with and without grouping and masking, against the chapter's plain loop
     (logits at every position, default AdamW) and that loop with train.py's fused AdamW.
     A full epoch takes minutes per variant here, so each is timed on every 8th batch of its
     epoch's order, the variants taking turns so that a change in the machine's load hits all
@@ -117,7 +117,7 @@ def bench_training(every=8):
     plain, masked = prepare_data(path), prepare_data(path, mask_instructions=True)
     lengths, prompt_lengths = masked.train.lengths, masked.train.prompt_lengths
     model = gpt2_random().train()
-    seeds_optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
+    chapter_optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
     fused_optimizer = make_optimizer(model, 5e-5, 0.1)
 
     def plain_loop(optimizer):
@@ -130,8 +130,8 @@ def bench_training(every=8):
     def train_py(inputs, targets):
         train_step(model, fused_optimizer, [(inputs, targets)], count_tokens([(inputs, targets)], "cpu")[0])
 
-    variants = [  # name, step, data, grouped by length, target speed-up over the seeds' loop
-        ("seeds' plain loop", plain_loop(seeds_optimizer), plain, False, None),
+    variants = [  # name, step, data, grouped by length, target speed-up over the chapter's loop
+        ("the chapter's plain loop", plain_loop(chapter_optimizer), plain, False, None),
         ("plain loop with fused AdamW", plain_loop(fused_optimizer), plain, False, None),
         ("train.py default", train_py, plain, False, 1.0),
         ("--group-by-length", train_py, plain, True, None),
@@ -163,7 +163,7 @@ def bench_training(every=8):
     for v, (name, _, _, _, target) in enumerate(variants):
         print(f"training, {name}: {tokens[v] / seconds[v]:,.0f} padded tokens/s, "
               f"{responses[v] / seconds[v]:,.0f} response tokens/s, epoch {epochs[v] / 60:.1f} min = "
-              f"{epochs[0] / epochs[v]:.2f}x the seeds' loop" + (f" (target >= {target}x)" if target else "")
+              f"{epochs[0] / epochs[v]:.2f}x the chapter's loop" + (f" (target >= {target}x)" if target else "")
               + (f", {epochs[1] / epochs[v]:.2f}x with fused AdamW" if v > 1 else ""))
     print(f"training, peak resident memory of the bench (gpt2, its gradients, two AdamW states): "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")

@@ -36,7 +36,7 @@ def test_encode_round_trips_unicode_emoji_and_literal_endoftext():
 
 # ---------------------------------------------------------------------------- prompt styles
 
-def test_alpaca_prompt_is_byte_for_byte_the_seeds_format():
+def test_alpaca_prompt_is_byte_for_byte_the_chapters_format():
     entry = {"instruction": "Edit the sentence.", "input": "He go home.", "output": "He goes home."}
     assert data.format_input(entry) == (
         ALPACA_HEAD + "\n\n### Instruction:\nEdit the sentence.\n\n### Input:\nHe go home.")
@@ -148,7 +148,7 @@ def test_default_data_that_is_not_json_is_not_saved(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------- splitting
 
-def test_split_reproduces_the_seeds_counts_in_file_order():
+def test_split_reproduces_the_chapters_counts_in_file_order():
     entries = make_entries(1100)
     train, test, val = data.split_data(entries)
     assert (len(train), len(test), len(val)) == (935, 110, 55)
@@ -187,7 +187,7 @@ def test_instruction_dataset_tokenizes_prompt_and_response_separately():
 
 # ---------------------------------------------------------------------------- collate
 
-def test_collate_reproduces_the_seeds_worked_example():
+def test_collate_reproduces_the_chapters_worked_example():
     batch = [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]]
     inputs, targets = data.collate(batch)
     assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, 50256, 50256, 50256], [7, 8, 9, 50256, 50256]]
@@ -235,7 +235,7 @@ def test_collate_keeps_a_text_token_equal_to_the_pad_id():
 
 # ---------------------------------------------------------------------------- raw text windows
 
-def test_text_windows_match_the_seeds_gpt_dataset():
+def test_text_windows_match_the_chapters_gpt_dataset():
     ds = data.TextWindowDataset(list(range(10)), max_length=4, stride=3)
     assert [(x.tolist(), y.tolist()) for x, y in ds] == [
         ([0, 1, 2, 3], [1, 2, 3, 4]), ([3, 4, 5, 6], [4, 5, 6, 7])]

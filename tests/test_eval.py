@@ -100,7 +100,7 @@ def model_stopping_on(token, seed):
     return model
 
 
-def test_batched_responses_equal_one_at_a_time_and_json_keeps_the_seeds_layout(tmp_path):
+def test_batched_responses_equal_one_at_a_time_and_json_keeps_the_chapters_layout(tmp_path):
     entries = make_entries()
     prompts = [encode(format_prompt(e)) for e in entries[10:16]]
     second_words = [ids[1] for ids in generate(tiny_model(seed=2), prompts, 2, eos_id=None)]

@@ -99,7 +99,7 @@ def test_training_lowers_the_loss_and_writes_checkpoints_metrics_and_plot(data, 
     assert "epoch 1 step 1/11 | train loss " in printed and "tokens/s" in printed and "left" in printed
 
     rows = metrics(out)
-    assert [m["step"] for m in rows] == [1, 6, 11]  # the seeds' schedule: after step 1, then every 5
+    assert [m["step"] for m in rows] == [1, 6, 11]  # the chapter's schedule: after step 1, then every 5
     assert set(rows[0]) == {"step", "epoch", "train_loss", "val_loss", "tokens_seen", "lr", "elapsed"}
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.5 and rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.5
     assert rows[0]["tokens_seen"] < rows[1]["tokens_seen"] < rows[2]["tokens_seen"]
