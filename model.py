@@ -373,6 +373,13 @@ def with_context_length(cfg, context_length):
     return cfg
 
 
+def transposed_in_hf(key):
+    """Whether Hugging Face stores our tensor `key` transposed: its Conv1D weights are [in, out]
+    where nn.Linear's are [out, in], and its wte is [vocab, emb_dim] where our TiedEmbedding is
+    [emb_dim, vocab]."""
+    return key == "wte.weight" or key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+
+
 def from_pretrained(name_or_path, context_length=None, drop_rate=0.0, cache_dir=None):
     """GPT-2 with Hugging Face weights: a preset name (downloaded once) or a local folder.
     A context_length below the checkpoint's keeps the first rows of the position embedding."""
@@ -394,9 +401,7 @@ def from_pretrained(name_or_path, context_length=None, drop_rate=0.0, cache_dir=
             continue  # causal-mask buffers; lm_head is tied to wte
         if key not in state:
             raise ValueError(f"{folder}/model.safetensors has an unexpected tensor '{key}'; is it a GPT-2 checkpoint?")
-        if key == "wte.weight" or key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-            # HF's Conv1D stores [in, out] where nn.Linear wants [out, in]; HF's wte is [vocab,
-            # emb_dim] where our TiedEmbedding is [emb_dim, vocab]
+        if transposed_in_hf(key):
             tensor = tensor.t()
         if key == "wpe.weight":
             tensor = tensor[: cfg.context_length]
