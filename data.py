@@ -489,6 +489,14 @@ NON_NEGATIVE = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 SEED = checked(int, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1")  # what torch and numpy both take
 
 
+def duration(seconds):
+    """A time for people: 45s, 3m05s, 2h10m."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 def run_main(main):
     """Run a script's main(); a user mistake ends it with one line and exit status 1 (under
     torchrun the line comes from the first process only, not once per process)."""

@@ -31,7 +31,7 @@ from collections import Counter
 import torch
 from torch.utils.data import DataLoader
 
-from data import AT_LEAST_1, POSITIVE, batch_indices, check_same_data, checked, decode, get_prompt_style, \
+from data import AT_LEAST_1, POSITIVE, batch_indices, check_same_data, checked, decode, duration, get_prompt_style, \
     prepare_data, read_text, run_main, write_json
 from generate import add_inference_args, generate, hit_limit, load_for_inference
 from judge import DEFAULT_TIMEOUT, DEFAULT_URL, check_server, check_url, judge_file, load_responses
@@ -93,7 +93,7 @@ def generate_responses(model, prompts, max_new_tokens, batch_size, **sampling):
         done, elapsed = first + len(rows), time.perf_counter() - start
         left = elapsed / done * (len(prompts) - done)
         print(f"\rresponses {done}/{len(prompts)}, {n_tokens / elapsed:.0f} tokens/s, "
-              f"{int(left) // 60}m{int(left) % 60:02d}s left ", end="", file=sys.stderr, flush=True)
+              f"{duration(left)} left ", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return outputs, no_eot
 

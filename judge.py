@@ -21,7 +21,7 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from data import format_input, load_instruction_data, write_json
+from data import duration, format_input, load_instruction_data, write_json
 
 DEFAULT_URL = "http://localhost:11434"  # Ollama's
 DEFAULT_TIMEOUT = 300.0  # seconds without a byte from the server; a big judge on a CPU is slow
@@ -242,7 +242,7 @@ def judge_file(path, model, url=DEFAULT_URL, workers=1, timeout=DEFAULT_TIMEOUT)
             done, elapsed = done + 1, time.perf_counter() - start
             left = elapsed / done * (len(todo) - done)
             print(f"\rjudged {done}/{len(todo)}, {done / elapsed:.2f} entries/s, "
-                  f"{int(left) // 60}m{int(left) % 60:02d}s left ", end="", file=sys.stderr, flush=True)
+                  f"{duration(left)} left ", end="", file=sys.stderr, flush=True)
     finally:
         stop.set()
         pool.shutdown(cancel_futures=True)  # waits for the requests under way

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from data import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROMPT_STYLES, SEED, batch_indices, \
-    check_batchable, check_same_data, check_vocab, checked, decode, encode, format_prompt, prepare_data, run_main, summarize_data
+    check_batchable, check_same_data, check_vocab, checked, duration, decode, encode, format_prompt, prepare_data, run_main, summarize_data
 from generate import generate, respond
 from model import IGNORE_INDEX, PRESETS, atomic_write, build_model, calc_loss_loader, load_checkpoint, \
     model_from_checkpoint, resolve_device, save_checkpoint
@@ -271,13 +271,6 @@ def plot_losses(metrics_path, png_path):
     with atomic_write(png_path) as tmp:
         fig.savefig(tmp, format="png")
     return True
-
-
-def duration(seconds):
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 # ----------------------------------------------------------------------------- setting up the run
