@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from export import config_json, export, hf_state_dict
 from generate import load_for_inference
 from model import (GPT, LORA_TARGETS, LoRALinear, add_lora, base_fingerprint, build_base, build_model, config_for,
                    from_pretrained, lora_checkpoint, lora_model_from_checkpoint, lora_modules, lora_state_dict,
@@ -45,16 +46,11 @@ def train_adapters(model, steps=8, lr=1e-2, vocab=512):
 
 
 def save_hf_folder(model, folder):
-    """model as a Hugging Face GPT-2 folder (config.json, model.safetensors), the layout
-    from_pretrained reads: Conv1D weights [in, out], wte [vocab, emb_dim], no lm_head."""
+    """model as a Hugging Face GPT-2 folder (config.json, model.safetensors), as export.py writes it."""
     os.makedirs(folder, exist_ok=True)
-    cfg = model.config
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump({"vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_embd": cfg.emb_dim,
-                   "n_layer": cfg.n_layers, "n_head": cfg.n_heads}, f)
-    transposed = ("wte.weight", "c_attn.weight", "c_proj.weight", "c_fc.weight")
-    save_file({key: (t.t() if key.endswith(transposed) else t).contiguous()
-               for key, t in model.state_dict().items()}, os.path.join(folder, "model.safetensors"))
+        json.dump(config_json(model.config, "float32"), f)
+    save_file(hf_state_dict(model), os.path.join(folder, "model.safetensors"))
 
 
 def test_step_zero_gives_the_base_logits_exactly():
@@ -244,6 +240,15 @@ def test_a_lora_checkpoint_loads_for_inference_merged(tmp_path, hf_base):
     resumed = lora_model_from_checkpoint(ckpt, path)
     assert {name for name, p in resumed.named_parameters() if p.requires_grad} == set(ckpt["model"])
     assert all(torch.equal(t, ckpt["model"][name]) for name, t in lora_state_dict(resumed).items())
+
+
+def test_a_lora_checkpoint_exports_merged(tmp_path, hf_base):
+    folder, model, identity = hf_base
+    path, merged = lora_run(tmp_path, model, identity)
+    exported = from_pretrained(export(path, str(tmp_path / "hf"))).eval()
+    idx, _ = batch(vocab=50257)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(idx), merged(idx), atol=1e-5, rtol=0)
 
 
 def test_resuming_the_adapters_continues_exactly():
