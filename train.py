@@ -29,8 +29,9 @@ from torch.utils.data import DataLoader
 from data import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROMPT_STYLES, SEED, batch_indices, \
     check_batchable, check_same_data, check_vocab, checked, duration, decode, encode, format_prompt, prepare_data, run_main, summarize_data
 from generate import generate, respond
-from model import IGNORE_INDEX, PRESETS, atomic_write, build_model, calc_loss_loader, load_checkpoint, \
-    model_from_checkpoint, resolve_device, save_checkpoint
+from model import IGNORE_INDEX, LORA_TARGETS, PRESETS, add_lora, atomic_write, build_base, build_model, \
+    calc_loss_loader, load_checkpoint, lora_checkpoint, lora_model_from_checkpoint, model_from_checkpoint, \
+    parameter_counts, resolve_device, save_checkpoint
 
 TRAIN_FRAC, TEST_FRAC = 0.85, 0.10  # the chapter's split; eval.py reads them from the checkpoint
 # What a resumed run may change; everything else comes from the checkpoint's arguments.
@@ -72,6 +73,17 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=NON_NEGATIVE, default=0.0, help="clip the gradient norm to this; 0: no clipping")
     p.add_argument("--dropout", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.0,
                    help="dropout rate")
+    p.add_argument("--lora-rank", type=AT_LEAST_0, default=0, help="LoRA: freeze the model and train low-rank "
+                   "adapters of this rank (see README); 0 is full fine-tuning")
+    p.add_argument("--lora-alpha", type=POSITIVE, default=256.0,
+                   help="LoRA: the adapters' update is scaled by alpha / rank (256 at rank 16: the book's exercise)")
+    p.add_argument("--lora-dropout", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.0,
+                   help="LoRA: dropout on the adapters' input")
+    p.add_argument("--lora-targets", default=",".join(LORA_TARGETS),
+                   type=checked(str, lambda v: set(v.split(",")) <= set(LORA_TARGETS),
+                                f"comma-separated names among {', '.join(LORA_TARGETS)}"),
+                   help="LoRA: the linears of each block to adapt (attention's qkv and output projections, the "
+                   "MLP's in and out)")
     p.add_argument("--eval-every", type=AT_LEAST_1, default=5, help="evaluate every this many optimizer steps")
     p.add_argument("--eval-batches", type=AT_LEAST_1, default=5,
                    help="batches (of batch size x processes) of each split that an evaluation averages over")
@@ -93,7 +105,11 @@ def parse_args(argv=None):
     # where a name is missing, so what no longer holds the marker was given.
     marker = object()
     again = p.parse_args(argv, argparse.Namespace(**{name: marker for name in vars(args)}))
-    return args, {name for name, value in vars(again).items() if value is not marker}
+    given = {name for name, value in vars(again).items() if value is not marker}
+    lora_flags = sorted(given & {"lora_alpha", "lora_dropout", "lora_targets"})
+    if lora_flags and not args.lora_rank and not args.resume:
+        p.error(f"--{lora_flags[0].replace('_', '-')} goes with --lora-rank R (R > 0)")
+    return args, given
 
 
 def resume_arguments(args, given, ckpt):
@@ -295,7 +311,7 @@ class Run:
     state: dict = dataclasses.field(default_factory=lambda: dict(
         step=0, epoch=0, batch_in_epoch=0, tokens_seen=0, elapsed=0.0, best_val_loss=None, val_loss=None))
     saved_step: int = None  # the step OUT/ckpt.pt holds, None before the first save
-    best_weights: dict = None  # a copy of the best weights not yet written to OUT/best.pt
+    best_weights: dict = None  # a copy of the best weights (weights(run)) not yet written to OUT/best.pt
     best_step: int = None  # and their step
     started: float = dataclasses.field(default_factory=time.time)  # when this process started training
     start_elapsed: float = 0.0  # training time of the run before that (a resumed run)
@@ -303,6 +319,7 @@ class Run:
     last_eval: tuple = (0.0, 0)  # (time, tokens seen) of the last evaluation, for tokens/s
     plot_cost: float = 0.0  # seconds the last loss plot took, and when it was drawn
     plotted_at: float = 0.0
+    lora_base: dict = None  # a LoRA run: the identity of its frozen base (model.build_base)
 
     def path(self, name):
         return os.path.join(self.args.out, name)
@@ -348,7 +365,9 @@ def build_training(run, ckpt):
     """The model (GPT-2's weights, random ones, or the checkpoint's), its optimizer and the
     progress of a resumed run, on run.device."""
     args = run.args
-    if ckpt is not None:
+    if ckpt is not None and "lora" in ckpt:  # the base rebuilt (cache or folder), the adapters loaded
+        run.raw_model, run.lora_base = lora_model_from_checkpoint(ckpt, run.path("ckpt.pt")), ckpt["lora"]["base"]
+    elif ckpt is not None:
         run.raw_model = model_from_checkpoint(ckpt)  # no download: the weights are in the checkpoint
     run.raw_model.to(run.device)
     run.optimizer = make_optimizer(run.raw_model, args.lr, args.weight_decay)
@@ -385,6 +404,14 @@ def inference_info(run):
             "train_frac": TRAIN_FRAC, "test_frac": TEST_FRAC}
 
 
+def weights(run):
+    """The weights a checkpoint holds: all of them, or for LoRA the adapters alone, with the
+    settings and the base's identity (a LoRA checkpoint of gpt2-xl is megabytes)."""
+    if run.lora_base is None:
+        return {"model": run.raw_model.state_dict()}
+    return lora_checkpoint(run.raw_model, run.lora_base)
+
+
 def save_run(run):
     """OUT/ckpt.pt, everything a resumed run needs; and OUT/best.pt, the weights of the lowest
     validation loss and what inference needs (a third of ckpt.pt: no optimizer state), when
@@ -393,11 +420,11 @@ def save_run(run):
     state["elapsed"] = run.start_elapsed + time.time() - run.started
     info = {**inference_info(run), "args": vars(args), "step": state["step"], "world_size": run.world_size}
     if run.best_weights is not None:
-        save_checkpoint({**info, "model": run.best_weights, "val_loss": state["best_val_loss"],
+        save_checkpoint({**info, **run.best_weights, "val_loss": state["best_val_loss"],
                          "best_val_loss": state["best_val_loss"], "step": run.best_step}, run.path("best.pt"))
         run.best_weights = None
     save_checkpoint({
-        **info, "model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        **info, **weights(run), "optimizer": run.optimizer.state_dict(),
         "scheduler": {"schedule": args.lr_schedule, "warmup_steps": args.warmup_steps, "total_steps": run.total_steps},
         "scaler": run.scaler.state_dict() if run.scaler else None,
         "rng": {"torch": torch.get_rng_state(),
@@ -439,7 +466,9 @@ def evaluate(run, epoch, lr):
     if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
         state["best_val_loss"] = val_loss
         # Written to best.pt at the next save; until then a copy (on the CPU) keeps them.
-        run.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.raw_model.state_dict().items()}
+        best = weights(run)
+        best["model"] = {k: v.detach().to("cpu", copy=True) for k, v in best["model"].items()}
+        run.best_weights = best
         run.best_step = state["step"]
     state["val_loss"] = val_loss
     run.last_eval = (time.time(), state["tokens_seen"])
@@ -535,9 +564,17 @@ def train(args, ckpt, splits, device, autocast, rank, world_size):
     log = print if rank == 0 else (lambda *a, **k: None)
     log(summarize_data(splits, args.batch_size, args.context_length))
     torch.manual_seed(args.seed)
-    raw_model = None if ckpt else build_model(args.model, pretrained=args.init == "pretrained",
-                                              context_length=args.context_length, drop_rate=args.dropout)
-    run = Run(args, device, rank, world_size, splits, raw_model, autocast=autocast)
+    run = Run(args, device, rank, world_size, splits, raw_model=None, autocast=autocast)
+    if ckpt is None and args.lora_rank:
+        if args.init == "random":
+            log("warning: LoRA on random weights adapts a model that has learnt nothing; it is meant for "
+                "--init pretrained")
+        run.raw_model, run.lora_base = build_base(args.model, args.init == "pretrained", args.seed,
+                                                  args.context_length, args.dropout)
+        add_lora(run.raw_model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    elif ckpt is None:
+        run.raw_model = build_model(args.model, pretrained=args.init == "pretrained",
+                                    context_length=args.context_length, drop_rate=args.dropout)
     run.batches_per_epoch = len(batch_indices(splits.train.lengths, args.batch_size, shuffle=True, seed=args.seed,
                                               drop_last=True, rank=rank, world_size=world_size))
     steps_per_epoch = math.ceil(run.batches_per_epoch / args.grad_accum)  # a short last step ends an epoch
@@ -547,8 +584,10 @@ def train(args, ckpt, splits, device, autocast, rank, world_size):
     if ckpt is not None:
         log(f"resuming {run.path('ckpt.pt')} at step {run.state['step']} (epoch {run.state['epoch'] + 1}, "
             f"batch {run.state['batch_in_epoch']} of {run.batches_per_epoch})")
-    log(f"model {args.model} ({args.init} weights): {run.raw_model.num_params() / 1e6:.1f}M parameters, "
-        f"context {run.raw_model.config.context_length}, on {device} ({args.dtype})")
+    trainable, total = parameter_counts(run.raw_model)
+    lora = f", LoRA rank {args.lora_rank} on {args.lora_targets}" if args.lora_rank else ""
+    log(f"model {args.model} ({args.init} weights): {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M "
+        f"trainable{lora}; context {run.raw_model.config.context_length}, on {device} ({args.dtype})")
     log(f"global batch {args.batch_size * world_size * args.grad_accum} = batch size {args.batch_size} x "
         f"{world_size} process{'es' if world_size > 1 else ''} x grad accum {args.grad_accum}; "
         f"{run.total_steps} optimizer steps ({steps_per_epoch} per epoch)")

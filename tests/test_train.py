@@ -13,11 +13,14 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
+import eval as ev
 import train
 from data import run_main
+from export import config_json, hf_state_dict
 from generate import load_for_inference
-from model import GPT, load_checkpoint, save_checkpoint
+from model import GPT, config_for, from_pretrained, load_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--init", "random", "--context-length", "64", "--batch-size", "2", "--eval-batches", "2"]
@@ -395,3 +398,101 @@ def test_help_shows_every_default(capsys):
     for default in ("(default: gpt2)", "(default: 5e-05)", "(default: 0.1)", "(default: 8)", "(default: 123)",
                     "(default: 1024)", "(default: auto)", "(default: out)", "(default: float32)"):
         assert default in text
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+@pytest.fixture
+def base_folder(tmp_path):
+    """A "pretrained" tiny GPT-2 (random weights, GPT-2's vocabulary) as a Hugging Face folder."""
+    folder = tmp_path / "base"
+    os.makedirs(folder)
+    torch.manual_seed(7)
+    model = GPT(config_for("tiny", context_length=64))
+    save_file(hf_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with open(folder / "config.json", "w") as f:
+        json.dump(config_json(model.config, "float32"), f)
+    return str(folder)
+
+
+LORA = ["--context-length", 64, "--batch-size", 2, "--eval-batches", 2, "--mask-instructions",
+        "--lora-rank", 4, "--lora-alpha", 8, "--lr", "1e-2"]
+ADAPTED = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+
+
+def test_lora_trains_the_adapters_only_and_its_checkpoints_hold_just_them(data, base_folder, tmp_path, capsys):
+    out = tmp_path / "lora"
+    run("--model", base_folder, *LORA, "--data", data, "--out", out, "--max-steps", 12, "--eval-every", 4)
+    printed = capsys.readouterr().out
+    # rank 4 on 2 blocks: 4 x ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64)) x 2 = 8,192 of 3.3M
+    assert "3.3M parameters, 0.01M trainable, LoRA rank 4 on qkv,attn_out,mlp_in,mlp_out; context 64" in printed
+    rows = metrics(out)
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.5
+
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert set(ckpt["model"]) == {f"h.{i}.{path}.lora_{m}" for i in range(2) for path in ADAPTED for m in "AB"}
+    assert len(ckpt["optimizer"]["state"]) == 16  # AdamW state for the adapters alone
+    assert ckpt["lora"]["rank"] == 4 and ckpt["lora"]["alpha"] == 8 and ckpt["lora"]["base"]["base"] == base_folder
+    assert os.path.getsize(out / "ckpt.pt") < 0.05 * os.path.getsize(os.path.join(base_folder, "model.safetensors"))
+
+    # generate.py and eval.py rebuild the base and merge: every frozen weight is the base's, bit for bit
+    base = from_pretrained(base_folder, 64).state_dict()
+    merged, _, style = load_for_inference(str(out / "best.pt"))
+    changed = {name for name, w in merged.state_dict().items() if not torch.equal(w, base[name])}
+    assert changed == {f"h.{i}.{path}.weight" for i in range(2) for path in ADAPTED}
+    ev.main(["--ckpt", str(out / "best.pt"), "--limit", "2", "--max-new-tokens", "4", "--device", "cpu"])
+    with open(out / "test-responses.json") as f:
+        assert len(json.load(f)) == 2
+
+
+def test_lora_resumes_exactly_and_refuses_another_rank_or_a_moved_base(data, base_folder, tmp_path):
+    common = ["--model", base_folder, *LORA, "--data", data, "--eval-every", 4, "--lora-dropout", "0.1"]
+    run(*common, "--out", tmp_path / "full", "--max-steps", 9)
+    run(*common, "--out", tmp_path / "part", "--max-steps", 5)
+    before = (tmp_path / "part" / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit) as stopped:
+        run_cli("--resume", "--out", tmp_path / "part", "--lora-rank", 8)
+    assert stopped.value.code.startswith("error: --lora-rank 8 differs from the checkpoint's 4; a resumed run keeps")
+    moved = tmp_path / "moved-base"
+    shutil.move(base_folder, moved)
+    with pytest.raises(SystemExit) as stopped:
+        run_cli("--resume", "--out", tmp_path / "part", "--max-steps", 9)
+    assert stopped.value.code.startswith(f"error: the base model folder {base_folder} of the LoRA checkpoint ")
+    assert (tmp_path / "part" / "ckpt.pt").read_bytes() == before  # nothing overwritten
+    shutil.move(moved, base_folder)
+    run("--resume", "--out", tmp_path / "part", "--max-steps", 9)
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+    assert_same_weights(tmp_path / "part", tmp_path / "full")
+
+
+def test_lora_distributed_matches_one_process(data, base_folder, tmp_path):
+    common = ["--model", base_folder, *LORA, "--data", data, "--max-steps", 4, "--eval-every", 2, "--device", "cpu"]
+    proc = script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *common,
+                  "--out", tmp_path / "ddp")
+    run(*common, "--batch-size", 4, "--out", tmp_path / "single")
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr
+    for (step_a, *a), (step_b, *b) in zip(losses(tmp_path / "ddp"), losses(tmp_path / "single"), strict=True):
+        assert step_a == step_b and a == pytest.approx(b, rel=1e-5)
+    assert_same_weights(tmp_path / "ddp", tmp_path / "single", exact=False)
+
+
+def test_lora_mistakes_are_one_sentence(data, base_folder, tmp_path, capsys):
+    def error(*argv):
+        with pytest.raises(SystemExit) as stopped:
+            run_cli("--model", base_folder, "--data", data, "--out", tmp_path / "out", *argv)
+        return stopped.value.code
+
+    assert error(*LORA, "--lora-rank", 65) == \
+        "error: LoRA rank 65 must be an integer from 1 to 64, the smallest dimension of the adapted layers"
+    assert error(*LORA, "--lora-targets", "qkv,ffn") == 2  # before any download
+    assert ("argument --lora-targets: must be comma-separated names among qkv, attn_out, mlp_in, mlp_out, got "
+            "qkv,ffn") in capsys.readouterr().err
+    assert error("--lora-alpha", 0) == 2
+    assert "argument --lora-alpha: must be a positive number, got 0" in capsys.readouterr().err
+    assert error("--lora-alpha", 16) == 2  # without a rank the flag would do nothing
+    assert "--lora-alpha goes with --lora-rank R (R > 0)" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
+    run("--model", "tiny", "--init", "random", *LORA, "--data", data, "--out", tmp_path / "random", "--max-steps", 1)
+    assert "warning: LoRA on random weights adapts a model that has learnt nothing" in capsys.readouterr().out
