@@ -23,11 +23,10 @@ import time
 import unicodedata
 from collections import Counter
 
-import torch
 from torch.utils.data import DataLoader
 
 from data import AT_LEAST_1, batch_indices, decode, get_prompt_style, prepare_data, run_main
-from generate import add_inference_args, generate, load_for_inference
+from generate import add_inference_args, decoding_settings, generate, load_for_inference
 from model import atomic_write, calc_loss_loader, resolve_device
 
 MAX_LABELS, MAX_LABEL_WORDS = 20, 3  # outputs with fewer distinct values, this short, are labels
@@ -191,7 +190,8 @@ def main(argv=None):
         raise ValueError("give --out DIR for the results of a --model run")
 
     device = resolve_device(args.device)
-    model, ckpt, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device)
+    decoding = decoding_settings(args, device)
+    model, ckpt, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize)
     out_dir = args.out or os.path.dirname(args.ckpt) or "."
     ckpt = ckpt or {}
     context_length = ckpt.get("context_length") or model.config.context_length
@@ -215,11 +215,8 @@ def main(argv=None):
         print(f"{n_truncated} prompts longer than {keep} tokens were cut to their last {keep} "
               f"(context {model.config.context_length}, --max-new-tokens {args.max_new_tokens})")
 
-    generator = torch.Generator(device=device).manual_seed(args.seed)
     start = time.perf_counter()
-    new_ids, no_eot = generate_responses(model, prompts, args.max_new_tokens, args.batch_size,
-                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                         generator=generator)
+    new_ids, no_eot = generate_responses(model, prompts, args.max_new_tokens, args.batch_size, **decoding)
     seconds = time.perf_counter() - start
     n_tokens = sum(map(len, new_ids))
     responses = [clean_response(decode(ids), style) for ids in new_ids]
@@ -236,8 +233,9 @@ def main(argv=None):
         "val_loss": finite_or_none(val_loss),
         "n_test_entries": len(splits.test), "n_evaluated": len(entries),
         "generation": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                       "top_k": args.top_k, "top_p": args.top_p, "batch_size": args.batch_size,
-                       "seed": args.seed},
+                       "top_k": args.top_k, "top_p": args.top_p, "num_beams": args.num_beams,
+                       "length_penalty": args.length_penalty, "quantize": args.quantize,
+                       "batch_size": args.batch_size, "seed": args.seed},
         "tokens_per_second": round(n_tokens / seconds, 1),
         "no_end_of_text": sum(no_eot), "truncated_prompts": n_truncated,
         **scores,
