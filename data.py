@@ -11,6 +11,7 @@ pretraining (ch05).
 """
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import tiktoken
 import torch
 from torch.utils.data import Dataset
 
-from model import IGNORE_INDEX, download
+from model import IGNORE_INDEX, atomic_write, check_file, download
 
 EOT_ID = 50256  # GPT-2 <|endoftext|>, also used as the pad token
 DEFAULT_DATA_URL = (
@@ -37,8 +38,13 @@ DEFAULT_DATA_URL = (
 
 @functools.cache
 def get_tokenizer() -> tiktoken.Encoding:
-    """GPT-2's BPE encoding (loaded once)."""
-    return tiktoken.get_encoding("gpt2")
+    """GPT-2's BPE encoding (loaded once; tiktoken downloads its two files the first time)."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # requests' and urllib3's errors, a bad cached file: tiktoken does not wrap them
+        raise OSError(f"could not load GPT-2's tokenizer files ({type(e).__name__}); tiktoken downloads them once, "
+                      "so check the network, or for offline use set TIKTOKEN_CACHE_DIR to a folder that holds "
+                      "them") from None
 
 
 def encode(text: str) -> list[int]:
@@ -130,8 +136,7 @@ def default_data_path(data_dir: str = "data") -> str:
 
 def read_text(path: str) -> str:
     """The UTF-8 text of a data file, with a one-sentence error if it is missing or not text."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such data file")
+    check_file(path, "a data file")
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
             return f.read()
@@ -139,13 +144,31 @@ def read_text(path: str) -> str:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
+def write_json(obj, path: str) -> None:
+    """json.dump through a temporary name: an interrupted run leaves no half-written file."""
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=4, ensure_ascii=False)
+        f.write("\n")
+
+
 def _parse_json(path: str, text: str) -> list:
-    """The entries of a JSON array (.json) or of one JSON value a line (.jsonl)."""
-    if not path.endswith(".jsonl"):
+    """The entries of a JSON array, or of one JSON value a line (JSON Lines: a .jsonl file, or
+    any file that is not one JSON value but whose lines are)."""
+    if not path.lower().endswith(".jsonl"):
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON: {e}") from None
+            if e.msg != "Extra data":  # more than one value: try it as JSON Lines
+                raise ValueError(f"{path}: not valid JSON: {e}") from None
+            try:
+                return _parse_json_lines(path, text)
+            except ValueError as lines_error:
+                detail = str(lines_error).removeprefix(f"{path}: ")
+                raise ValueError(f"{path}: not valid JSON ({e}), nor JSON Lines ({detail})") from None
+    return _parse_json_lines(path, text)
+
+
+def _parse_json_lines(path: str, text: str) -> list:
     entries = []
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -227,7 +250,7 @@ class InstructionDataset(Dataset):
 
 def collate(batch, pad_token_id: int = EOT_ID, ignore_index: int = IGNORE_INDEX,
             allowed_max_length: Optional[int] = None):
-    """(inputs, targets) LongTensors of a batch of token lists, as the seeds' custom collate.
+    """(inputs, targets) LongTensors of a batch of token lists, as the chapter's custom collate.
 
     Each item gets one <|endoftext|> and is padded to the longest item plus one;
     inputs drop the last token and targets the first. Items may be
@@ -318,11 +341,31 @@ def padding_fraction(lengths: list[int], batches: list[list[int]], context_lengt
 # ----------------------------------------------------------------------------
 # Putting it together
 
+def data_fingerprint(path: str, n_entries: Optional[int]) -> dict:
+    """What identifies a data set wherever it lies: the sha256 of the file and its entry count
+    (None for raw text). A checkpoint keeps it, so a moved file is recognised and a changed one refused."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return {"sha256": digest.hexdigest(), "entries": n_entries}
+
+
+def check_same_data(splits, fingerprint: Optional[dict], trained_on: Optional[str]) -> None:
+    """ValueError unless the data of `splits` is the data a checkpoint was trained on (by its
+    fingerprint, wherever the file lies now). A checkpoint without a fingerprint is not checked."""
+    if fingerprint is not None and splits.fingerprint != fingerprint:
+        raise ValueError(f"{splits.path} is not the data the checkpoint was trained on ({trained_on}): its content "
+                         f"differs (sha256 {splits.fingerprint['sha256'][:12]}... with {splits.fingerprint['entries']} "
+                         f"entries, not {fingerprint['sha256'][:12]}... with {fingerprint['entries']})")
+
+
 @dataclass
 class DataSplits:
     """The datasets of one run and what is needed to batch and describe them."""
     kind: str  # "instruction" or "text"
     path: str
+    fingerprint: dict
     train: Dataset
     val: Dataset
     test: Optional[Dataset]  # None for text
@@ -337,13 +380,14 @@ class DataSplits:
 def prepare_data(path: Optional[str], prompt_style: str = "alpaca", context_length: int = 1024,
                  mask_instructions: bool = False, train_frac: float = 0.85,
                  test_frac: float = 0.10) -> DataSplits:
-    """Datasets for `path`: instruction JSON/JSONL (default: the seeds' set) or a .txt file."""
+    """Datasets for `path`: instruction JSON/JSONL (default: the chapter's data set) or a .txt file."""
     get_prompt_style(prompt_style)  # fail early on an unknown style
     if path is None:
         path = default_data_path()
     if path.endswith(".txt"):
         return _prepare_text(path, context_length)
-    train, test, val = split_data(load_instruction_data(path), train_frac, test_frac)
+    entries = load_instruction_data(path)
+    train, test, val = split_data(entries, train_frac, test_frac)
     # The validation split is the rest, so never empty; the other two can be.
     for name, split in (("train", train), ("test", test)):
         if not split and (name == "train" or test_frac > 0):
@@ -352,7 +396,7 @@ def prepare_data(path: Optional[str], prompt_style: str = "alpaca", context_leng
                 f"for fractions train {train_frac}, test {test_frac}"
             )
     return DataSplits(
-        kind="instruction", path=path,
+        kind="instruction", path=path, fingerprint=data_fingerprint(path, len(entries)),
         train=InstructionDataset(train, prompt_style, mask_instructions),
         val=InstructionDataset(val, prompt_style, mask_instructions),
         test=InstructionDataset(test, prompt_style, mask_instructions),
@@ -375,7 +419,8 @@ def _prepare_text(path: str, context_length: int) -> DataSplits:
                 f"{path}: the {name} part has {len(token_ids)} tokens, too few for one window of "
                 f"{context_length} tokens plus a target; use a longer text or a smaller context length"
             )
-    return DataSplits(kind="text", path=path, train=datasets["train"], val=datasets["validation"], test=None)
+    return DataSplits(kind="text", path=path, fingerprint=data_fingerprint(path, None),
+                      train=datasets["train"], val=datasets["validation"], test=None)
 
 
 def check_batchable(splits: DataSplits, batch_size: int) -> None:
@@ -444,18 +489,29 @@ NON_NEGATIVE = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 SEED = checked(int, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1")  # what torch and numpy both take
 
 
+def duration(seconds):
+    """A time for people: 45s, 3m05s, 2h10m."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 def run_main(main):
-    """Run a script's main(); a user mistake ends it with one line and exit status 1."""
+    """Run a script's main(); a user mistake ends it with one line and exit status 1 (under
+    torchrun the line comes from the first process only, not once per process)."""
     try:
         main()
     except (ValueError, OSError) as e:
+        if os.environ.get("RANK", "0") != "0":
+            sys.exit(1)
         sys.exit(f"error: {e}")
 
 
 def main():
     p = argparse.ArgumentParser(description="Prepare a data set (the default one is downloaded once into "
                                 "data/) and print its summary: split sizes, lengths, truncation, padding.")
-    p.add_argument("--data", help="a .json/.jsonl instruction file or a .txt file (default: the seeds' set)")
+    p.add_argument("--data", help="a .json/.jsonl instruction file or a .txt file (default: the chapter's data set)")
     p.add_argument("--prompt-style", default="alpaca", choices=list(PROMPT_STYLES))
     p.add_argument("--context-length", type=AT_LEAST_1, default=1024)
     p.add_argument("--batch-size", type=AT_LEAST_1, default=8)

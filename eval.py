@@ -3,6 +3,8 @@
     python eval.py --ckpt out/ckpt.pt
     python eval.py --ckpt out/ckpt.pt --limit 20 --max-new-tokens 64
     python eval.py --model gpt2 --data data/instruction-data.json --out out/gpt2-base
+    python eval.py --ckpt out/ckpt.pt --judge llama3          # then score them with Llama 3 (Ollama)
+    python eval.py --judge-only out/test-responses.json --judge llama3   # score a file, no model
 
 Rebuilds the split, prompt style, context length and loss masking the checkpoint was trained
 with (--data, --prompt-style and --mask-instructions override theirs), reports the test and
@@ -11,6 +13,9 @@ validation loss over all their batches, then writes to OUT (the checkpoint's fol
                        chapter's instruction-data-with-response.json
   eval.json            losses, scores (exact match, token F1; accuracy and per-label counts when
                        the outputs are short labels), generation settings and speed
+With --judge MODEL an LLM judge (judge.py) then scores every response from 0 to 100, as the
+chapter does: each record of test-responses.json gets its judge_score and judge_model, and
+eval.json a "judge" summary. --judge-only FILE does only that, for FILE and the eval.json beside it.
 """
 import argparse
 import json
@@ -25,9 +30,11 @@ from collections import Counter
 
 from torch.utils.data import DataLoader
 
-from data import AT_LEAST_1, batch_indices, decode, get_prompt_style, prepare_data, run_main
-from generate import add_inference_args, decoding_settings, generate, load_for_inference
-from model import atomic_write, calc_loss_loader, resolve_device
+from data import AT_LEAST_1, POSITIVE, batch_indices, check_same_data, checked, decode, duration, get_prompt_style, \
+    prepare_data, read_text, run_main, write_json
+from generate import add_inference_args, decoding_settings, generate, hit_limit, load_for_inference
+from judge import DEFAULT_TIMEOUT, DEFAULT_URL, check_server, check_url, judge_file, load_responses
+from model import calc_loss_loader, resolve_device, writable_folder
 
 MAX_LABELS, MAX_LABEL_WORDS = 20, 3  # outputs with fewer distinct values, this short, are labels
 
@@ -35,7 +42,8 @@ MAX_LABELS, MAX_LABEL_WORDS = 20, 3  # outputs with fewer distinct values, this 
 
 
 def load_data(path, ckpt, style, context_length, mask_instructions):
-    """The splits of `path` (default: the checkpoint's data) cut as the checkpoint's were."""
+    """The splits of `path` (default: the checkpoint's data) cut as the checkpoint's were. The
+    data given must be the checkpoint's (by content, wherever it lies now)."""
     if path is None and ckpt.get("data") is not None:
         path = ckpt["data"]
         if not os.path.isfile(path):
@@ -45,6 +53,7 @@ def load_data(path, ckpt, style, context_length, mask_instructions):
         raise ValueError(f"{path} is raw text, which has no test split; eval.py needs instruction data (.json/.jsonl)")
     fractions = {key: ckpt[key] for key in ("train_frac", "test_frac") if key in ckpt}  # else data.py's defaults
     splits = prepare_data(path, style, context_length, mask_instructions, **fractions)
+    check_same_data(splits, ckpt.get("data_fingerprint"), ckpt.get("data"))
     if not splits.test_entries:  # prepare_data refuses an empty test split unless test_frac is 0
         raise ValueError(f"{splits.path}: the test split is empty (test fraction 0); nothing to evaluate")
     return splits
@@ -78,12 +87,12 @@ def generate_responses(model, prompts, max_new_tokens, batch_size, **sampling):
     for first in range(0, len(order), batch_size):
         rows = order[first:first + batch_size]
         for i, ids in zip(rows, generate(model, [prompts[i] for i in rows], max_new_tokens, **sampling)):
-            outputs[i], no_eot[i] = ids, len(ids) == min(max_new_tokens, ctx - len(prompts[i]) + 1)
+            outputs[i], no_eot[i] = ids, hit_limit(prompts[i], ids, max_new_tokens, ctx)
             n_tokens += len(ids)
         done, elapsed = first + len(rows), time.perf_counter() - start
         left = elapsed / done * (len(prompts) - done)
         print(f"\rresponses {done}/{len(prompts)}, {n_tokens / elapsed:.0f} tokens/s, "
-              f"{int(left) // 60}m{int(left) % 60:02d}s left ", end="", file=sys.stderr, flush=True)
+              f"{duration(left)} left ", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return outputs, no_eot
 
@@ -162,14 +171,62 @@ def score_responses(references, responses):
     return scores
 
 
+# ----------------------------------------------------------------------------- the judge
+
+
+def check_judge_flags(p, args):
+    """The judge's server address (None without --judge), once the judge flags make sense together."""
+    given = [name for name in ("judge_url", "judge_workers", "judge_timeout", "judge_only")
+             if getattr(args, name) is not None]
+    if args.judge is None:
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} needs --judge MODEL")
+        return None
+    if args.judge_only is not None:
+        others = [name for name, value in vars(args).items()
+                  if not name.startswith("judge") and value != p.get_default(name)]
+        if others:
+            raise ValueError("--judge-only scores an existing file and loads no model: drop "
+                             + ", ".join("--" + name.replace("_", "-") for name in others))
+    return check_url(args.judge_url or DEFAULT_URL)
+
+
+def read_report(path):
+    """The eval.json at path ({} if there is none); ValueError if it is not a JSON object."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        report = json.loads(read_text(path))
+    except ValueError:
+        report = None
+    if not isinstance(report, dict):
+        raise ValueError(f"{path} is not a JSON object as eval.py writes; move it away: the judge's summary goes there")
+    return report
+
+
+def judge_responses(responses_path, eval_path, report, args, url):
+    """Score the responses file with the judge, and add its summary to eval.json (report)."""
+    try:
+        summary = judge_file(responses_path, args.judge, url, args.judge_workers or 1,
+                             args.judge_timeout or DEFAULT_TIMEOUT)
+    except (OSError, ValueError) as e:
+        raise OSError(f"{e}; the scores so far are kept in {responses_path}, and a re-run with "
+                      f"--judge-only {responses_path} asks only for the rest") from None
+    report["judge"] = summary
+    write_json(report, eval_path)
+    mean = "no score" if summary["mean"] is None else f"mean score {summary['mean']:.2f}/100"
+    print(f"judge {args.judge}: {mean} over {summary['scored']} responses; {summary['unparsed']} replies held "
+          f"no score from 0 to 100; wrote {eval_path}")
+
+
+def judge_only(args, url):
+    """--judge-only FILE: score FILE, with the summary in the eval.json beside it (new, or updated)."""
+    load_responses(args.judge_only)  # a missing or malformed file stops here, before any request
+    eval_path = os.path.join(writable_folder(os.path.dirname(args.judge_only) or "."), "eval.json")
+    judge_responses(args.judge_only, eval_path, read_report(eval_path), args, url)
+
+
 # ----------------------------------------------------------------------------- main
-
-
-def write_json(obj, path):
-    """json.dump through a temporary name: an interrupted run leaves no half-written file."""
-    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=4, ensure_ascii=False)
-        f.write("\n")
 
 
 def finite_or_none(x):
@@ -179,20 +236,34 @@ def finite_or_none(x):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_inference_args(p)
-    p.add_argument("--data", help="instruction data (.json/.jsonl); default: the checkpoint's, else the seeds' set")
+    p.add_argument("--data", help="instruction data (.json/.jsonl); default: the checkpoint's, else the chapter's data set")
     p.add_argument("--mask-instructions", action=argparse.BooleanOptionalAction,
                    help="loss on the response only; default: as the checkpoint was trained (off for --model)")
     p.add_argument("--out", help="folder for test-responses.json and eval.json; default: the checkpoint's folder")
     p.add_argument("--limit", type=AT_LEAST_1, help="evaluate only the first N test entries (loss and responses)")
     p.add_argument("--batch-size", type=AT_LEAST_1, default=16, help="for the losses and for generation")
+    p.add_argument("--judge", metavar="MODEL", type=checked(str, str.strip, "a model name"),
+                   help="then score every response from 0 to 100 with this model on an LLM server, e.g. llama3")
+    p.add_argument("--judge-url", metavar="URL", help=f"the judge's server: Ollama's address (default {DEFAULT_URL}), "
+                   "or one ending in /v1 for an OpenAI-compatible server ($OPENAI_API_KEY is sent if set)")
+    p.add_argument("--judge-workers", metavar="N", type=AT_LEAST_1, help="judge requests at a time (default 1)")
+    p.add_argument("--judge-timeout", metavar="SECONDS", type=POSITIVE,
+                   help=f"seconds to wait for the judge server to answer (default {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--judge-only", metavar="FILE", help="score FILE (responses eval.py wrote) with --judge and "
+                   "load no model; the summary goes into the eval.json beside FILE")
     args = p.parse_args(argv)
+    judge_url = check_judge_flags(p, args)
+    if args.judge_only is not None:
+        return judge_only(args, judge_url)
     if args.model is not None and args.ckpt is None and args.out is None:  # say so before any download
         raise ValueError("give --out DIR for the results of a --model run")
+    if args.judge is not None:  # a judge that is not running is better known before the responses are made
+        check_server(judge_url, args.judge, args.judge_timeout or DEFAULT_TIMEOUT)
 
     device = resolve_device(args.device)
     decoding = decoding_settings(args, device)
+    out_dir = writable_folder(args.out or os.path.dirname(args.ckpt or "") or ".")  # before any work
     model, ckpt, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize)
-    out_dir = args.out or os.path.dirname(args.ckpt) or "."
     ckpt = ckpt or {}
     context_length = ckpt.get("context_length") or model.config.context_length
     mask = ckpt.get("mask_instructions", False) if args.mask_instructions is None else args.mask_instructions
@@ -246,11 +317,12 @@ def main(argv=None):
             f"{name} {c['correct']}/{c['count']}" for name, c in scores["labels"].items())
     print(summary)
 
-    os.makedirs(out_dir, exist_ok=True)
     responses_path, eval_path = os.path.join(out_dir, "test-responses.json"), os.path.join(out_dir, "eval.json")
     write_json([{**entry, "model_response": r} for entry, r in zip(entries, responses)], responses_path)
     write_json(report, eval_path)
     print(f"wrote {responses_path} and {eval_path}")
+    if args.judge is not None:  # after the responses are safe on disk
+        judge_responses(responses_path, eval_path, report, args, judge_url)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import torch
 
 from data import AT_LEAST_1, EOT_ID, NON_NEGATIVE, PROMPT_STYLES, SEED, check_vocab, checked, decode, encode, \
     format_prompt, run_main
-from model import KVCache, build_model, load_checkpoint, model_from_checkpoint, quantize_int8, resolve_device
+from model import HF_REPOS, PRESETS, KVCache, build_model, load_checkpoint, model_from_checkpoint, quantize_int8, \
+    resolve_device
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -182,6 +183,9 @@ def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, devic
     quantize="int8" its block linears in int8 (model.quantize_int8)."""
     if (ckpt_path is None) == (model_name is None):
         raise ValueError("give exactly one of --ckpt (a train.py checkpoint) or --model (a GPT-2 name or folder)")
+    if model_name in PRESETS and model_name not in HF_REPOS:
+        raise ValueError(f"'{model_name}' is a preset without pretrained weights (train.py --init random uses it); "
+                         f"give a --ckpt, a GPT-2 name ({', '.join(HF_REPOS)}) or a local folder")
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path)
         model, style = model_from_checkpoint(ckpt, ckpt_path), prompt_style or ckpt.get("prompt_style", "alpaca")
@@ -194,6 +198,11 @@ def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, devic
     if quantize == "int8":
         quantize_int8(model)
     return model, ckpt, style
+
+
+def hit_limit(prompt, new_ids, max_new_tokens, context_length):
+    """True when generation stopped at max_new_tokens or the end of the context, not at end-of-text."""
+    return len(new_ids) == min(max_new_tokens, context_length - len(prompt) + 1)
 
 
 def respond(model, entries, prompt_style, max_new_tokens, **sampling):
@@ -244,11 +253,19 @@ def main():
     model, _, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize)
 
     def answer(instructions, input_text=""):
-        entries = [{"instruction": text, "input": input_text} for text in instructions]
-        return respond(model, entries, style, args.max_new_tokens, **sampling)
+        """Print the response to each instruction, with a note on stderr when it is empty or was cut."""
+        prompts = [encode(format_prompt({"instruction": text, "input": input_text}, style)) for text in instructions]
+        for i, (prompt, ids) in enumerate(zip(prompts, generate(model, prompts, args.max_new_tokens, **sampling))):
+            text = decode(ids).strip()
+            print(("\n" if i else "") + text, flush=True)
+            if hit_limit(prompt, ids, args.max_new_tokens, model.config.context_length):
+                print(f"(cut at {len(ids)} tokens: --max-new-tokens {args.max_new_tokens} or the end of the "
+                      f"context of {model.config.context_length})", file=sys.stderr)
+            elif not text:
+                print("(empty response: the model ended it at once)", file=sys.stderr)
 
-    for i, response in enumerate(answer(args.prompt, args.input) if args.prompt else []):
-        print(("\n" if i else "") + response)
+    if args.prompt:
+        answer(args.prompt, args.input)
     if args.interactive:
         print(f"prompt style {style}; an empty line or Ctrl-D quits", file=sys.stderr)
         while True:
@@ -258,7 +275,10 @@ def main():
                 break
             if not instruction:
                 break
-            print(answer([instruction])[0])
+            try:
+                answer([instruction])
+            except ValueError as e:  # a prompt longer than the context: say so, and go on
+                print(f"error: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

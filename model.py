@@ -5,6 +5,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -371,6 +372,28 @@ def default_cache_dir():
     return os.environ.get("GPT2_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "gpt2-weights"))
 
 
+def check_file(path, what):
+    """FileNotFoundError naming `what` ("a data file") when path is a directory or does not exist."""
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is a directory, not {what}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such {what.split(' ', 1)[1]}")
+
+
+def writable_folder(path):
+    """Make sure `path` is a folder this process can write in (creating it), before any long
+    work whose results go there; one clear OSError otherwise."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{path} is a file, not a folder to write results in")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise OSError(f"cannot write in {path} ({e.strerror or type(e).__name__})") from None
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path):
     """Yields a temporary name to write to, renamed to path only once the block has finished:
@@ -445,6 +468,13 @@ def with_context_length(cfg, context_length):
     return cfg
 
 
+def transposed_in_hf(key):
+    """Whether Hugging Face stores our tensor `key` transposed: its Conv1D weights are [in, out]
+    where nn.Linear's are [out, in], and its wte is [vocab, emb_dim] where our TiedEmbedding is
+    [emb_dim, vocab]."""
+    return key == "wte.weight" or key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+
+
 def from_pretrained(name_or_path, context_length=None, drop_rate=0.0, cache_dir=None):
     """GPT-2 with Hugging Face weights: a preset name (downloaded once) or a local folder.
     A context_length below the checkpoint's keeps the first rows of the position embedding."""
@@ -466,9 +496,7 @@ def from_pretrained(name_or_path, context_length=None, drop_rate=0.0, cache_dir=
             continue  # causal-mask buffers; lm_head is tied to wte
         if key not in state:
             raise ValueError(f"{folder}/model.safetensors has an unexpected tensor '{key}'; is it a GPT-2 checkpoint?")
-        if key == "wte.weight" or key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-            # HF's Conv1D stores [in, out] where nn.Linear wants [out, in]; HF's wte is [vocab,
-            # emb_dim] where our TiedEmbedding is [emb_dim, vocab]
+        if transposed_in_hf(key):
             tensor = tensor.t()
         if key == "wpe.weight":
             tensor = tensor[: cfg.context_length]
@@ -510,7 +538,8 @@ def save_checkpoint(obj, path):
 def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint written by train.py, with one clear error if it is missing or damaged."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path} is a directory, not a checkpoint file" if os.path.isdir(path)
+                                else f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, wrong file type, pickle error: all mean "not a checkpoint"

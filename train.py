@@ -1,12 +1,14 @@
 """Fine-tune GPT-2 to follow instructions (or go on training it on raw text), nanoGPT style.
 
-    python train.py --data instruction-data.json                 # the seeds' run: gpt2, 2 epochs
+    python train.py --data instruction-data.json                 # the chapter's run: gpt2, 2 epochs
     python train.py --model tiny --init random --context-length 128 --max-steps 50 --out runs/smoke
     python train.py --resume --out out                           # continue a stopped run
     torchrun --nproc_per_node=2 train.py ...                     # DistributedDataParallel
 
-Writes OUT/ckpt.pt (the latest state, resumable), OUT/best.pt (the lowest validation loss so
-far), OUT/metrics.jsonl (one line per evaluation) and, with matplotlib, OUT/loss.png.
+Writes OUT/metrics.jsonl (a line per evaluation) and, with matplotlib, OUT/loss.png at every
+evaluation; OUT/ckpt.pt (the whole training state, resumable) every --save-every steps, at the
+end of each epoch and of the run, and on Ctrl-C; OUT/best.pt (the weights of the lowest
+validation loss, for generate.py, eval.py and export.py) at the same times.
 """
 import argparse
 import contextlib
@@ -25,15 +27,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from data import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROMPT_STYLES, SEED, batch_indices, \
-    check_batchable, check_vocab, checked, decode, encode, format_prompt, prepare_data, run_main, summarize_data
+    check_batchable, check_same_data, check_vocab, checked, duration, decode, encode, format_prompt, prepare_data, run_main, summarize_data
 from generate import generate, respond
 from model import IGNORE_INDEX, PRESETS, atomic_write, build_model, calc_loss_loader, load_checkpoint, \
     model_from_checkpoint, resolve_device, save_checkpoint
 
-TRAIN_FRAC, TEST_FRAC = 0.85, 0.10  # the seeds' split; eval.py reads them from the checkpoint
+TRAIN_FRAC, TEST_FRAC = 0.85, 0.10  # the chapter's split; eval.py reads them from the checkpoint
 # What a resumed run may change; everything else comes from the checkpoint's arguments.
-CHANGEABLE_ON_RESUME = {"epochs", "max_steps", "eval_every", "eval_batches", "device", "dtype", "compile",
-                        "num_workers", "out", "resume"}
+CHANGEABLE_ON_RESUME = {"epochs", "max_steps", "eval_every", "eval_batches", "save_every", "device", "dtype",
+                        "compile", "num_workers", "out", "resume"}
+# What generate.py, eval.py and export.py read from a checkpoint besides the weights.
+INFERENCE_KEYS = ("config", "prompt_style", "mask_instructions", "context_length", "data", "data_fingerprint",
+                  "train_frac", "test_frac")
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -49,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--init", choices=["pretrained", "random"], default="pretrained",
                    help="start from GPT-2's weights or from random ones")
     p.add_argument("--data", default=None, help="instruction data (.json or .jsonl, Alpaca layout) or raw "
-                   "text (.txt); by default the seeds' 1,100 entries, downloaded once into data/")
+                   "text (.txt); by default the chapter's data set (1,100 entries), downloaded once into data/")
     p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), default="alpaca", help="prompt template")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--context-length", type=AT_LEAST_1, default=1024,
@@ -70,14 +75,16 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=AT_LEAST_1, default=5, help="evaluate every this many optimizer steps")
     p.add_argument("--eval-batches", type=AT_LEAST_1, default=5,
                    help="batches (of batch size x processes) of each split that an evaluation averages over")
+    p.add_argument("--save-every", type=AT_LEAST_1, default=100, help="write OUT/ckpt.pt and OUT/best.pt every this "
+                   "many optimizer steps (and at the end of each epoch and of the run, and on Ctrl-C)")
     p.add_argument("--seed", type=SEED, default=123, help="random seed (weights, data order, dropout)")
     p.add_argument("--out", default="out", help="folder for checkpoints, metrics and the loss plot")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="autocast to bfloat16 or float16 (float16: CUDA only, with a grad scaler)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt, with its settings: "
-                   "only --epochs, --max-steps, --eval-every, --eval-batches, --device, --dtype, --compile and "
-                   "--num-workers may change")
+                   "only --epochs, --max-steps, --eval-every, --eval-batches, --save-every, --device, --dtype, "
+                   "--compile and --num-workers may change, and --data may name the same data moved elsewhere")
     p.add_argument("--num-workers", type=AT_LEAST_0, default=0, help="data loader worker processes")
     p.add_argument("--group-by-length", action="store_true",
                    help="batch examples of similar length together (less padding), batches in random order")
@@ -91,31 +98,44 @@ def parse_args(argv=None):
 
 def resume_arguments(args, given, ckpt):
     """The arguments of a resumed run: the checkpoint's, except those it may change. Changing
-    one of the others (say --batch-size) would break the data position or the schedule."""
+    one of the others (say --batch-size) would break the data position or the schedule. The
+    data may have moved: --data is checked by its content later (check_same_data)."""
     saved = ckpt["args"]
-    for name in given - CHANGEABLE_ON_RESUME:
+    for name in given - CHANGEABLE_ON_RESUME - {"data"}:
         if getattr(args, name) != saved.get(name):
+            was = "not given (the default)" if saved.get(name) is None else saved.get(name)
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's "
-                             f"{saved.get(name)}; a resumed run keeps its settings (see --resume in --help)")
+                             f"{was}; a resumed run keeps its settings (see --resume in --help)")
     kept = (given & CHANGEABLE_ON_RESUME) | {"out", "resume"}  # out: where the checkpoint was found
-    return argparse.Namespace(**{**vars(args), **saved, **{name: getattr(args, name) for name in kept}})
+    resumed = argparse.Namespace(**{**vars(args), **saved, **{name: getattr(args, name) for name in kept}})
+    # the data: as given, else where the run found it (the default set's path included)
+    resumed.data = args.data if "data" in given else ckpt.get("data", saved.get("data"))
+    return resumed
 
 
-def setup_device(args):
-    """(device, rank, world size): one process, or one of torchrun's, joined to its process group
-    (NCCL on CUDA, one GPU per process; gloo on the CPU)."""
+def pick_device(args):
+    """The device of this process: --device, and under torchrun cpu or this process's GPU."""
     device = resolve_device(args.device)
     if "LOCAL_RANK" not in os.environ:
-        return device, 0, 1
+        return device
     if device.type == "mps":
         if args.device != "auto":
             raise ValueError("torchrun training runs on cpu or cuda, not mps")
         device = torch.device("cpu")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def join_process_group(device):
+    """(rank, world size): 0 and 1 alone, else this torchrun process joined to its group (NCCL
+    on CUDA, one GPU per process; gloo on the CPU)."""
+    if "LOCAL_RANK" not in os.environ:
+        return 0, 1
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size()
 
 
 def autocast_for(device, dtype):
@@ -177,10 +197,11 @@ def train_step(model, optimizer, micro_batches, n_targets, world_size=1, autocas
 
 
 def make_optimizer(model, lr, weight_decay):
-    """AdamW on every parameter, as the seeds. Its fused kernel takes 0.07 s a step for gpt2 on
-    this 2-core CPU, the default one 0.5 s (and several seconds when the machine is busy)."""
-    fused = next(model.parameters()).device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
+    """AdamW on every trainable parameter, as the chapter's code. Its fused kernel takes 0.07 s
+    a step for gpt2 on this 2-core CPU, the default one 0.5 s (several seconds on a busy machine)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = params[0].device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 def lr_at(step, args, total_steps):
@@ -210,7 +231,7 @@ def ignore_sigint(worker_id):
 
 def sample_text(model, splits, prompt_style, max_new_tokens=50):
     """The model's response to the first validation entry (a continuation of the first validation
-    window's first tokens for raw text), greedy, as at the end of each epoch of the seeds."""
+    window's first tokens for raw text), greedy, as the chapter's code does at the end of each epoch."""
     ctx = model.config.context_length
     was_training = model.training
     model.eval()
@@ -226,18 +247,18 @@ def sample_text(model, splits, prompt_style, max_new_tokens=50):
 
 def plot_losses(metrics_path, png_path):
     """OUT/loss.png: train and validation loss against steps, with tokens seen on a second
-    x-axis, as the seeds' plot_losses. False when matplotlib is not installed."""
+    x-axis, as the chapter's plot_losses. False when matplotlib is not installed."""
     try:
         import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no global state, no window
     except ImportError:
         return False
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f]
     steps, tokens = [r["step"] for r in rows], [r["tokens_seen"] for r in rows]
     train, val = [r["train_loss"] for r in rows], [r["val_loss"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.plot(steps, train, label="training loss")
     ax.plot(steps, val, linestyle="-.", label="validation loss")
     ax.set_xlabel("optimizer steps")
@@ -249,20 +270,245 @@ def plot_losses(metrics_path, png_path):
     fig.tight_layout()
     with atomic_write(png_path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return True
 
 
-def diverged(what, value, step, ckpt_path):
-    return ValueError(f"the {what} loss became {value} at step {step}; stopped, {ckpt_path} holds the last good "
-                      "state; try a lower --lr, or --grad-clip 1")
+# ----------------------------------------------------------------------------- setting up the run
 
 
-def duration(seconds):
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+@dataclasses.dataclass
+class Run:
+    """What the parts of a run share: settings, data, model, optimizer and the progress so far.
+    `state` is what a checkpoint saves of the progress (and a resumed run starts from)."""
+    args: argparse.Namespace
+    device: torch.device
+    rank: int
+    world_size: int
+    splits: object
+    raw_model: torch.nn.Module  # the model itself; `model` may wrap it (torch.compile, DDP)
+    model: torch.nn.Module = None
+    optimizer: torch.optim.Optimizer = None
+    scaler: object = None
+    autocast: object = contextlib.nullcontext
+    total_steps: int = 0
+    batches_per_epoch: int = 0
+    state: dict = dataclasses.field(default_factory=lambda: dict(
+        step=0, epoch=0, batch_in_epoch=0, tokens_seen=0, elapsed=0.0, best_val_loss=None, val_loss=None))
+    saved_step: int = None  # the step OUT/ckpt.pt holds, None before the first save
+    best_weights: dict = None  # a copy of the best weights not yet written to OUT/best.pt
+    best_step: int = None  # and their step
+    started: float = dataclasses.field(default_factory=time.time)  # when this process started training
+    start_elapsed: float = 0.0  # training time of the run before that (a resumed run)
+    steps_run: int = 0  # in this process, for the time left
+    last_eval: tuple = (0.0, 0)  # (time, tokens seen) of the last evaluation, for tokens/s
+    plot_cost: float = 0.0  # seconds the last loss plot took, and when it was drawn
+    plotted_at: float = 0.0
+
+    def path(self, name):
+        return os.path.join(self.args.out, name)
+
+
+def open_run(args, given, world_size):
+    """(the run's arguments, the checkpoint to resume or None): a new run in OUT, or the
+    continuation of the one saved there. Checked before any process group or download."""
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if not args.resume:
+        if os.path.exists(ckpt_path):
+            raise ValueError(f"{ckpt_path} already exists; continue that run with --resume, or choose another --out "
+                             "(nothing was overwritten)")
+        return args, None
+    if not os.path.exists(ckpt_path):
+        raise ValueError(f"nothing to resume: {ckpt_path} does not exist (--resume continues the run saved in --out)")
+    ckpt = load_checkpoint(ckpt_path)
+    if "optimizer" not in ckpt or "args" not in ckpt:
+        raise ValueError(f"{ckpt_path} holds no training state (optimizer, data position); it cannot be resumed")
+    args = resume_arguments(args, given, ckpt)
+    if ckpt.get("world_size", 1) != world_size:
+        raise ValueError(f"{ckpt_path} was trained with {ckpt.get('world_size', 1)} processes, not {world_size}; "
+                         "resume it with as many (the data order depends on it)")
+    if args.data is not None and not os.path.isfile(args.data) and "data" not in given:
+        raise ValueError(f"this run was trained on {args.data}, which is not there any more; if it moved, "
+                         "pass its new path with --resume --data PATH")
+    return args, ckpt
+
+
+def load_splits(args, ckpt, world_size):
+    """The run's data; on resume it must be the data the run was trained on, wherever it lies now."""
+    splits = prepare_data(args.data, args.prompt_style, args.context_length, args.mask_instructions,
+                          TRAIN_FRAC, TEST_FRAC)
+    if ckpt is not None:
+        check_same_data(splits, ckpt.get("data_fingerprint"), ckpt.get("data"))
+    check_batchable(splits, args.batch_size * world_size)
+    if splits.kind == "text" and args.mask_instructions:
+        raise ValueError("--mask-instructions needs instruction data; raw text has no instructions to mask")
+    return splits
+
+
+def build_training(run, ckpt):
+    """The model (GPT-2's weights, random ones, or the checkpoint's), its optimizer and the
+    progress of a resumed run, on run.device."""
+    args = run.args
+    if ckpt is not None:
+        run.raw_model = model_from_checkpoint(ckpt)  # no download: the weights are in the checkpoint
+    run.raw_model.to(run.device)
+    run.optimizer = make_optimizer(run.raw_model, args.lr, args.weight_decay)
+    run.scaler = torch.amp.GradScaler("cuda") if args.dtype == "float16" else None
+    if ckpt is not None:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        if run.scaler and ckpt.get("scaler"):
+            run.scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if run.device.type == "cuda" and ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        run.state = {name: ckpt[name] for name in run.state}
+        run.saved_step = ckpt["step"]
+    run.model = run.raw_model
+    if args.compile:
+        if run.rank == 0:
+            print("compiling the model with torch.compile: the first steps take a minute or so", flush=True)
+        run.model = torch.compile(run.raw_model)
+    if run.world_size > 1:
+        run.model = DDP(run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+
+
+# ----------------------------------------------------------------------------- one evaluation, one save
+
+
+def inference_info(run):
+    """What generate.py, eval.py and export.py need besides the weights (see INFERENCE_KEYS)."""
+    args, splits = run.args, run.splits
+    return {"config": dataclasses.asdict(run.raw_model.config),
+            # raw text is continued as it is, instruction data prompted in the run's style
+            "prompt_style": "none" if splits.kind == "text" else args.prompt_style,
+            "mask_instructions": args.mask_instructions, "context_length": run.raw_model.config.context_length,
+            "data": os.path.abspath(splits.path), "data_fingerprint": splits.fingerprint,
+            "train_frac": TRAIN_FRAC, "test_frac": TEST_FRAC}
+
+
+def save_run(run):
+    """OUT/ckpt.pt, everything a resumed run needs; and OUT/best.pt, the weights of the lowest
+    validation loss and what inference needs (a third of ckpt.pt: no optimizer state), when
+    they changed since the last save. Both through a temporary name."""
+    args, state = run.args, run.state
+    state["elapsed"] = run.start_elapsed + time.time() - run.started
+    info = {**inference_info(run), "args": vars(args), "step": state["step"], "world_size": run.world_size}
+    if run.best_weights is not None:
+        save_checkpoint({**info, "model": run.best_weights, "val_loss": state["best_val_loss"],
+                         "best_val_loss": state["best_val_loss"], "step": run.best_step}, run.path("best.pt"))
+        run.best_weights = None
+    save_checkpoint({
+        **info, "model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": {"schedule": args.lr_schedule, "warmup_steps": args.warmup_steps, "total_steps": run.total_steps},
+        "scaler": run.scaler.state_dict() if run.scaler else None,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else []},
+        **state,
+    }, run.path("ckpt.pt"))
+    run.saved_step = state["step"]
+
+
+def evaluate(run, epoch, lr):
+    """Losses on the first eval_batches global batches of each split, a line on the terminal and
+    in metrics.jsonl, the loss plot; a copy of the weights when the validation loss is the best."""
+    args, state = run.args, run.state
+    now = time.time()
+    tokens_per_s = (state["tokens_seen"] - run.last_eval[1]) / max(now - run.last_eval[0], 1e-9)
+    eval_loaders = [make_loader(split, run.splits, batch_size=args.batch_size)
+                    for split in (run.splits.train, run.splits.val)]
+    with run.autocast():
+        (train_loss, n_train), (val_loss, n_val) = (
+            calc_loss_loader(run.raw_model, loader, run.device, args.eval_batches * run.world_size)
+            for loader in eval_loaders)
+    for what, value, count in (("training", train_loss, n_train), ("validation", val_loss, n_val)):
+        if count and not math.isfinite(value):  # no count: nothing to evaluate (all masked), not divergence
+            raise diverged(run, what, value, state["step"])
+    left = (now - run.started + 1e-9) / max(run.steps_run, 1) * (run.total_steps - state["step"])
+    print(f"epoch {epoch} step {state['step']}/{run.total_steps} | train loss {train_loss:.3f} | "
+          f"val loss {val_loss:.3f} | {state['tokens_seen']:,} tokens seen | "
+          f"{tokens_per_s:,.0f} tokens/s | {duration(left)} left", flush=True)
+    with open(run.path("metrics.jsonl"), "a") as f:
+        f.write(json.dumps(dict(step=state["step"], epoch=epoch, train_loss=train_loss, val_loss=val_loss,
+                                tokens_seen=state["tokens_seen"], lr=lr,
+                                elapsed=round(run.start_elapsed + now - run.started, 3))) + "\n")
+    # Redraw the plot unless the last drawing was recent compared to its cost: at most a tenth
+    # of the run's time goes to plotting, however short the evaluation interval.
+    if time.time() - run.plotted_at >= 10 * run.plot_cost:
+        started = time.time()
+        plot_losses(run.path("metrics.jsonl"), run.path("loss.png"))
+        run.plotted_at, run.plot_cost = time.time(), time.time() - started
+    if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
+        state["best_val_loss"] = val_loss
+        # Written to best.pt at the next save; until then a copy (on the CPU) keeps them.
+        run.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.raw_model.state_dict().items()}
+        run.best_step = state["step"]
+    state["val_loss"] = val_loss
+    run.last_eval = (time.time(), state["tokens_seen"])
+
+
+def diverged(run, what, value, step):
+    if run.saved_step is None:
+        saved = f"no checkpoint was written yet (the first is due at step {min(run.args.save_every, run.total_steps)})"
+    else:
+        saved = f"{run.path('ckpt.pt')} holds the last good state, from step {run.saved_step}"
+    return ValueError(f"the {what} loss became {value} at step {step}; stopped, {saved}; try a lower --lr, "
+                      "or --grad-clip 1")
+
+
+# ----------------------------------------------------------------------------- the epoch loop
+
+
+def train_epochs(run, stop_requested):
+    """Optimizer steps until the last one, or until a stop is requested (Ctrl-C, SIGTERM):
+    then True. Evaluates after step 1 and every --eval-every steps, saves every --save-every
+    steps and at the end of each epoch."""
+    args, state = run.args, run.state
+    while state["step"] < run.total_steps:
+        epoch_batches = batch_indices(run.splits.train.lengths, args.batch_size, shuffle=True, seed=args.seed,
+                                      epoch=state["epoch"], drop_last=True, group_by_length=args.group_by_length,
+                                      rank=run.rank, world_size=run.world_size)
+        loader = make_loader(run.splits.train, run.splits, batch_sampler=epoch_batches[state["batch_in_epoch"]:],
+                             num_workers=args.num_workers, pin_memory=run.device.type == "cuda",
+                             worker_init_fn=ignore_sigint if args.num_workers else None)
+        micro_batches = []
+        for i, batch in enumerate(loader, start=state["batch_in_epoch"] + 1):
+            micro_batches.append(batch)
+            if len(micro_batches) < args.grad_accum and i < len(epoch_batches):
+                continue
+            # the processes agree on a stop in the step's one all-reduce, so all stop at this boundary
+            n_targets, n_tokens, stop = count_tokens(micro_batches, run.device, run.world_size, stop_requested())
+            if stop:
+                return True
+            lr = lr_at(state["step"], args, run.total_steps)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            loss = train_step(run.model, run.optimizer, micro_batches, n_targets, run.world_size, run.autocast,
+                              run.scaler, args.grad_clip)
+            micro_batches = []
+            epoch = state["epoch"] + 1  # 1-based, for people
+            if not math.isfinite(loss):
+                raise diverged(run, "training", loss, state["step"] + 1)
+            state["step"] += 1
+            state["tokens_seen"] += n_tokens
+            state["batch_in_epoch"] = i
+            end_of_epoch = i == len(epoch_batches)
+            if end_of_epoch:
+                state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
+            run.steps_run += 1
+
+            last = state["step"] == run.total_steps
+            if run.rank == 0:
+                # The chapter's code evaluates after the first step, then every eval_every steps; so do
+                # we, and after the last step.
+                if (state["step"] - 1) % args.eval_every == 0 or last:
+                    evaluate(run, epoch, lr)
+                if state["step"] % args.save_every == 0 or end_of_epoch or last:
+                    save_run(run)
+                if end_of_epoch:
+                    print(f"epoch {epoch} sample: {sample_text(run.raw_model, run.splits, args.prompt_style)!r}",
+                          flush=True)
+            if last:
+                break
+    return False
 
 
 # ----------------------------------------------------------------------------- the run
@@ -270,9 +516,14 @@ def duration(seconds):
 
 def main(argv=None):
     args, given = parse_args(argv)
-    device, rank, world_size = setup_device(args)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args, ckpt = open_run(args, given, world_size)  # mistakes show up before torchrun's processes meet
+    device = pick_device(args)
+    autocast = autocast_for(device, args.dtype)
+    splits = load_splits(args, ckpt, world_size)
+    rank, world_size = join_process_group(device)
     try:
-        return train(args, given, device, rank, world_size)
+        return train(args, ckpt, splits, device, autocast, rank, world_size)
     except KeyboardInterrupt:  # before the loop, or a second Ctrl-C: nothing (more) to save
         sys.exit("interrupted")
     finally:
@@ -280,140 +531,46 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def train(args, given, device, rank, world_size):
+def train(args, ckpt, splits, device, autocast, rank, world_size):
     log = print if rank == 0 else (lambda *a, **k: None)
-    ckpt_path, best_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "best.pt")
-    metrics_path, plot_path = os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "loss.png")
-
-    # -- a new run, or the continuation of the one in OUT
-    ckpt = None
-    if args.resume:
-        if not os.path.exists(ckpt_path):
-            raise ValueError(f"nothing to resume: {ckpt_path} does not exist "
-                             "(--resume continues the run saved in --out)")
-        ckpt = load_checkpoint(ckpt_path)
-        if "optimizer" not in ckpt or "args" not in ckpt:
-            raise ValueError(f"{ckpt_path} holds no training state (optimizer, data position); it cannot be resumed")
-        args = resume_arguments(args, given, ckpt)
-        if ckpt.get("world_size", 1) != world_size:
-            raise ValueError(f"{ckpt_path} was trained with {ckpt.get('world_size', 1)} processes, not {world_size}; "
-                             "resume it with as many (the data order depends on it)")
-    elif os.path.exists(ckpt_path):
-        raise ValueError(f"{ckpt_path} already exists; continue that run with --resume, or choose another --out "
-                         "(nothing was overwritten)")
-    autocast = autocast_for(device, args.dtype)
-    torch.manual_seed(args.seed)
-
-    # -- data
-    splits = prepare_data(args.data, args.prompt_style, args.context_length, args.mask_instructions,
-                          TRAIN_FRAC, TEST_FRAC)
-    check_batchable(splits, args.batch_size * world_size)
-    if splits.kind == "text" and args.mask_instructions:
-        raise ValueError("--mask-instructions needs instruction data; raw text has no instructions to mask")
     log(summarize_data(splits, args.batch_size, args.context_length))
-    batches_per_epoch = len(batch_indices(splits.train.lengths, args.batch_size, shuffle=True, seed=args.seed,
-                                          drop_last=True, rank=rank, world_size=world_size))
-    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)  # a short last step ends an epoch
-    total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
-    # Evaluation: the first eval_batches global batches of each split in file order, on rank 0.
-    eval_loaders = [make_loader(split, splits, batch_size=args.batch_size) for split in (splits.train, splits.val)]
-
-    # -- model and optimizer
-    if ckpt is None:
-        raw_model = build_model(args.model, pretrained=args.init == "pretrained",
-                                context_length=args.context_length, drop_rate=args.dropout)
-    else:
-        raw_model = model_from_checkpoint(ckpt)  # no download: the weights are in the checkpoint
-    check_vocab(raw_model.config.vocab_size, args.model)
-    raw_model.to(device)
-    optimizer = make_optimizer(raw_model, args.lr, args.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if args.dtype == "float16" else None
-    state = dict(step=0, epoch=0, batch_in_epoch=0, tokens_seen=0, elapsed=0.0, best_val_loss=None, val_loss=None)
+    torch.manual_seed(args.seed)
+    raw_model = None if ckpt else build_model(args.model, pretrained=args.init == "pretrained",
+                                              context_length=args.context_length, drop_rate=args.dropout)
+    run = Run(args, device, rank, world_size, splits, raw_model, autocast=autocast)
+    run.batches_per_epoch = len(batch_indices(splits.train.lengths, args.batch_size, shuffle=True, seed=args.seed,
+                                              drop_last=True, rank=rank, world_size=world_size))
+    steps_per_epoch = math.ceil(run.batches_per_epoch / args.grad_accum)  # a short last step ends an epoch
+    run.total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
+    build_training(run, ckpt)
+    check_vocab(run.raw_model.config.vocab_size, args.model)
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        state = {name: ckpt[name] for name in state}
-        log(f"resuming {ckpt_path} at step {state['step']} (epoch {state['epoch'] + 1}, "
-            f"batch {state['batch_in_epoch']} of {batches_per_epoch})")
-    model = torch.compile(raw_model) if args.compile else raw_model
-    if world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    log(f"model {args.model} ({args.init} weights): {raw_model.num_params() / 1e6:.1f}M parameters, "
-        f"context {raw_model.config.context_length}, on {device} ({args.dtype})")
+        log(f"resuming {run.path('ckpt.pt')} at step {run.state['step']} (epoch {run.state['epoch'] + 1}, "
+            f"batch {run.state['batch_in_epoch']} of {run.batches_per_epoch})")
+    log(f"model {args.model} ({args.init} weights): {run.raw_model.num_params() / 1e6:.1f}M parameters, "
+        f"context {run.raw_model.config.context_length}, on {device} ({args.dtype})")
     log(f"global batch {args.batch_size * world_size * args.grad_accum} = batch size {args.batch_size} x "
         f"{world_size} process{'es' if world_size > 1 else ''} x grad accum {args.grad_accum}; "
-        f"{total_steps} optimizer steps ({steps_per_epoch} per epoch)")
-    if state["step"] >= total_steps:
-        log(f"nothing to do: the run is at step {state['step']} of {total_steps}; raise --epochs or --max-steps")
+        f"{run.total_steps} optimizer steps ({steps_per_epoch} per epoch)")
+    if run.state["step"] >= run.total_steps:
+        log(f"nothing to do: the run is at step {run.state['step']} of {run.total_steps}; "
+            "raise --epochs or --max-steps")
         return
 
-    # -- outputs: on resume keep the metrics up to the checkpoint's step, drop any written after it
+    # outputs: on resume keep the metrics up to the checkpoint's step, drop any written after it
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         kept = []
-        if ckpt is not None and os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= state["step"]]
-        with atomic_write(metrics_path) as tmp, open(tmp, "w") as f:
+        if ckpt is not None and os.path.exists(run.path("metrics.jsonl")):
+            with open(run.path("metrics.jsonl")) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= run.state["step"]]
+        with atomic_write(run.path("metrics.jsonl")) as tmp, open(tmp, "w") as f:
             f.writelines(kept)
+    run.started, run.start_elapsed = time.time(), run.state["elapsed"]
+    run.last_eval = (run.started, run.state["tokens_seen"])
 
-    start, start_elapsed, steps_run = time.time(), state["elapsed"], 0  # this process's time and steps
-    last_eval_time, last_eval_tokens = start, state["tokens_seen"]
-
-    def save(path):
-        state["elapsed"] = start_elapsed + time.time() - start
-        save_checkpoint({
-            "model": raw_model.state_dict(), "config": dataclasses.asdict(raw_model.config),
-            "prompt_style": args.prompt_style, "mask_instructions": args.mask_instructions,
-            "context_length": raw_model.config.context_length, "data": args.data,
-            "train_frac": TRAIN_FRAC, "test_frac": TEST_FRAC,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": {"schedule": args.lr_schedule, "warmup_steps": args.warmup_steps, "total_steps": total_steps},
-            "scaler": scaler.state_dict() if scaler else None,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
-            "args": vars(args), "world_size": world_size, **state,
-        }, path)
-
-    def evaluate_and_save(epoch, lr):
-        """Losses on the first eval_batches global batches of each split, a line on the terminal
-        and in metrics.jsonl, then ckpt.pt (and best.pt when the validation loss improved)."""
-        nonlocal last_eval_time, last_eval_tokens
-        now = time.time()
-        tokens_per_s = (state["tokens_seen"] - last_eval_tokens) / max(now - last_eval_time, 1e-9)
-        with autocast():
-            (train_loss, n_train), (val_loss, n_val) = (
-                calc_loss_loader(raw_model, loader, device, args.eval_batches * world_size) for loader in eval_loaders)
-        for what, value, count in (("training", train_loss, n_train), ("validation", val_loss, n_val)):
-            if count and not math.isfinite(value):  # no count: nothing to evaluate (all masked), not divergence
-                raise diverged(what, value, state["step"], ckpt_path)
-        left = (now - start) / steps_run * (total_steps - state["step"])
-        print(f"epoch {epoch} step {state['step']}/{total_steps} | train loss {train_loss:.3f} | "
-              f"val loss {val_loss:.3f} | {state['tokens_seen']:,} tokens seen | "
-              f"{tokens_per_s:,.0f} tokens/s | {duration(left)} left", flush=True)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(dict(step=state["step"], epoch=epoch, train_loss=train_loss, val_loss=val_loss,
-                                    tokens_seen=state["tokens_seen"], lr=lr,
-                                    elapsed=round(start_elapsed + now - start, 3))) + "\n")
-        improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
-        state["val_loss"] = val_loss
-        state["best_val_loss"] = val_loss if improved else state["best_val_loss"]
-        save(ckpt_path)
-        if improved:  # the same bytes as ckpt.pt: a hard link costs no second write
-            try:
-                with atomic_write(best_path) as tmp:
-                    os.link(ckpt_path, tmp)
-            except OSError:
-                save(best_path)
-        last_eval_time, last_eval_tokens = time.time(), state["tokens_seen"]
-
-    # -- the loop. Ctrl-C (or SIGTERM) sets a flag; the processes agree on it in the step's
-    # all-reduce, so they all stop at the same step boundary, where rank 0 saves.
-    signalled, interrupted = threading.Event(), False
+    # Ctrl-C (or SIGTERM) sets a flag; the loop stops at the next step boundary, where rank 0 saves.
+    signalled = threading.Event()
 
     def on_signal(signum, frame):
         # A second Ctrl-C stops at once, unsaved; not under torchrun, which passes on the first.
@@ -423,59 +580,22 @@ def train(args, given, device, rank, world_size):
 
     handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while state["step"] < total_steps and not interrupted:
-            epoch_batches = batch_indices(splits.train.lengths, args.batch_size, shuffle=True, seed=args.seed,
-                                          epoch=state["epoch"], drop_last=True, group_by_length=args.group_by_length,
-                                          rank=rank, world_size=world_size)
-            loader = make_loader(splits.train, splits, batch_sampler=epoch_batches[state["batch_in_epoch"]:],
-                                 num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                 worker_init_fn=ignore_sigint if args.num_workers else None)
-            micro_batches = []
-            for i, batch in enumerate(loader, start=state["batch_in_epoch"] + 1):
-                micro_batches.append(batch)
-                if len(micro_batches) < args.grad_accum and i < len(epoch_batches):
-                    continue
-                n_targets, n_tokens, interrupted = count_tokens(micro_batches, device, world_size, signalled.is_set())
-                if interrupted:
-                    break
-                lr = lr_at(state["step"], args, total_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss = train_step(model, optimizer, micro_batches, n_targets, world_size, autocast, scaler,
-                                  args.grad_clip)
-                micro_batches = []
-                epoch = state["epoch"] + 1  # 1-based, for people
-                if not math.isfinite(loss):
-                    raise diverged("training", loss, state["step"] + 1, ckpt_path)
-                state["step"] += 1
-                state["tokens_seen"] += n_tokens
-                state["batch_in_epoch"] = i
-                if i == len(epoch_batches):
-                    state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
-                steps_run += 1
-
-                # The seeds evaluate after the first step, then every eval_every steps; so do we,
-                # and after the last step.
-                if rank == 0 and ((state["step"] - 1) % args.eval_every == 0 or state["step"] == total_steps):
-                    evaluate_and_save(epoch, lr)
-                if rank == 0 and state["batch_in_epoch"] == 0:
-                    print(f"epoch {epoch} sample: {sample_text(raw_model, splits, args.prompt_style)!r}", flush=True)
-                if state["step"] == total_steps:
-                    break
+        interrupted = train_epochs(run, signalled.is_set)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
 
     if rank == 0:
         if interrupted:
-            save(ckpt_path)
-        if not plot_losses(metrics_path, plot_path):
-            print(f"no {plot_path}: matplotlib is not installed (pip install matplotlib)")
+            save_run(run)
+        if not plot_losses(run.path("metrics.jsonl"), run.path("loss.png")):
+            print(f"no {run.path('loss.png')}: matplotlib is not installed (pip install matplotlib)")
         if interrupted:
-            print(f"interrupted at step {state['step']}: saved {ckpt_path}; continue with --resume --out {args.out}")
+            print(f"interrupted at step {run.state['step']}: saved {run.path('ckpt.pt')}; "
+                  f"continue with --resume --out {args.out}")
         else:
-            print(f"done: {state['step']} steps in {duration(time.time() - start)}; best val loss "
-                  f"{state['best_val_loss']:.3f}; checkpoints in {args.out}")
+            print(f"done: {run.state['step']} steps in {duration(time.time() - run.started)}; best val loss "
+                  f"{run.state['best_val_loss']:.3f}; checkpoints in {args.out}")
     if interrupted:
         sys.exit(130)
 

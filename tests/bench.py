@@ -1,7 +1,7 @@
 """Speed benchmarks, one line per figure (a script, not collected by pytest).
 
     python tests/bench.py                    # everything (about 12 minutes on 2 cores)
-    python tests/bench.py --only generation  # or training, eval, int8, beams
+    python tests/bench.py --only generation  # or training, eval, judge, int8, beams
 
 All on the gpt2 (124M) config with random weights, on the CPU. Targets are ratios within
 one run, since absolute times on a shared machine are noisy; see README.md.
@@ -101,7 +101,7 @@ def bench_eval(batch_size=16, one_at_a_time=12):
 
 def bench_training(every=8):
     """One epoch of the default data (935 examples, batch 8) on gpt2 (124M, random weights):
-    train.py's step with and without grouping and masking, against the seeds' plain loop
+    train.py's step with and without grouping and masking, against the chapter's plain loop
     (logits at every position, default AdamW) and that loop with train.py's fused AdamW.
     A full epoch takes minutes per variant here, so each is timed on every 8th batch of its
     epoch's order, the variants taking turns so that a change in the machine's load hits all
@@ -117,7 +117,7 @@ def bench_training(every=8):
     plain, masked = prepare_data(path), prepare_data(path, mask_instructions=True)
     lengths, prompt_lengths = masked.train.lengths, masked.train.prompt_lengths
     model = gpt2_random().train()
-    seeds_optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
+    chapter_optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
     fused_optimizer = make_optimizer(model, 5e-5, 0.1)
 
     def plain_loop(optimizer):
@@ -130,8 +130,8 @@ def bench_training(every=8):
     def train_py(inputs, targets):
         train_step(model, fused_optimizer, [(inputs, targets)], count_tokens([(inputs, targets)], "cpu")[0])
 
-    variants = [  # name, step, data, grouped by length, target speed-up over the seeds' loop
-        ("seeds' plain loop", plain_loop(seeds_optimizer), plain, False, None),
+    variants = [  # name, step, data, grouped by length, target speed-up over the chapter's loop
+        ("the chapter's plain loop", plain_loop(chapter_optimizer), plain, False, None),
         ("plain loop with fused AdamW", plain_loop(fused_optimizer), plain, False, None),
         ("train.py default", train_py, plain, False, 1.0),
         ("--group-by-length", train_py, plain, True, None),
@@ -163,10 +163,36 @@ def bench_training(every=8):
     for v, (name, _, _, _, target) in enumerate(variants):
         print(f"training, {name}: {tokens[v] / seconds[v]:,.0f} padded tokens/s, "
               f"{responses[v] / seconds[v]:,.0f} response tokens/s, epoch {epochs[v] / 60:.1f} min = "
-              f"{epochs[0] / epochs[v]:.2f}x the seeds' loop" + (f" (target >= {target}x)" if target else "")
+              f"{epochs[0] / epochs[v]:.2f}x the chapter's loop" + (f" (target >= {target}x)" if target else "")
               + (f", {epochs[1] / epochs[v]:.2f}x with fused AdamW" if v > 1 else ""))
     print(f"training, peak resident memory of the bench (gpt2, its gradients, two AdamW states): "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
+
+def bench_judge(n=40, delay=0.05, repeats=3):
+    """judge.py scoring n responses against a local server that answers each request after
+    `delay` seconds, one request at a time and four at a time (medians, taken in turns)."""
+    import json
+    import tempfile
+
+    from judge import judge_file
+    from judge_server import judge_server
+
+    records = [{"instruction": f"Name a color ({i}).", "input": "", "output": "Blue.", "model_response": str(i)}
+               for i in range(n)]
+    seconds = {1: [], 4: []}
+    with tempfile.TemporaryDirectory() as tmp, judge_server(delay=delay) as server:
+        path = os.path.join(tmp, "test-responses.json")
+        for _ in range(repeats):
+            for workers in seconds:
+                with open(path, "w") as f:
+                    json.dump(records, f)
+                start = time.perf_counter()
+                judge_file(path, "bench", server.url, workers=workers)
+                seconds[workers].append(time.perf_counter() - start)
+    one, four = (sorted(s)[repeats // 2] for s in seconds.values())
+    print(f"judge, {n} responses, server answering after {delay * 1000:.0f} ms: --judge-workers 1 {one:.2f} s, "
+          f"--judge-workers 4 {four:.2f} s = {four / one:.2f}x (target <= 0.4x)")
 
 
 def median_in_turns(runs, repeats):
@@ -239,8 +265,8 @@ def bench_beams(repeats=3):
           f"= {rates['5 beams'] / rates['greedy']:.2f}x greedy ({rates['greedy']:.1f} tokens/s)")
 
 
-BENCHES = {"generation": bench_generation, "eval": bench_eval, "training": bench_training, "int8": bench_int8,
-           "beams": bench_beams}
+BENCHES = {"generation": bench_generation, "eval": bench_eval, "training": bench_training, "judge": bench_judge,
+           "int8": bench_int8, "beams": bench_beams}
 
 
 def main():

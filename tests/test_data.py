@@ -1,5 +1,7 @@
 """Tests of data.py on small data made here (no network, no ../shared)."""
+import hashlib
 import json
+import os
 
 import pytest
 import torch
@@ -36,7 +38,7 @@ def test_encode_round_trips_unicode_emoji_and_literal_endoftext():
 
 # ---------------------------------------------------------------------------- prompt styles
 
-def test_alpaca_prompt_is_byte_for_byte_the_seeds_format():
+def test_alpaca_prompt_is_byte_for_byte_the_chapters_format():
     entry = {"instruction": "Edit the sentence.", "input": "He go home.", "output": "He goes home."}
     assert data.format_input(entry) == (
         ALPACA_HEAD + "\n\n### Instruction:\nEdit the sentence.\n\n### Input:\nHe go home.")
@@ -97,6 +99,8 @@ BAD_DATA = [
     ("bad.json", json.dumps([{"instruction": "a", "input": None, "output": "b"}]), r"bad\.json: entry 0: 'input' must be a string, got null"),
     ("bad.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": "a", "output"}\n', r"bad\.jsonl: line 3: not valid JSON: "),
     ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', r"bad\.jsonl: entry 1: missing 'output'"),
+    ("bad", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output"}\n',
+     r"bad: not valid JSON \(Extra data: line 2 column 1 \(char 36\)\), nor JSON Lines \(line 2: not valid JSON: "),
 ]
 
 
@@ -108,13 +112,53 @@ def test_bad_data_gives_one_clear_error(tmp_path, name, content, message):
         data.load_instruction_data(str(path))
 
 
+def test_json_lines_are_recognised_by_content_whatever_the_name(tmp_path):
+    entries = make_entries(3)
+    for name in ("DATA.JSONL", "data", "data.json"):
+        (tmp_path / name).write_text("\n".join(json.dumps(e) for e in entries) + "\n", encoding="utf-8")
+        assert data.load_instruction_data(str(tmp_path / name)) == [{"input": "", **e} for e in entries]
+
+
 def test_missing_and_non_utf8_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.json: no such data file"):
         data.load_instruction_data(str(tmp_path / "nope.json"))
+    with pytest.raises(FileNotFoundError, match=f"^{tmp_path} is a directory, not a data file$"):
+        data.load_instruction_data(str(tmp_path))
     path = tmp_path / "latin1.json"
     path.write_bytes(b'[{"instruction": "caf\xe9", "output": "b"}]')
     with pytest.raises(ValueError, match=r"latin1\.json: not UTF-8 text \(byte 21\)"):
         data.load_instruction_data(str(path))
+
+
+def test_tokenizer_download_failure_says_what_failed_and_how_to_work_offline(monkeypatch):
+    import requests
+
+    def no_network(name):
+        raise requests.exceptions.ConnectionError("HTTPSConnectionPool(host='...'): Max retries exceeded")
+
+    monkeypatch.setattr(data.tiktoken, "get_encoding", no_network)
+    data.get_tokenizer.cache_clear()
+    try:
+        with pytest.raises(OSError, match=r"^could not load GPT-2's tokenizer files \(ConnectionError\); tiktoken "
+                           r"downloads them once, so check the network, or for offline use set TIKTOKEN_CACHE_DIR"):
+            data.encode("hello")
+    finally:
+        data.get_tokenizer.cache_clear()
+
+
+def test_data_fingerprint_names_the_content_not_the_path(tmp_path):
+    a = write_json(tmp_path, make_entries(20), "a.json")
+    b = tmp_path / "moved" / "b.json"
+    os.makedirs(b.parent)
+    b.write_bytes(open(a, "rb").read())
+    fingerprint = data.prepare_data(a).fingerprint
+    assert fingerprint == data.prepare_data(str(b)).fingerprint
+    assert fingerprint == {"sha256": hashlib.sha256(open(a, "rb").read()).hexdigest(), "entries": 20}
+    changed = write_json(tmp_path, make_entries(21), "c.json")
+    assert data.prepare_data(changed).fingerprint["entries"] == 21
+    with pytest.raises(ValueError, match=f"^{changed} is not the data the checkpoint was trained on \\({a}\\): its "
+                       "content differs"):
+        data.check_same_data(data.prepare_data(changed), fingerprint, a)
 
 
 # ---------------------------------------------------------------------------- default data set
@@ -148,7 +192,7 @@ def test_default_data_that_is_not_json_is_not_saved(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------- splitting
 
-def test_split_reproduces_the_seeds_counts_in_file_order():
+def test_split_reproduces_the_chapters_counts_in_file_order():
     entries = make_entries(1100)
     train, test, val = data.split_data(entries)
     assert (len(train), len(test), len(val)) == (935, 110, 55)
@@ -187,7 +231,7 @@ def test_instruction_dataset_tokenizes_prompt_and_response_separately():
 
 # ---------------------------------------------------------------------------- collate
 
-def test_collate_reproduces_the_seeds_worked_example():
+def test_collate_reproduces_the_chapters_worked_example():
     batch = [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]]
     inputs, targets = data.collate(batch)
     assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, 50256, 50256, 50256], [7, 8, 9, 50256, 50256]]
@@ -235,7 +279,7 @@ def test_collate_keeps_a_text_token_equal_to_the_pad_id():
 
 # ---------------------------------------------------------------------------- raw text windows
 
-def test_text_windows_match_the_seeds_gpt_dataset():
+def test_text_windows_match_the_chapters_gpt_dataset():
     ds = data.TextWindowDataset(list(range(10)), max_length=4, stride=3)
     assert [(x.tolist(), y.tolist()) for x, y in ds] == [
         ([0, 1, 2, 3], [1, 2, 3, 4]), ([3, 4, 5, 6], [4, 5, 6, 7])]

@@ -10,6 +10,7 @@ import torch.nn as nn
 import eval as ev
 import model as model_module
 from data import encode
+from export import export
 from generate import generate, load_for_inference, respond
 from model import GPTConfig, Int8Linear, quantize_int8
 from test_eval import make_entries, save_ckpt, write_data
@@ -207,20 +208,6 @@ def test_training_a_quantized_model_is_refused():
         model(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]]))
 
 
-def save_hf_folder(model, folder):
-    """model as a Hugging Face GPT-2 folder (config.json, model.safetensors in its [in, out] layouts)."""
-    from safetensors.torch import save_file
-    folder.mkdir()
-    cfg = model.config
-    (folder / "config.json").write_text(json.dumps({"vocab_size": cfg.vocab_size, "n_positions": cfg.context_length,
-                                                    "n_embd": cfg.emb_dim, "n_layer": cfg.n_layers,
-                                                    "n_head": cfg.n_heads}))
-    transposed = ("wte.weight", "c_attn.weight", "c_proj.weight", "c_fc.weight")
-    save_file({key: (t.t() if key.endswith(transposed) else t).contiguous() for key, t in model.state_dict().items()},
-              str(folder / "model.safetensors"))
-    return str(folder)
-
-
 def test_quantize_flag_for_a_checkpoint_and_a_hugging_face_folder(tmp_path):
     ckpt = str(tmp_path / "ckpt.pt")
     model = save_tiny_checkpoint(ckpt)
@@ -230,7 +217,7 @@ def test_quantize_flag_for_a_checkpoint_and_a_hugging_face_folder(tmp_path):
                         "--max-new-tokens", "10", "--device", "cpu", "--quantize", "int8")
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected[0] + "\n\n" + expected[1] + "\n"
-    folder = save_hf_folder(model, tmp_path / "hf")
+    folder = export(ckpt, str(tmp_path / "hf"))
     loaded, _, _ = load_for_inference(None, folder, device="cpu", quantize="int8")
     assert isinstance(loaded.h[0].attn.c_attn, Int8Linear)
     assert respond(loaded, entries, "alpaca", 10) == expected

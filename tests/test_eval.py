@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
-from data import EOT_ID, IGNORE_INDEX, InstructionDataset, collate, decode, encode, format_prompt
+from data import EOT_ID, IGNORE_INDEX, InstructionDataset, collate, decode, encode, format_prompt, prepare_data
 from generate import generate, respond
 from model import GPT, config_for, save_checkpoint
 
@@ -100,7 +100,7 @@ def model_stopping_on(token, seed):
     return model
 
 
-def test_batched_responses_equal_one_at_a_time_and_json_keeps_the_seeds_layout(tmp_path):
+def test_batched_responses_equal_one_at_a_time_and_json_keeps_the_chapters_layout(tmp_path):
     entries = make_entries()
     prompts = [encode(format_prompt(e)) for e in entries[10:16]]
     second_words = [ids[1] for ids in generate(tiny_model(seed=2), prompts, 2, eos_id=None)]
@@ -254,6 +254,34 @@ def test_errors_are_clear(tmp_path, capsys):
         ev.main(["--ckpt", no_test, "--limit", "0"])
     assert "argument --limit: must be at least 1, got 0" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.glob("*.json*")) == ["data.json"]  # none of these runs wrote a file
+
+
+def test_data_is_recognised_by_content_and_a_changed_file_refused(tmp_path):
+    entries = make_entries()
+    data = write_data(tmp_path, entries)
+    fingerprint = prepare_data(data).fingerprint
+    model = tiny_model()
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", model, data=data, data_fingerprint=fingerprint)
+    report, _ = run_eval("--ckpt", ckpt, "--limit", 1, "--max-new-tokens", 2)
+    os.makedirs(tmp_path / "elsewhere")
+    moved = write_data(tmp_path / "elsewhere", entries)
+    os.remove(data)
+    moved_report, _ = run_eval("--ckpt", ckpt, "--data", moved, "--limit", 1, "--max-new-tokens", 2)
+    assert moved_report["test_loss"] == report["test_loss"] and moved_report["data"] == moved
+    changed = write_data(tmp_path, entries[:-1] + [{**entries[-1], "output": "changed"}], "changed.json")
+    with pytest.raises(ValueError, match=f"^{changed} is not the data the checkpoint was trained on \\({data}\\)"):
+        ev.main(["--ckpt", ckpt, "--data", changed])
+
+
+def test_an_unwritable_out_fails_before_any_work(tmp_path, monkeypatch):
+    data = write_data(tmp_path, make_entries())
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", tiny_model(), data=data)
+    monkeypatch.setattr(ev, "load_for_inference", lambda *a: pytest.fail("loaded a model before checking --out"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(NotADirectoryError, match=f"^{tmp_path / 'a-file'} is a file, not a folder to write results in$"):
+        ev.main(["--ckpt", ckpt, "--out", str(tmp_path / "a-file")])
+    with pytest.raises(OSError, match=f"^cannot write in {tmp_path / 'a-file' / 'under'} \\(Not a directory\\)$"):
+        ev.main(["--ckpt", ckpt, "--out", str(tmp_path / "a-file" / "under")])
 
 
 def test_cli_missing_checkpoint_is_one_line(tmp_path):

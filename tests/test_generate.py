@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from data import encode, format_prompt
+from data import decode, encode, format_prompt
 from generate import generate, load_for_inference, respond, sample_next
 from model import GPT, config_for, from_pretrained, resolve_device, save_checkpoint
 from test_model import FIXTURE, REFERENCE
@@ -130,14 +130,28 @@ def test_cli_prints_the_response_in_the_checkpoints_prompt_style(tmp_path):
     assert style == "phi3" and format_prompt(entries[0], style).startswith("<|user|>\nName a color.")
 
 
-def test_cli_interactive_loop(tmp_path):
+def test_cli_interactive_loop_goes_on_after_an_overlong_prompt(tmp_path):
     ckpt = str(tmp_path / "ckpt.pt")
     model = save_tiny_checkpoint(ckpt)
     expected = respond(model, [{"instruction": "Say hi.", "input": ""}], "alpaca", 8)[0]
+    overlong = "word " * 200  # over the context of 128 tokens
     result = run_script("--ckpt", ckpt, "--interactive", "--max-new-tokens", "8", "--device", "cpu",
-                        stdin="Say hi.\n")
+                        stdin=f"Say hi.\n{overlong}\nSay hi.\n")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "> " + expected + "\n> "
+    assert result.stdout == "> " + expected + "\n> > " + expected + "\n> "
+    n_prompt = len(encode(format_prompt({"instruction": overlong.strip(), "input": ""})))
+    assert f"error: a prompt of {n_prompt} tokens exceeds the context length 128; truncate it first\n" in result.stderr
+    # the random model never ends a response: each is cut, and a note on stderr says so
+    assert result.stderr.count("(cut at 8 tokens: --max-new-tokens 8 or the end of the context of 128)") == 2
+
+
+def test_cli_continues_plain_text_for_a_raw_text_checkpoint(tmp_path):
+    ckpt = str(tmp_path / "ckpt.pt")
+    model = save_tiny_checkpoint(ckpt, style="none")  # what train.py saves for .txt data
+    expected = generate(model, [encode("Once upon a time")], 6)[0]
+    result = run_script("--ckpt", ckpt, "--prompt", "Once upon a time", "--max-new-tokens", "6", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == decode(expected).strip() + "\n"
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -148,3 +162,16 @@ def test_cli_errors_are_one_line(tmp_path):
     assert result.returncode == 1 and "exactly one of --ckpt" in result.stderr
     result = run_script("--model", "gpt2", "--prompt", "hi", "--temperature", "-1")
     assert result.returncode == 2 and "argument --temperature: must be a number >= 0, got -1" in result.stderr
+    result = run_script("--model", "gpt2", "--prompt", "hi", "--seed", "-1")
+    assert result.returncode == 2 and "argument --seed: must be an integer from 0 to 2**63 - 1, got -1" in result.stderr
+    small_vocab = os.path.join(FIXTURE, "bare")  # a real GPT-2 folder, but with 1,024 tokens
+    result = run_script("--model", small_vocab, "--prompt", "hi")
+    assert result.returncode == 1
+    assert result.stderr == f"error: {small_vocab} has a vocabulary of 1024 tokens; GPT-2's tokenizer needs 50257\n"
+    result = run_script("--model", "tiny", "--prompt", "hi")
+    assert result.returncode == 1 and result.stderr == (
+        "error: 'tiny' is a preset without pretrained weights (train.py --init random uses it); give a --ckpt, "
+        "a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local folder\n")
+    result = run_script("--ckpt", str(tmp_path), "--prompt", "hi")
+    assert result.returncode == 1
+    assert result.stderr == f"error: checkpoint {tmp_path} is a directory, not a checkpoint file\n"

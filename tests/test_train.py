@@ -2,7 +2,9 @@
 Runs are in-process (train.main) where that saves the cost of starting Python and torch;
 the command-line behaviour (exit codes, Ctrl-C, torchrun) runs in subprocesses."""
 import glob
+import importlib.util
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -22,9 +24,11 @@ TINY = ["--model", "tiny", "--init", "random", "--context-length", "64", "--batc
 # Loss on the responses only: the output head over GPT-2's vocabulary is most of the tiny
 # model's cost, and masking spares it at most positions.
 FAST = [*TINY, "--mask-instructions"]
-CKPT_KEYS = {"model", "config", "prompt_style", "mask_instructions", "context_length", "data", "train_frac",
-             "test_frac", "optimizer", "scheduler", "step", "epoch", "batch_in_epoch", "rng", "args",
-             "best_val_loss", "val_loss"}
+# best.pt: the weights and what generate.py, eval.py and export.py need; ckpt.pt: all a resumed run needs
+BEST_KEYS = {"model", "config", "prompt_style", "mask_instructions", "context_length", "data", "data_fingerprint",
+             "train_frac", "test_frac", "args", "step", "best_val_loss", "val_loss"}
+CKPT_KEYS = BEST_KEYS | {"optimizer", "scheduler", "epoch", "batch_in_epoch", "rng", "tokens_seen", "elapsed"}
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 WORDS = "apple river stone cloud green quiet music window bread silver paper garden".split()
 
 
@@ -99,21 +103,39 @@ def test_training_lowers_the_loss_and_writes_checkpoints_metrics_and_plot(data, 
     assert "epoch 1 step 1/11 | train loss " in printed and "tokens/s" in printed and "left" in printed
 
     rows = metrics(out)
-    assert [m["step"] for m in rows] == [1, 6, 11]  # the seeds' schedule: after step 1, then every 5
+    assert [m["step"] for m in rows] == [1, 6, 11]  # the chapter's schedule: after step 1, then every 5
     assert set(rows[0]) == {"step", "epoch", "train_loss", "val_loss", "tokens_seen", "lr", "elapsed"}
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.5 and rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.5
     assert rows[0]["tokens_seen"] < rows[1]["tokens_seen"] < rows[2]["tokens_seen"]
 
     ckpt, best = load_checkpoint(out / "ckpt.pt"), load_checkpoint(out / "best.pt")
-    assert CKPT_KEYS <= set(ckpt) and CKPT_KEYS <= set(best)
+    assert CKPT_KEYS <= set(ckpt) and set(best) == BEST_KEYS | {"world_size"}
     assert ckpt["step"] == best["step"] == 11 and ckpt["val_loss"] == best["best_val_loss"] == rows[-1]["val_loss"]
     assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["context_length"]) == (0, 11, 64)
     assert ckpt["args"]["lr"] == 1e-3 and ckpt["data"] == str(data) and ckpt["prompt_style"] == "alpaca"
+    assert ckpt["data_fingerprint"]["entries"] == 48 and len(ckpt["data_fingerprint"]["sha256"]) == 64
     assert torch.load(out / "ckpt.pt", weights_only=True)["rng"]["torch"].dtype == torch.uint8
+    # no optimizer state: about a third of ckpt.pt (weights + AdamW's two moments)
+    assert os.path.getsize(out / "best.pt") < 0.36 * os.path.getsize(out / "ckpt.pt")
     model, _, style = load_for_inference(str(out / "best.pt"))  # what generate.py and eval.py do
     assert style == "alpaca" and model.config.context_length == 64
-    assert os.path.getsize(out / "loss.png") > 0
+    if HAVE_MATPLOTLIB:  # an optional dependency: the plot where it is installed, else a note
+        assert os.path.getsize(out / "loss.png") > 0
+    else:
+        assert not os.path.exists(out / "loss.png") and "matplotlib is not installed" in printed
     assert glob.glob(str(tmp_path / "**" / "*.tmp"), recursive=True) == []
+
+
+def test_checkpoints_are_saved_every_save_every_steps_and_at_epoch_ends(data, tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(train, "save_checkpoint", lambda obj, path: saved.append((os.path.basename(path), obj["step"])))
+    # 20 steps an epoch: evaluations at 1, 6, 11, 16, 21, 22; saves at 8, 16, 20 (end of epoch 1) and 22 (the end)
+    run(*FAST, "--data", data, "--out", tmp_path / "out", "--max-steps", 22, "--save-every", 8)
+    assert [step for name, step in saved if name == "ckpt.pt"] == [8, 16, 20, 22]
+    # best.pt goes with a save, holding the step of the best evaluation since the last one
+    best_at = [(i, step) for i, (name, step) in enumerate(saved) if name == "best.pt"]
+    assert all(saved[i + 1][0] == "ckpt.pt" and step <= saved[i + 1][1] for i, step in best_at)
+    assert {step for _, step in best_at} <= {1, 6, 11, 16, 21, 22}
 
 
 def test_best_checkpoint_keeps_the_lowest_validation_loss(data, tmp_path, monkeypatch):
@@ -123,7 +145,7 @@ def test_best_checkpoint_keeps_the_lowest_validation_loss(data, tmp_path, monkey
     run(*FAST, "--data", data, "--out", out, "--max-steps", 9, "--eval-every", 2)
     assert [(m["step"], m["val_loss"]) for m in metrics(out)] == [(1, 5.0), (3, 3.0), (5, 4.0), (7, 2.5), (9, 6.0)]
     best, ckpt = load_checkpoint(out / "best.pt"), load_checkpoint(out / "ckpt.pt")
-    assert (best["step"], best["val_loss"], best["best_val_loss"]) == (7, 2.5, 2.5)
+    assert (best["step"], best["val_loss"], best["best_val_loss"]) == (7, 2.5, 2.5) and "optimizer" not in best
     assert (ckpt["step"], ckpt["val_loss"], ckpt["best_val_loss"]) == (9, 6.0, 2.5)
     assert not torch.equal(best["model"]["wte.weight"], ckpt["model"]["wte.weight"])
 
@@ -143,6 +165,31 @@ def test_resume_mid_epoch_gives_the_same_losses_and_weights(data, tmp_path):
     tokens_seen = [[m["tokens_seen"] for m in metrics(tmp_path / out)] for out in ("part", "full")]
     assert tokens_seen[0] == tokens_seen[1]
     assert_same_weights(tmp_path / "part", tmp_path / "full")
+
+
+def test_resume_finds_moved_data_by_its_content_and_refuses_changed_data(data, tmp_path):
+    common = [*FAST, "--data", data, "--lr", "1e-3", "--eval-every", 2]
+    run(*common, "--out", tmp_path / "full", "--max-steps", 5)
+    run(*common, "--out", tmp_path / "part", "--max-steps", 3)
+    moved = tmp_path / "elsewhere" / "renamed.json"
+    os.makedirs(moved.parent)
+    shutil.move(data, moved)
+    with pytest.raises(SystemExit) as stopped:
+        run_cli("--resume", "--out", tmp_path / "part", "--max-steps", 5)
+    assert stopped.value.code == (f"error: this run was trained on {data}, which is not there any more; if it moved, "
+                                  "pass its new path with --resume --data PATH")
+    with open(moved) as f:
+        changed = json.load(f)
+    changed[0]["output"] += "!"
+    with open(tmp_path / "changed.json", "w") as f:
+        json.dump(changed, f)
+    with pytest.raises(SystemExit) as stopped:
+        run_cli("--resume", "--out", tmp_path / "part", "--max-steps", 5, "--data", tmp_path / "changed.json")
+    assert stopped.value.code.startswith(f"error: {tmp_path / 'changed.json'} is not the data the checkpoint was "
+                                         f"trained on ({data}): its content differs (sha256 ")
+    run("--resume", "--out", tmp_path / "part", "--max-steps", 5, "--data", moved)
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+    assert load_checkpoint(tmp_path / "part" / "ckpt.pt")["data"] == str(moved)  # found there from now on
 
 
 def test_grad_accum_matches_one_batch_of_the_same_size(data, tmp_path):
@@ -166,6 +213,12 @@ def test_distributed_run_matches_one_process_with_the_global_batch(data, tmp_pat
     for (step_a, *a), (step_b, *b) in zip(losses(tmp_path / "ddp"), losses(tmp_path / "single"), strict=True):
         assert step_a == step_b and a == pytest.approx(b, rel=1e-5)
     assert_same_weights(tmp_path / "ddp", tmp_path / "single", exact=False)
+
+    # a mistake is found before the processes meet, and said once, not once per process
+    proc = script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *common,
+                  "--batch-size", 2, "--out", tmp_path / "ddp")
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and stderr.count(f"error: {tmp_path / 'ddp' / 'ckpt.pt'} already exists") == 1
 
 
 def test_mask_instructions_trains_on_responses_only_and_survives_resume(data, tmp_path, capsys):
@@ -193,6 +246,8 @@ def test_raw_text_trains_too(tmp_path, capsys, monkeypatch):
     assert printed.count("matplotlib is not installed (pip install matplotlib)") == 1
     rows = metrics(tmp_path / "out")
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] and not os.path.exists(tmp_path / "out" / "loss.png")
+    # generate.py and eval.py continue the text as it is: no instruction template
+    assert load_for_inference(str(tmp_path / "out" / "best.pt"))[2] == "none"
     with pytest.raises(SystemExit) as stopped:
         run_cli(*TINY, "--data", text, "--context-length", 32, "--out", tmp_path / "masked", "--mask-instructions")
     assert stopped.value.code == \
@@ -226,13 +281,21 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_pat
     monkeypatch.setattr(GPT, "forward", forward_going_nan)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as stopped:
-        run_cli(*FAST, "--data", data, "--out", out, "--max-steps", 10, "--eval-every", 2)
+        run_cli(*FAST, "--data", data, "--out", out, "--max-steps", 10, "--eval-every", 2, "--save-every", 3)
     assert stopped.value.code == (f"error: the training loss became nan at step 4; stopped, {out / 'ckpt.pt'} holds "
-                                  "the last good state; try a lower --lr, or --grad-clip 1")
+                                  "the last good state, from step 3; try a lower --lr, or --grad-clip 1")
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["step"] == 3 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
     assert [m["step"] for m in metrics(out)] == [1, 3]
+    assert os.path.exists(out / "loss.png") == HAVE_MATPLOTLIB  # a crashed run has its plot
     assert glob.glob(str(out / "*.tmp")) == []
+
+    training_calls.clear()
+    with pytest.raises(SystemExit) as stopped:  # before the first save: say that nothing was saved
+        run_cli(*FAST, "--data", data, "--out", tmp_path / "early", "--max-steps", 10)
+    assert stopped.value.code == ("error: the training loss became nan at step 4; stopped, no checkpoint was written "
+                                  "yet (the first is due at step 10); try a lower --lr, or --grad-clip 1")
+    assert not os.path.exists(tmp_path / "early" / "ckpt.pt")
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(data, tmp_path):
@@ -313,6 +376,8 @@ def test_setting_mistakes_are_one_sentence(data, tmp_path):
         "(nothing was overwritten)")
     assert error("--out", out, "--resume", "--batch-size", 4).startswith(
         "error: --batch-size 4 differs from the checkpoint's 2; a resumed run keeps its settings")
+    assert error("--out", out, "--resume", "--max-steps", 3, "--warmup-steps", 2).startswith(
+        "error: --warmup-steps 2 differs from the checkpoint's 0; a resumed run keeps its settings")
     assert (out / "ckpt.pt").read_bytes() == before
 
     (out / "ckpt.pt").write_bytes(before[: len(before) // 2])  # a truncated file

@@ -1,0 +1,257 @@
+"""Export a checkpoint to the Hugging Face format: a folder that transformers'
+AutoModelForCausalLM and AutoTokenizer load with no other files.
+
+    python export.py --ckpt out/ckpt.pt --out out/hf
+    python export.py --ckpt out/best.pt --out out/hf --force    # replace an earlier export
+
+The model: config.json (a GPT-2 config), model.safetensors (Hugging Face's names and layouts,
+as save_pretrained writes them), generation_config.json (greedy, up to the context length).
+The tokenizer: vocab.json and merges.txt rebuilt from tiktoken's gpt2 encoding, and
+tokenizer_config.json whose chat template is the checkpoint's prompt style, so that
+apply_chat_template gives the exact prompt the model was trained on. A LoRA checkpoint is
+exported merged (model_from_checkpoint merges it).
+"""
+import argparse
+import functools
+import json
+import os
+import shutil
+
+from data import EOT_ID, check_vocab, get_prompt_style, get_tokenizer, run_main
+from model import load_checkpoint, model_from_checkpoint, transposed_in_hf
+
+EOT = "<|endoftext|>"
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def hf_state_dict(model):
+    """The model's tensors under the names and in the layouts save_pretrained writes for
+    GPT2LMHeadModel: a "transformer." prefix, Conv1D weights [in, out], wte [vocab, emb_dim],
+    no lm_head (tied to wte) and no attention-mask buffers."""
+    return {"transformer." + key: (tensor.t() if transposed_in_hf(key) else tensor).contiguous()
+            for key, tensor in model.state_dict().items()}
+
+
+def config_json(cfg, dtype):
+    """A standard GPT2Config (the fields transformers writes) for a GPTConfig."""
+    return {
+        "activation_function": "gelu_new", "add_cross_attention": False, "architectures": ["GPT2LMHeadModel"],
+        "attn_pdrop": cfg.drop_rate, "bos_token_id": EOT_ID, "dtype": dtype, "embd_pdrop": cfg.drop_rate,
+        "eos_token_id": EOT_ID, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "gpt2",
+        "n_embd": cfg.emb_dim, "n_head": cfg.n_heads, "n_inner": None, "n_layer": cfg.n_layers,
+        "n_positions": cfg.context_length, "pad_token_id": None, "reorder_and_upcast_attn": False,
+        "resid_pdrop": cfg.drop_rate, "scale_attn_by_inverse_layer_idx": False, "scale_attn_weights": True,
+        "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
+        "summary_type": "cls_index", "summary_use_proj": True, "tie_word_embeddings": True, "use_cache": True,
+        "vocab_size": cfg.vocab_size,
+    }
+
+
+def generation_config_json(cfg):
+    """Greedy decoding up to the context length, stopping (and padding) at <|endoftext|>."""
+    return {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID, "do_sample": False,
+            "max_length": cfg.context_length}
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+
+def bytes_to_unicode():
+    """GPT-2's map of the 256 byte values to printable characters, in which vocab.json and
+    merges.txt spell tokens: printable Latin-1 bytes stand for themselves, the others (space,
+    control characters) become chr(256), chr(257), ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def bpe_parts(ranks, token, max_rank):
+    """The parts byte-pair encoding leaves of `token` (bytes) using only merges ranked below max_rank."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 1:
+        pair_ranks = [ranks.get(a + b, max_rank) for a, b in zip(parts, parts[1:])]
+        best = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+        if pair_ranks[best] >= max_rank:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    return parts
+
+
+@functools.cache
+def gpt2_vocab_and_merges():
+    """GPT-2's vocab.json (token -> id) and merges.txt lines, rebuilt from tiktoken's encoding
+    (once; about a second). tiktoken keeps only each token's rank (its id); the merge that made
+    a token is the last step of encoding its bytes with the lower-ranked tokens alone, which
+    leaves exactly two parts."""
+    encoding = get_tokenizer()
+    ranks = {token: encoding.encode_single_token(token) for token in encoding.token_byte_values()}
+    spell = bytes_to_unicode()
+
+    def spelled(token):
+        return "".join(spell[b] for b in token)
+
+    vocab, merges = {}, []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        vocab[spelled(token)] = rank
+        if len(token) > 1:
+            parts = bpe_parts(ranks, token, rank)
+            if len(parts) != 2:
+                raise ValueError(f"token {token!r} of tiktoken's {encoding.name} is no merge of two lower tokens")
+            merges.append(f"{spelled(parts[0])} {spelled(parts[1])}")
+    for text in sorted(encoding.special_tokens_set):
+        vocab[text] = encoding.encode_single_token(text)
+    return vocab, merges
+
+
+def jinja_string(text):
+    """A Jinja string literal of text. Jinja reads JSON's escapes (\\n, \\", \\\\) as Python
+    does; non-ASCII characters stay as they are (JSON's \\u escapes would split an emoji)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def jinja_format(template, field, value):
+    """A Jinja expression giving a str.format template of PROMPT_STYLES with `field` filled
+    by the Jinja expression `value`."""
+    parts = []
+    for i, piece in enumerate(template.format(**{field: "\0"}).split("\0")):
+        if i:
+            parts.append(value)
+        if piece:
+            parts.append(jinja_string(piece))
+    return " + ".join(parts) or '""'
+
+
+def chat_template(style):
+    """The prompt style as a Jinja chat template. The first user message is the instruction,
+    a second user message the optional input (left out when empty, as in format_prompt); an
+    assistant message is the response, followed by <|endoftext|> as in training; system
+    messages are ignored (the styles have none). With add_generation_prompt the template
+    ends with the response header: format_prompt's text, byte for byte. All text is in
+    {{ }} expressions and every tag strips the whitespace around it, so the result is the
+    same with or without trim_blocks and lstrip_blocks."""
+    templates = get_prompt_style(style)
+    instruction = jinja_format(templates["instruction"], "instruction", "message['content']")
+    input_ = jinja_format(templates["input"], "input", "message['content']")
+    response = jinja_string(templates["response"])
+    return (
+        "{%- for message in messages if message['role'] == 'user' -%}\n"
+        "    {%- if loop.first -%}\n"
+        f"        {{{{- {instruction} -}}}}\n"
+        "    {%- elif message['content'] -%}\n"
+        f"        {{{{- {input_} -}}}}\n"
+        "    {%- endif -%}\n"
+        "{%- endfor -%}\n"
+        "{%- for message in messages if message['role'] == 'assistant' -%}\n"
+        f"    {{{{- {response} + message['content'] + eos_token -}}}}\n"
+        "{%- endfor -%}\n"
+        "{%- if add_generation_prompt -%}\n"
+        f"    {{{{- {response} -}}}}\n"
+        "{%- endif -%}\n"
+    )
+
+
+def tokenizer_config_json(cfg, style):
+    """GPT-2's tokenizer settings, the context length and the chat template of `style`."""
+    return {
+        "tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
+        "add_bos_token": False, "add_prefix_space": False, "errors": "replace",
+        "clean_up_tokenization_spaces": False,  # decode gives tiktoken's text, spaces and all
+        "model_max_length": cfg.context_length,
+        "added_tokens_decoder": {str(EOT_ID): {"content": EOT, "lstrip": False, "normalized": True,
+                                               "rstrip": False, "single_word": False, "special": True}},
+        "chat_template": chat_template(style),
+    }
+
+
+# ----------------------------------------------------------------------------- the folder
+
+
+def write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def check_out(out, ckpt_path, force):
+    """ValueError unless the export may go to out: a new or empty folder, or any folder with
+    force, as long as it does not hold the checkpoint (force would delete it)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file; give a folder")
+    if os.path.isdir(out) and os.listdir(out):
+        if not force:
+            raise ValueError(f"--out {out} exists and is not empty; pass --force to replace it")
+        ckpt = os.path.realpath(ckpt_path)
+        if os.path.commonpath([ckpt, os.path.realpath(out)]) == os.path.realpath(out):
+            raise ValueError(f"--out {out} holds the checkpoint {ckpt_path}, which --force would delete; "
+                             "export to another folder")
+
+
+def export(ckpt_path, out, force=False):
+    """Write the Hugging Face folder of the checkpoint at ckpt_path to out. The folder is
+    written under a temporary name and renamed into place only when complete; an existing
+    out (with force) is deleted only then. A vocabulary that GPT-2's tokenizer cannot serve
+    gets the model files only, and a ValueError saying so once they are in place."""
+    from safetensors.torch import save_file
+
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt, ckpt_path)
+    cfg, style = model.config, ckpt.get("prompt_style", "alpaca")
+    get_prompt_style(style)  # an unknown style fails before anything is written
+    out = os.path.abspath(out)
+    check_out(out, ckpt_path, force)
+    try:
+        check_vocab(cfg.vocab_size, ckpt_path)
+        no_tokenizer = None
+    except ValueError as e:
+        no_tokenizer = str(e)
+
+    tmp = f"{out}.tmp-{os.getpid()}"
+    os.makedirs(tmp)
+    try:
+        state = hf_state_dict(model)
+        dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        write_json(os.path.join(tmp, "config.json"), config_json(cfg, dtype))
+        write_json(os.path.join(tmp, "generation_config.json"), generation_config_json(cfg))
+        if no_tokenizer is None:
+            vocab, merges = gpt2_vocab_and_merges()
+            with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
+                json.dump(vocab, f)  # as GPT-2's own encoder.json, byte for byte
+            with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
+                f.write("#version: 0.2\n" + "".join(line + "\n" for line in merges))  # as GPT-2's vocab.bpe
+            write_json(os.path.join(tmp, "tokenizer_config.json"), tokenizer_config_json(cfg, style))
+            write_json(os.path.join(tmp, "special_tokens_map.json"),
+                       {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT})
+        if os.path.exists(out):  # an empty folder, or one --force replaces: moved aside, then deleted
+            old = f"{out}.old-{os.getpid()}"
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    if no_tokenizer is not None:
+        raise ValueError(f"{no_tokenizer}: wrote the model to {out} but left out the tokenizer files")
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
+    p.add_argument("--out", required=True, help="the folder to write (new or empty, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists (once the new folder is complete)")
+    args = p.parse_args()
+    out = export(args.ckpt, args.out, args.force)
+    print(f"exported {args.ckpt} to {out}")
+
+
+if __name__ == "__main__":
+    run_main(main)

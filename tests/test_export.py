@@ -1,0 +1,281 @@
+"""export.py, proven without transformers: our loader reads the export back with the
+checkpoint's exact logits, the tensors are those a folder saved by transformers holds,
+vocab.json and merges.txt tokenize like tiktoken, and the chat template renders
+format_prompt's text as transformers renders templates."""
+import json
+import os
+import subprocess
+import sys
+
+import jinja2.sandbox
+import pytest
+import regex  # tiktoken's own dependency
+import tiktoken.load
+import torch
+from safetensors import safe_open
+
+import data
+import export as export_script
+from data import EOT_ID, PROMPT_STYLES, decode, encode, format_input, format_prompt
+from export import chat_template, export
+from generate import respond
+from model import GPT, config_for, from_pretrained, save_checkpoint
+from test_model import FIXTURE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER_FILES = ["merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors"]
+
+
+def save_tiny_checkpoint(path, style, seed=1):
+    """A random tiny model with GPT-2's vocabulary (seed 1: its greedy response to the
+    prompt below is words, not blank lines)."""
+    torch.manual_seed(seed)
+    model = GPT(config_for("tiny", context_length=128)).eval()
+    save_checkpoint({"model": model.state_dict(), "config": vars(model.config), "prompt_style": style}, path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(model, export folder) of a tiny phi3 checkpoint, exported once for the tests below."""
+    tmp = tmp_path_factory.mktemp("export")
+    model = save_tiny_checkpoint(str(tmp / "ckpt.pt"), "phi3")
+    return model, export(str(tmp / "ckpt.pt"), str(tmp / "hf"))
+
+
+def run_export(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, env=os.environ.copy(), timeout=120)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def test_export_loads_back_with_the_checkpoints_logits(exported):
+    model, folder = exported
+    assert sorted(os.listdir(folder)) == sorted(MODEL_FILES + TOKENIZER_FILES)
+    loaded = from_pretrained(folder).eval()
+    assert loaded.config == model.config  # context length 128 included
+    idx = torch.randint(0, model.config.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+
+
+def test_generate_cli_answers_from_the_export(exported):
+    model, folder = exported
+    expected = respond(model, [{"instruction": "Name a color.", "input": ""}], "phi3", 12)[0]
+    assert expected  # a real response to compare, not an empty string
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model", folder,
+                             "--prompt-style", "phi3", "--prompt", "Name a color.", "--max-new-tokens", "12",
+                             "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+def test_tensors_and_config_are_what_transformers_writes(tmp_path):
+    """The fixture's model through a checkpoint and out again: the same file, tensor for tensor.
+    Its vocabulary of 1024 cannot take GPT-2's tokenizer: model files only, and an error."""
+    prefixed = os.path.join(FIXTURE, "prefixed")
+    model = from_pretrained(prefixed)
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_checkpoint({"model": model.state_dict(), "config": vars(model.config), "prompt_style": "alpaca"}, ckpt)
+    result = run_export("--ckpt", ckpt, "--out", str(tmp_path / "hf"))
+    assert result.returncode == 1
+    assert result.stderr == (f"error: {ckpt} has a vocabulary of 1024 tokens; GPT-2's tokenizer needs 50257: "
+                             f"wrote the model to {tmp_path / 'hf'} but left out the tokenizer files\n")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "hf"]
+    assert sorted(os.listdir(tmp_path / "hf")) == MODEL_FILES
+
+    with safe_open(os.path.join(prefixed, "model.safetensors"), "pt") as theirs, \
+            safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as ours:
+        assert ours.metadata() == theirs.metadata() == {"format": "pt"}
+        assert sorted(ours.keys()) == sorted(theirs.keys())
+        for key in theirs.keys():
+            assert torch.equal(ours.get_tensor(key), theirs.get_tensor(key)), key
+    with open(os.path.join(prefixed, "config.json")) as f:
+        theirs = json.load(f)
+    del theirs["transformers_version"]
+    with open(tmp_path / "hf" / "config.json") as f:
+        assert json.load(f) == theirs
+    with open(tmp_path / "hf" / "generation_config.json") as f:
+        assert json.load(f) == {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID,
+                                "do_sample": False, "max_length": 64}
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+GPT2_SPLIT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+
+
+def bpe_tokenizer(folder):
+    """encode(text) -> ids from vocab.json and merges.txt alone, as GPT-2's original encoder.py
+    does it: split with its regex, spell each piece's bytes as characters, then merge the pair
+    listed first in merges.txt until no listed pair is left."""
+    with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    assert lines[0] == "#version: 0.2" and lines[-1] == ""
+    merge_rank = {tuple(line.split(" ")): rank for rank, line in enumerate(lines[1:-1])}
+    # bytes that print (other than space) stand for themselves; the rest take chr(256), chr(257), ...
+    printable = [b for b in range(256) if chr(b).isprintable() and b != ord(" ")]
+    spell = {b: chr(b) for b in printable}
+    spell.update((b, chr(256 + n)) for n, b in enumerate(b for b in range(256) if b not in printable))
+
+    def encode_text(text):
+        ids = []
+        for piece in GPT2_SPLIT.findall(text):
+            parts = [spell[b] for b in piece.encode("utf-8")]
+            while len(parts) > 1:
+                rank, i = min((merge_rank.get(pair, float("inf")), i) for i, pair in enumerate(zip(parts, parts[1:])))
+                if rank == float("inf"):
+                    break
+                parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            ids += [vocab[part] for part in parts]
+        return ids
+
+    return encode_text, vocab
+
+
+SAMPLES = [
+    "Hello world",
+    "   three leading spaces, two trailing  ",
+    "naïve café – Ünïcödé, Ελληνικά, 日本語のテキスト, עברית",
+    "emoji 😀👍🏽 and a family 👨‍👩‍👧 and flags 🇩🇪",
+    "a literal <|endoftext|> typed as text<|endoftext|>",
+    "It's 2024: 3.14159, 1,000,000 and 0x1F; I'll, we've, they're, DON'T",
+    "line one\n\nline two\n\t tab\r\nwindows\n\n\n",
+    "Rewrite the sentence using a simile: The car is very fast.",
+    "supercalifragilisticexpialidocious antidisestablishmentarianism",
+]
+
+
+def test_vocab_and_merges_tokenize_as_tiktoken(exported):
+    _, folder = exported
+    encode_text, vocab = bpe_tokenizer(folder)
+    assert len(vocab) == 50257 and vocab["<|endoftext|>"] == EOT_ID
+    for text in SAMPLES + [format_prompt({"instruction": SAMPLES[2], "input": SAMPLES[3]}, "alpaca")]:
+        ids = encode_text(text)
+        assert ids == encode(text), text
+        assert decode(ids) == text
+    assert EOT_ID not in encode_text(SAMPLES[4])  # a typed <|endoftext|> is text, as in data.encode
+
+
+def test_vocab_and_merges_are_gpt2s_original_files(exported):
+    """tiktoken's gpt2 encoding was built from GPT-2's encoder.json and vocab.bpe (in its cache):
+    the export rebuilds both byte for byte from the ranks."""
+    _, folder = exported
+    base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+    with open(os.path.join(folder, "vocab.json"), "rb") as f:
+        assert f.read() == tiktoken.load.read_file_cached(base + "encoder.json")
+    with open(os.path.join(folder, "merges.txt"), "rb") as f:
+        assert f.read() == tiktoken.load.read_file_cached(base + "vocab.bpe")
+
+
+def test_tokenizer_config(exported):
+    _, folder = exported
+    with open(os.path.join(folder, "tokenizer_config.json")) as f:
+        config = json.load(f)
+    assert config["tokenizer_class"] == "GPT2Tokenizer" and config["model_max_length"] == 128
+    assert config["bos_token"] == config["eos_token"] == config["unk_token"] == "<|endoftext|>"
+    assert config["add_bos_token"] is False and config["chat_template"] == chat_template("phi3")
+    with open(os.path.join(folder, "special_tokens_map.json")) as f:
+        assert json.load(f) == {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                                "unk_token": "<|endoftext|>"}
+
+
+# ----------------------------------------------------------------------------- the chat template
+
+
+def render(template, messages, add_generation_prompt, trim=True):
+    """As transformers renders chat templates: a sandboxed environment with trim_blocks and
+    lstrip_blocks on (trim=False: both off, which must change nothing)."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=trim, lstrip_blocks=trim)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+ENTRIES = [
+    {"instruction": "Name three primary colors.", "input": ""},
+    {"instruction": "Translate into German:", "input": "Thank you very much."},
+    {"instruction": 'Quote {{ this }} and {% that %}, "café" 😀\\n', "input": "line 1\nline 2\n\n"},
+]
+
+
+@pytest.mark.parametrize("style", sorted(PROMPT_STYLES))
+@pytest.mark.parametrize("trim", [True, False])
+def test_chat_template_gives_format_prompt_byte_for_byte(style, trim):
+    template = chat_template(style)
+    for entry in ENTRIES:
+        user = [{"role": "user", "content": entry["instruction"]}]
+        if entry["input"]:
+            user.append({"role": "user", "content": entry["input"]})
+        assert render(template, user, True, trim) == format_prompt(entry, style)
+        assert render(template, user, False, trim) == format_input(entry, style)
+        # a system message is ignored, an empty input message left out as an empty input is
+        system = [{"role": "system", "content": "Be brief."}]
+        assert render(template, system + user + [{"role": "user", "content": ""}], True, trim) \
+            == format_prompt(entry, style)
+        # a whole exchange is the training text: prompt, response, <|endoftext|>
+        exchange = user + [{"role": "assistant", "content": "Red, blue and yellow."}]
+        assert render(template, exchange, False, trim) \
+            == format_prompt(entry, style) + "Red, blue and yellow.<|endoftext|>"
+
+
+def test_a_new_prompt_style_exports_too(monkeypatch):
+    monkeypatch.setitem(data.PROMPT_STYLES, "odd", {
+        "instruction": '{{literal braces}} "quotes" \\backslash\\ {{% tag %}} ünï 😀\n\n{instruction} and again {instruction}',
+        "input": "\n\t[{input}]\n",
+        "response": "\n}} %} Answer \\n:\n",
+    })
+    for entry in ENTRIES:
+        user = [{"role": "user", "content": entry["instruction"]}, {"role": "user", "content": entry["input"]}]
+        assert render(chat_template("odd"), user, True) == format_prompt(entry, "odd")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_missing_or_damaged_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"checkpoint {tmp_path / 'missing.pt'} does not exist"):
+        export(str(tmp_path / "missing.pt"), str(tmp_path / "hf"))
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="is corrupt or not a train.py checkpoint"):
+        export(str(damaged), str(tmp_path / "hf"))
+    assert sorted(os.listdir(tmp_path)) == ["damaged.pt"]  # nothing written
+
+
+def test_existing_out_is_refused_unless_forced(tmp_path, monkeypatch):
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_tiny_checkpoint(ckpt, "alpaca")
+    out = tmp_path / "hf"
+    out.mkdir()
+    export(ckpt, str(out))  # an empty folder needs no --force
+    assert sorted(os.listdir(out)) == sorted(MODEL_FILES + TOKENIZER_FILES)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=f"--out {out} exists and is not empty; pass --force to replace it"):
+        export(ckpt, str(out))
+    with pytest.raises(ValueError, match="holds the checkpoint .* which --force would delete"):
+        export(ckpt, str(tmp_path), force=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file; give a folder"):
+        export(ckpt, str(tmp_path / "file"), force=True)
+    assert (out / "notes.txt").read_text() == "mine"
+
+    # a failure half way (the model written, not the tokenizer) leaves the old folder as it
+    # was and no temporary folder behind
+    def fail():
+        raise OSError("disk full")
+    monkeypatch.setattr(export_script, "gpt2_vocab_and_merges", fail)
+    with pytest.raises(OSError, match="disk full"):
+        export(ckpt, str(out), force=True)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "file", "hf"] and (out / "notes.txt").read_text() == "mine"
+    monkeypatch.undo()
+
+    export(ckpt, str(out), force=True)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "file", "hf"]
+    assert sorted(os.listdir(out)) == sorted(MODEL_FILES + TOKENIZER_FILES)
+    with open(out / "tokenizer_config.json") as f:
+        assert json.load(f)["chat_template"] == chat_template("alpaca")

@@ -1,0 +1,314 @@
+"""Tests of judge.py and eval.py's --judge flags against a real chat server on 127.0.0.1 (tests/judge_server.py)."""
+import json
+import os
+import re
+
+import pytest
+import torch
+
+import eval as ev
+import judge
+from data import run_main
+from judge_server import closed_port_url, judge_server
+from model import GPT, config_for, save_checkpoint
+
+OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
+
+
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch):
+    monkeypatch.setattr(judge, "BACKOFF", 0.01)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+
+
+def records_with(responses):
+    """Responses records as eval.py writes them, one per model response, every other one with an input."""
+    return [{"instruction": f"Name a color ({i}).", "input": "" if i % 2 else f"Hint {i}.",
+             "output": "Blue.", "model_response": response} for i, response in enumerate(responses)]
+
+
+def write_records(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=4), encoding="utf-8")
+    return str(path)
+
+
+def read(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+PARSING = ["85", "Score: 85", "eighty", "150", ""]  # echoed by the server: 85, 85, unparsed, unparsed, empty -> 0
+
+
+# ----------------------------------------------------------------------------- prompt and parsing
+
+
+def test_the_prompt_is_the_books_text():
+    entry = {"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.",
+             "output": "The car is as fast as lightning.", "model_response": "The car is as fast as a bullet."}
+    assert judge.judge_prompt(entry) == (
+        "Given the input `Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nRewrite the sentence using a simile.\n\n### Input:\n"
+        "The car is very fast.` and correct output `The car is as fast as lightning.`, score the model response "
+        "`The car is as fast as a bullet.` on a scale from 0 to 100, where 100 is the best score. "
+        "Respond with the integer number only.")
+    no_input = {**entry, "input": ""}
+    assert "### Input" not in judge.judge_prompt(no_input)
+    assert judge.judge_prompt(no_input).startswith("Given the input `Below is an instruction that describes a task. "
+                                                   "Write a response that appropriately completes the request."
+                                                   "\n\n### Instruction:\nRewrite the sentence using a simile.` ")
+
+
+def test_parse_score_takes_the_first_integer_from_0_to_100():
+    assert [judge.parse_score(r) for r in PARSING] == [85, 85, None, None, None]
+    assert judge.parse_score("100") == 100 and judge.parse_score("0") == 0
+    assert judge.parse_score("I would say 70/100, because 3 words are wrong.") == 70
+    assert judge.parse_score("-5") is None and judge.parse_score("101") is None
+
+
+def test_check_url():
+    assert judge.check_url("http://localhost:11434/") == "http://localhost:11434"
+    assert judge.check_url("https://api.openai.com/v1") == "https://api.openai.com/v1"
+    for bad in ["localhost:11434", "ftp://host", "http://", "http://host:port", "http://host/?a=1"]:
+        with pytest.raises(ValueError, match=f"--judge-url must be a server's http\\(s\\) address .* got '{re.escape(bad)}'"):
+            judge.check_url(bad)
+    with pytest.raises(ValueError, match="address without the endpoint: http://host:11434, not http://host:11434/api"):
+        judge.check_url("http://host:11434/api/chat")
+    with pytest.raises(ValueError, match="without the endpoint: http://host/v1, not http://host/v1/chat/completions"):
+        judge.check_url("http://host/v1/chat/completions")
+
+
+# ----------------------------------------------------------------------------- the two protocols
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_ollama_requests_replies_and_the_responses_file(tmp_path, monkeypatch, stream):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-for-ollama")
+    records = records_with(PARSING)
+    path = write_records(tmp_path / "test-responses.json", records)
+    with judge_server(stream=stream) as server:
+        summary = judge.judge_file(path, "llama3", server.url)
+    # the book's request, for every non-empty response, with no key sent to Ollama
+    assert sorted((r["path"], json.dumps(r["body"])) for r in server.requests) == sorted(
+        ("/api/chat", json.dumps({"model": "llama3", "messages": [{"role": "user", "content": judge.judge_prompt(e)}],
+                                  "options": OPTIONS})) for e in records[:4])
+    assert all("Authorization" not in r["headers"] for r in server.requests)
+    assert read(path) == [{**e, "judge_score": s, "judge_model": "llama3"}
+                          for e, s in zip(records, [85, 85, None, None, 0])]
+    assert summary["mean"] == pytest.approx(170 / 3)
+    assert {k: v for k, v in summary.items() if k != "seconds"} == {
+        "model": "llama3", "url": server.url, "mean": summary["mean"], "scored": 3, "unparsed": 2}
+    assert summary["seconds"] >= 0
+
+
+def test_openai_compatible_request_and_key(tmp_path, monkeypatch):
+    records = records_with(["90", "Score: 40"])
+    path = write_records(tmp_path / "r.json", records)
+    with judge_server() as server:
+        assert judge.judge_file(path, "gpt-x", server.url + "/v1")["mean"] == 65
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        assert judge.ask(server.url + "/v1", "gpt-x", judge.judge_prompt(records[0])) == "90"
+    assert [r["path"] for r in server.requests] == ["/v1/chat/completions"] * 3
+    assert server.requests[-1]["body"] == {"model": "gpt-x", "temperature": 0, "seed": 123,
+                                           "messages": [{"role": "user", "content": judge.judge_prompt(records[0])}]}
+    assert [r["headers"].get("Authorization") for r in server.requests] == [None, None, "Bearer sk-test"]
+    assert [r["judge_score"] for r in read(path)] == [90, 40]
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def test_failures_are_one_clear_sentence_and_leave_the_file_intact(tmp_path):
+    path = write_records(tmp_path / "r.json", records_with(["85", "70"]))
+    before = open(path).read()
+    with judge_server(status=lambda n: 404) as server:
+        with pytest.raises(OSError, match=f"the Ollama server at {server.url} does not have the model 'llama3' "
+                                          r"\(HTTP 404: model 'llama3' not found.*run `ollama pull llama3`$"):
+            judge.judge_file(path, "llama3", server.url)
+        with pytest.raises(OSError, match=r"answered HTTP 404 Not Found: model 'gpt-x' not found"):
+            judge.judge_file(path, "gpt-x", server.url + "/v1")
+    with pytest.raises(OSError, match=r"no judge server is running at http://127.0.0.1:\d+: start it with "
+                                      r"`ollama serve` \(and `ollama pull llama3` once\)$"):
+        judge.judge_file(path, "llama3", closed_port_url())
+    with pytest.raises(OSError, match="no judge server is running at .*/v1: start it, or correct --judge-url"):
+        judge.judge_file(path, "llama3", closed_port_url() + "/v1")
+    with judge_server(delay=1.0) as server:
+        with pytest.raises(OSError, match=f"the judge server at {server.url} did not answer within 0.2 seconds"):
+            judge.judge_file(path, "llama3", server.url, timeout=0.2)
+    with judge_server(status=lambda n: 500) as server:
+        with pytest.raises(OSError, match=r"answered HTTP 500 Internal Server Error: the server failed \(5 tries\)"):
+            judge.judge_file(path, "llama3", server.url)
+    assert len(server.requests) == judge.RETRIES + 1
+    assert open(path).read() == before and os.listdir(tmp_path) == ["r.json"]
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+def test_a_server_error_is_retried(tmp_path, status):
+    path = write_records(tmp_path / "r.json", records_with(["85"]))
+    with judge_server(status=lambda n: status if n == 1 else 200, stream=False) as server:
+        assert judge.judge_file(path, "llama3", server.url)["mean"] == 85
+    assert len(server.requests) == 2 and server.requests[0]["body"] == server.requests[1]["body"]
+
+
+def test_reply_text_of_each_protocol_and_of_a_reply_that_is_neither():
+    ollama_object = '{\n  "message": {"role": "assistant", "content": "70"},\n  "done": true\n}'
+    assert judge.reply_text(ollama_object.encode(), "http://h") == "70"  # one object, even across lines
+    assert judge.reply_text(b'{"message": {"content": "7"}}\n{"message": {"content": "5"}}\n', "http://h") == "75"
+    assert judge.reply_text(b'{"choices": [{"message": {"content": null}}]}', "http://h/v1") == ""
+    with pytest.raises(ValueError, match=r"at http://h did not send an Ollama chat reply: '\{\"choices\": \[\]\}'"):
+        judge.reply_text(b'{"choices": []}', "http://h")
+    with pytest.raises(ValueError, match="at http://h/v1 did not send an OpenAI chat reply: '<html>'"):
+        judge.reply_text(b"<html>", "http://h/v1")
+    with pytest.raises(ValueError, match="did not send an Ollama chat reply"):
+        judge.reply_text(b"\xff\xfe", "http://h")
+
+
+def test_an_interrupted_judging_resumes_where_it_stopped(tmp_path):
+    records = records_with([str(10 * i) for i in range(8)])
+    path = write_records(tmp_path / "r.json", records)
+    with judge_server(status=lambda n: 200 if n <= 3 else 500) as server:  # fails for good after 3 requests
+        with pytest.raises(OSError, match="HTTP 500"):
+            judge.judge_file(path, "llama3", server.url)
+    assert read(path) == [{**e, "judge_score": 10 * i, "judge_model": "llama3"} for i, e in enumerate(records[:3])] \
+        + records[3:]
+    with judge_server() as server:
+        summary = judge.judge_file(path, "llama3", server.url)
+    assert [r["body"]["messages"][0]["content"] for r in server.requests] == [judge.judge_prompt(e) for e in records[3:]]
+    assert read(path) == [{**e, "judge_score": 10 * i, "judge_model": "llama3"} for i, e in enumerate(records)]
+    assert summary["mean"] == 35 and summary["scored"] == 8
+
+    # another judge model scores every entry again, replacing the old scores one by one as its own arrive
+    with judge_server(status=lambda n: 200 if n <= 2 else 500, reply=lambda prompt: "7") as server:
+        with pytest.raises(OSError, match="HTTP 500"):
+            judge.judge_file(path, "qwen", server.url)
+    assert [(r["judge_model"], r["judge_score"]) for r in read(path)] == [("qwen", 7)] * 2 + [
+        ("llama3", 10 * i) for i in range(2, 8)]
+    with judge_server(reply=lambda prompt: "7") as server:
+        assert judge.judge_file(path, "qwen", server.url)["mean"] == 7
+    assert len(server.requests) == 6 and [r["judge_model"] for r in read(path)] == ["qwen"] * 8
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_workers_run_that_many_requests_at_once(tmp_path, workers):
+    records = records_with([str(i) for i in range(6)])
+    path = write_records(tmp_path / "r.json", records)
+    # with 4 workers the first 4 requests are answered only once all 4 are being served together
+    with judge_server(wait_for=workers if workers > 1 else 0, delay=0.02) as server:
+        judge.judge_file(path, "llama3", server.url, workers=workers)
+    assert server.max_active == workers and len(server.requests) == 6
+    assert [r["judge_score"] for r in read(path)] == list(range(6))  # in file order, whatever order they came in
+
+
+# ----------------------------------------------------------------------------- eval.py
+
+
+def score_by_length(prompt):
+    return f"Score: {len(prompt) % 101}"
+
+
+def test_eval_judges_its_responses_and_writes_both_files(tmp_path, capsys):
+    entries = [{"instruction": f"Say the number {i}.", "input": "", "output": str(i)} for i in range(20)]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(entries))
+    torch.manual_seed(0)
+    model = GPT(config_for("tiny", context_length=128)).eval()
+    ckpt = str(tmp_path / "run" / "ckpt.pt")
+    save_checkpoint({"model": model.state_dict(), "config": vars(model.config), "prompt_style": "alpaca",
+                     "mask_instructions": False, "context_length": 128, "data": str(data),
+                     "train_frac": 0.5, "test_frac": 0.3}, ckpt)
+    with judge_server(reply=score_by_length) as server:
+        ev.main(["--ckpt", ckpt, "--max-new-tokens", "4", "--device", "cpu", "--judge", "llama3",
+                 "--judge-url", server.url, "--judge-workers", "2"])
+    records, report = read(tmp_path / "run" / "test-responses.json"), read(tmp_path / "run" / "eval.json")
+    expected = [len(judge.judge_prompt(r)) % 101 if r["model_response"].strip() else 0 for r in records]
+    assert [r["judge_score"] for r in records] == expected and len(records) == 6
+    assert list(report["judge"]) == ["model", "url", "mean", "scored", "unparsed", "seconds"]
+    assert report["judge"]["mean"] == pytest.approx(sum(expected) / 6)
+    assert (report["judge"]["model"], report["judge"]["url"], report["judge"]["scored"], report["judge"]["unparsed"]) \
+        == ("llama3", server.url, 6, 0)
+    assert report["n_evaluated"] == 6 and "f1" in report  # the rest of eval.json as before
+    assert f"judge llama3: mean score {sum(expected) / 6:.2f}/100 over 6 responses" in capsys.readouterr().out
+
+    # a judge server that is not running is found before the responses are made...
+    (tmp_path / "run" / "eval.json").unlink()
+    (tmp_path / "run" / "test-responses.json").unlink()
+    with pytest.raises(OSError, match="^no judge server is running at .*: start it with `ollama serve`"):
+        ev.main(["--ckpt", ckpt, "--device", "cpu", "--judge", "llama3", "--judge-url", closed_port_url()])
+    assert os.listdir(tmp_path / "run") == ["ckpt.pt"]
+    # ... a model it does not have once they are written: they and the rest of eval.json are kept
+    with judge_server(status=lambda n: 404) as server:
+        with pytest.raises(OSError, match="run `ollama pull llama3`; the scores so far are kept in .*"
+                                          "test-responses.json, and a re-run with --judge-only"):
+            ev.main(["--ckpt", ckpt, "--max-new-tokens", "4", "--device", "cpu", "--judge", "llama3",
+                     "--judge-url", server.url])
+    assert read(tmp_path / "run" / "test-responses.json") == [
+        {k: v for k, v in r.items() if not k.startswith("judge")} for r in records]
+    failed = read(tmp_path / "run" / "eval.json")
+    assert "judge" not in failed and failed["f1"] == report["f1"]
+
+
+def test_judge_only_scores_a_file_and_fills_the_eval_json_beside_it(tmp_path, capsys):
+    records = records_with(["85", "Score: 70", "eighty"])
+    path = write_records(tmp_path / "run" / "test-responses.json", records)
+    with judge_server() as server:
+        ev.main(["--judge-only", path, "--judge", "llama3", "--judge-url", server.url])
+        report = read(tmp_path / "run" / "eval.json")  # a new eval.json, holding the judge only
+        assert list(report) == ["judge"] and report["judge"]["mean"] == 77.5 and report["judge"]["unparsed"] == 1
+
+        # an existing eval.json keeps its other keys; the same judge asks for nothing more
+        (tmp_path / "run" / "eval.json").write_text(json.dumps({"f1": 0.5, "judge": report["judge"]}))
+        ev.main(["--judge-only", path, "--judge", "llama3", "--judge-url", server.url + "/"])
+        assert len(server.requests) == 3 and read(tmp_path / "run" / "eval.json")["f1"] == 0.5
+        assert "3 of 3 entries were scored by llama3 before" in capsys.readouterr().out
+
+        # another judge scores the file again from the start
+        ev.main(["--judge-only", path, "--judge", "qwen", "--judge-url", server.url, "--judge-workers", "3"])
+    assert [r["body"]["model"] for r in server.requests] == ["llama3"] * 3 + ["qwen"] * 3
+    report = read(tmp_path / "run" / "eval.json")
+    assert report["f1"] == 0.5 and report["judge"]["model"] == "qwen" and report["judge"]["scored"] == 2
+    assert "3 entries hold another judge's scores: qwen scores them again" in capsys.readouterr().out
+    assert read(path) == [{**e, "judge_score": s, "judge_model": "qwen"} for e, s in zip(records, [85, 70, None])]
+
+
+def test_judge_flags_are_checked_before_any_work(tmp_path, capsys):
+    path = write_records(tmp_path / "r.json", records_with(["85"]))
+    before = open(path).read()
+    errors = [
+        (["--judge-only", path, "--judge", "m", "--ckpt", "x.pt", "--limit", "3"],
+         "--judge-only scores an existing file and loads no model: drop --ckpt, --limit"),
+        (["--judge-only", path], "--judge-only needs --judge MODEL"),
+        (["--ckpt", "x.pt", "--judge-url", "http://h"], "--judge-url needs --judge MODEL"),
+        (["--ckpt", "x.pt", "--judge", "m", "--judge-url", "localhost:11434"], "--judge-url must be a server's"),
+        (["--judge-only", str(tmp_path / "none.json"), "--judge", "m"], "none.json: no such data file"),
+        (["--judge-only", str(tmp_path / "r.jsonl"), "--judge", "m"], "r.jsonl: expected a .json responses file"),
+    ]
+    for argv, message in errors:
+        with pytest.raises((ValueError, OSError), match=message):
+            ev.main(argv)
+    no_response = write_records(tmp_path / "data.json", [{"instruction": "a", "input": "", "output": "b"}])
+    with pytest.raises(ValueError, match="data.json: entry 0 has no 'model_response' string"):
+        ev.main(["--judge-only", no_response, "--judge", "m"])
+    bad_score = write_records(tmp_path / "bad" / "r.json", [{**records_with(["1"])[0], "judge_score": "85"}])
+    with pytest.raises(ValueError, match="entry 0: 'judge_score' must be an integer from 0 to 100 or null, got '85'"):
+        ev.main(["--judge-only", bad_score, "--judge", "m"])
+    bad_model = write_records(tmp_path / "bad" / "r.json", [{**records_with(["1"])[0], "judge_model": 3}])
+    with pytest.raises(ValueError, match="entry 0: 'judge_model' must be a string, got 3"):
+        ev.main(["--judge-only", bad_model, "--judge", "m"])
+    (tmp_path / "eval.json").write_text("{not json")
+    with pytest.raises(ValueError, match="eval.json is not a JSON object as eval.py writes"):
+        ev.main(["--judge-only", path, "--judge", "m"])
+    with pytest.raises(SystemExit):
+        ev.main(["--judge-only", path, "--judge", " "])
+    assert "argument --judge: must be a model name" in capsys.readouterr().err
+    assert open(path).read() == before and (tmp_path / "eval.json").read_text() == "{not json"
+
+
+def test_judge_server_down_is_one_line_and_exit_status_1(tmp_path):
+    path = write_records(tmp_path / "r.json", records_with(["85"]))
+    url = closed_port_url()
+    with pytest.raises(SystemExit) as exit_:
+        run_main(lambda: ev.main(["--judge-only", path, "--judge", "llama3", "--judge-url", url]))
+    assert exit_.value.code == (f"error: no judge server is running at {url}: start it with `ollama serve` "
+                                f"(and `ollama pull llama3` once); the scores so far are kept in {path}, "
+                                f"and a re-run with --judge-only {path} asks only for the rest")
