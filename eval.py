@@ -28,12 +28,11 @@ import time
 import unicodedata
 from collections import Counter
 
-import torch
 from torch.utils.data import DataLoader
 
 from data import AT_LEAST_1, POSITIVE, batch_indices, check_same_data, checked, decode, duration, get_prompt_style, \
     prepare_data, read_text, run_main, write_json
-from generate import add_inference_args, generate, hit_limit, load_for_inference
+from generate import add_inference_args, decoding_settings, generate, hit_limit, load_for_inference
 from judge import DEFAULT_TIMEOUT, DEFAULT_URL, check_server, check_url, judge_file, load_responses
 from model import calc_loss_loader, resolve_device, writable_folder
 
@@ -262,8 +261,9 @@ def main(argv=None):
         check_server(judge_url, args.judge, args.judge_timeout or DEFAULT_TIMEOUT)
 
     device = resolve_device(args.device)
+    decoding = decoding_settings(args, device)
     out_dir = writable_folder(args.out or os.path.dirname(args.ckpt or "") or ".")  # before any work
-    model, ckpt, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device)
+    model, ckpt, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize)
     ckpt = ckpt or {}
     context_length = ckpt.get("context_length") or model.config.context_length
     mask = ckpt.get("mask_instructions", False) if args.mask_instructions is None else args.mask_instructions
@@ -286,11 +286,8 @@ def main(argv=None):
         print(f"{n_truncated} prompts longer than {keep} tokens were cut to their last {keep} "
               f"(context {model.config.context_length}, --max-new-tokens {args.max_new_tokens})")
 
-    generator = torch.Generator(device=device).manual_seed(args.seed)
     start = time.perf_counter()
-    new_ids, no_eot = generate_responses(model, prompts, args.max_new_tokens, args.batch_size,
-                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                         generator=generator)
+    new_ids, no_eot = generate_responses(model, prompts, args.max_new_tokens, args.batch_size, **decoding)
     seconds = time.perf_counter() - start
     n_tokens = sum(map(len, new_ids))
     responses = [clean_response(decode(ids), style) for ids in new_ids]
@@ -307,8 +304,9 @@ def main(argv=None):
         "val_loss": finite_or_none(val_loss),
         "n_test_entries": len(splits.test), "n_evaluated": len(entries),
         "generation": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                       "top_k": args.top_k, "top_p": args.top_p, "batch_size": args.batch_size,
-                       "seed": args.seed},
+                       "top_k": args.top_k, "top_p": args.top_p, "num_beams": args.num_beams,
+                       "length_penalty": args.length_penalty, "quantize": args.quantize,
+                       "batch_size": args.batch_size, "seed": args.seed},
         "tokens_per_second": round(n_tokens / seconds, 1),
         "no_end_of_text": sum(no_eot), "truncated_prompts": n_truncated,
         **scores,

@@ -5,13 +5,15 @@
     python generate.py --model gpt2 --prompt-style alpaca --prompt "..." --temperature 0.7 --top-k 50
 """
 import argparse
+import math
 import sys
 
 import torch
 
 from data import AT_LEAST_1, EOT_ID, NON_NEGATIVE, PROMPT_STYLES, SEED, check_vocab, checked, decode, encode, \
     format_prompt, run_main
-from model import HF_REPOS, PRESETS, KVCache, build_model, load_checkpoint, model_from_checkpoint, resolve_device
+from model import HF_REPOS, PRESETS, KVCache, build_model, load_checkpoint, model_from_checkpoint, quantize_int8, \
+    resolve_device
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -35,17 +37,11 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
     return choice if candidates is None else candidates.gather(-1, choice[:, None]).squeeze(-1)
 
 
-@torch.inference_mode()
-def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-             eos_id=EOT_ID, generator=None):
-    """Continue each prompt (a list of token ids) by up to max_new_tokens, stopping a row at
-    eos_id (None: never) or when the context is full. Returns the new ids of each row,
-    without the eos. Prompts are left-padded into one batch; a row's result is the same as
-    generating it alone, and finished rows leave the batch so they cost nothing more."""
+def prefill(model, prompts, max_new_tokens):
+    """Left-pad the prompts into one batch and run it through a fresh KV cache: returns the
+    logits of each prompt's last position, the cache, and each prompt's budget of new tokens."""
     ctx = model.config.context_length
     lengths = [len(p) for p in prompts]
-    if max_new_tokens < 1:
-        return [[] for _ in prompts]
     if not prompts or min(lengths) == 0:
         raise ValueError("every prompt needs at least one token")
     longest = max(lengths)
@@ -54,15 +50,34 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     device = model.wte.weight.device
     pad_lens = [longest - n for n in lengths]
     idx = torch.tensor([[EOT_ID] * pad + p for pad, p in zip(pad_lens, prompts)], device=device)
-    # A row may make tokens until its own context is full; its last token is sampled but never
+    # A row may make tokens until its own context is full; its last token is chosen but never
     # fed back, hence the + 1. Padding slots do not count against a row's context.
     budgets = [min(max_new_tokens, ctx - n + 1) for n in lengths]
     cache = KVCache(model.config, len(prompts), longest + max(budgets) - 1, device,
                     model.wte.weight.dtype, pad_lens)
+    return model.forward_cached(idx, cache), cache, budgets
 
+
+@torch.inference_mode()
+def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+             eos_id=EOT_ID, generator=None, num_beams=1, length_penalty=1.0):
+    """Continue each prompt (a list of token ids) by up to max_new_tokens, stopping a row at
+    eos_id (None: never) or when the context is full. Returns the new ids of each row,
+    without the eos. Prompts are left-padded into one batch; a row's result is the same as
+    generating it alone, and finished rows leave the batch so they cost nothing more.
+    num_beams > 1 is beam search (see beam_search), which takes no sampling settings."""
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be at least 1, got {num_beams}")
+    if num_beams > 1 and (temperature > 0 or top_k is not None or top_p is not None):
+        raise ValueError("beam search samples nothing: with num_beams > 1 leave temperature at 0 "
+                         "and top_k, top_p unset")
+    if max_new_tokens < 1:
+        return [[] for _ in prompts]
+    if num_beams > 1:
+        return beam_search(model, prompts, max_new_tokens, num_beams, length_penalty, eos_id)
+    logits, cache, budgets = prefill(model, prompts, max_new_tokens)
     outputs = [[] for _ in prompts]
     active = list(range(len(prompts)))  # original row of each batch row still generating
-    logits = model.forward_cached(idx, cache)
     while active:
         next_ids = sample_next(logits, temperature, top_k, top_p, generator)
         keep = []
@@ -73,7 +88,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
                 if len(out) < budgets[active[row]]:
                     keep.append(row)
         if len(keep) < len(active):  # drop finished rows from the batch and the cache
-            cache.reorder(torch.tensor(keep, device=device, dtype=torch.long))
+            cache.reorder(torch.tensor(keep, device=next_ids.device, dtype=torch.long))
             active = [active[row] for row in keep]
             next_ids = next_ids[keep]
         if active:
@@ -81,12 +96,91 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     return outputs
 
 
+def beam_search(model, prompts, max_new_tokens, num_beams, length_penalty=1.0, eos_id=EOT_ID):
+    """Beam search: the new ids of each prompt (without the eos), as generate() returns them.
+
+    Every prompt keeps num_beams open beams, ranked by their sum of token log-probabilities;
+    all prompts' beams run as one batch through the KV cache, whose rows are reordered (never
+    recomputed) as beams are chosen. Each step takes the 2 * num_beams best continuations of a
+    prompt's beams: a continuation that is eos_id and among the first num_beams of them is a
+    finished hypothesis, scored sum / length ** length_penalty (length counts the new tokens
+    and the eos), and the num_beams best finished ones are kept; the best others are the next
+    open beams. A prompt is done once it has num_beams finished hypotheses and no open beam
+    can beat the worst of them, or at its budget of new tokens (max_new_tokens or a full
+    context). "Can beat" uses a bound that is exact because log-probabilities are <= 0: an
+    open beam's sum s can only fall, so its score is at most s / L ** length_penalty, with L
+    its greatest possible final length (the budget) if length_penalty > 0 and its smallest
+    (one more than now) otherwise. Returns each prompt's best finished hypothesis, or with
+    none its best open beam. Done prompts leave the batch."""
+    logits, cache, budgets = prefill(model, prompts, max_new_tokens)
+    vocab = logits.size(-1)
+    n_candidates = 2 * num_beams if eos_id is not None else num_beams
+    active = list(range(len(prompts)))  # the prompt of each group of beams in the batch
+    beams = [[(0.0, [])] for _ in prompts]  # each prompt's open beams (log-prob sum, tokens), a batch row each
+    finished = [[] for _ in prompts]  # each prompt's best finished hypotheses (score, tokens), best first
+    length = 0  # tokens in every open beam
+    while active:
+        length += 1
+        per_prompt = len(beams[active[0]])  # 1 at the first step (after the prompt), then num_beams
+        sums = torch.tensor([total for prompt in active for total, _ in beams[prompt]], device=logits.device)
+        candidates = (sums[:, None] + torch.log_softmax(logits.float(), dim=-1)).view(len(active), -1)
+        top_sums, top_ids = candidates.topk(min(n_candidates, candidates.size(1)), dim=-1)
+        rows, next_ids, keep = [], [], []
+        for i, prompt in enumerate(active):
+            kept = []  # (parent beam, token, sum) of the next open beams, best first
+            for rank, (flat, total) in enumerate(zip(top_ids[i].tolist(), top_sums[i].tolist())):
+                parent, token = divmod(flat, vocab)
+                if token == eos_id:
+                    if rank < num_beams:
+                        add_finished(finished[prompt], num_beams, total / length ** length_penalty,
+                                     beams[prompt][parent][1])
+                    continue
+                kept.append((parent, token, total))
+                if len(kept) == num_beams:
+                    break
+            # the best open beam bounds what any open beam can still score (see the docstring)
+            final_length = budgets[prompt] if length_penalty > 0 else length + 1
+            bound = kept[0][2] / final_length ** length_penalty
+            kept = in_parent_rows(kept)
+            beams[prompt] = [(total, beams[prompt][parent][1] + [token]) for parent, token, total in kept]
+            if length < budgets[prompt] and (len(finished[prompt]) < num_beams or bound > finished[prompt][-1][0]):
+                keep.append(prompt)
+                rows += [i * per_prompt + parent for parent, _, _ in kept]
+                next_ids += [token for _, token, _ in kept]
+        active = keep
+        if active:
+            cache.reorder(torch.tensor(rows, device=logits.device))
+            logits = model.forward_cached(torch.tensor(next_ids, device=logits.device)[:, None], cache)
+    return [hyps[0][1] if hyps else max(open_beams)[1] for hyps, open_beams in zip(finished, beams)]
+
+
+def in_parent_rows(kept):
+    """The beams kept, (parent, token, sum) each, ordered so that as many as possible take their
+    parent's row of the batch: reordering the KV cache then copies only the others."""
+    rows, others = [None] * len(kept), []
+    for beam in kept:
+        if beam[0] < len(rows) and rows[beam[0]] is None:
+            rows[beam[0]] = beam
+        else:
+            others.append(beam)
+    return [beam or others.pop(0) for beam in rows]
+
+
+def add_finished(hyps, num_beams, score, tokens):
+    """Keep hyps, a list of (score, tokens) best first, at the num_beams best."""
+    if len(hyps) < num_beams or score > hyps[-1][0]:
+        hyps.append((score, tokens))
+        hyps.sort(key=lambda h: -h[0])
+        del hyps[num_beams:]
+
+
 # ----------------------------------------------------------------------------- shared by the scripts
 
 
-def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, device="cpu"):
+def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, device="cpu", quantize=None):
     """(model in eval mode on device, checkpoint dict or None, prompt style): a fine-tuned
-    checkpoint from train.py (its prompt style unless overridden) or a base GPT-2."""
+    checkpoint from train.py (its prompt style unless overridden) or a base GPT-2, with
+    quantize="int8" its block linears in int8 (model.quantize_int8)."""
     if (ckpt_path is None) == (model_name is None):
         raise ValueError("give exactly one of --ckpt (a train.py checkpoint) or --model (a GPT-2 name or folder)")
     if model_name in PRESETS and model_name not in HF_REPOS:
@@ -100,7 +194,10 @@ def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, devic
     if style not in PROMPT_STYLES:
         raise ValueError(f"unknown prompt style '{style}'; choose one of {', '.join(PROMPT_STYLES)}")
     check_vocab(model.config.vocab_size, ckpt_path or model_name)
-    return model.to(device).eval(), ckpt, style
+    model = model.to(device).eval()
+    if quantize == "int8":
+        quantize_int8(model)
+    return model, ckpt, style
 
 
 def hit_limit(prompt, new_ids, max_new_tokens, context_length):
@@ -124,8 +221,21 @@ def add_inference_args(p):
     p.add_argument("--top-k", type=AT_LEAST_1, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "in (0, 1]"), default=None,
                    help="sample among the most likely tokens that cover this probability")
+    p.add_argument("--num-beams", type=AT_LEAST_1, default=1, help="beam search with this many beams; 1 is greedy")
+    p.add_argument("--length-penalty", type=checked(float, math.isfinite, "a finite number"), default=1.0,
+                   help="beam search: a finished hypothesis scores its log-probability / length ** this")
     p.add_argument("--seed", type=SEED, default=123, help="random seed for sampling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weights for the block linears: faster decoding on the CPU")
+
+
+def decoding_settings(args, device):
+    """generate()'s keyword arguments from the add_inference_args flags, checked before any work."""
+    if args.num_beams > 1 and (args.temperature > 0 or args.top_k is not None or args.top_p is not None):
+        raise ValueError("--num-beams above 1 is beam search, which samples nothing: "
+                         "drop --temperature, --top-k and --top-p")
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
+                length_penalty=args.length_penalty, generator=torch.Generator(device=device).manual_seed(args.seed))
 
 
 def main():
@@ -139,9 +249,8 @@ def main():
         p.error("give --prompt TEXT (repeatable) or --interactive")
 
     device = resolve_device(args.device)
-    model, _, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
+    sampling = decoding_settings(args, device)
+    model, _, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize)
 
     def answer(instructions, input_text=""):
         """Print the response to each instruction, with a note on stderr when it is empty or was cut."""

@@ -1,7 +1,7 @@
 """Speed benchmarks, one line per figure (a script, not collected by pytest).
 
-    python tests/bench.py                    # everything (about 15 minutes on 2 cores)
-    python tests/bench.py --only generation  # or training, eval, judge, lora
+    python tests/bench.py                    # everything (about 20 minutes on 2 cores)
+    python tests/bench.py --only generation  # or training, eval, judge, lora, int8, beams
 
 On the gpt2 (124M) config with random weights (lora: gpt2-medium), on the CPU. Targets are
 ratios within one run, since absolute times on a shared machine are noisy; see README.md.
@@ -21,7 +21,7 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(os.path.join(SHARED,
 
 from data import encode, format_prompt, prepare_data  # noqa: E402
 from generate import generate  # noqa: E402
-from model import GPT, config_for  # noqa: E402
+from model import GPT, Int8Linear, config_for, quantize_int8  # noqa: E402
 
 
 def gpt2_random(seed=0, **overrides):
@@ -34,10 +34,10 @@ def default_data_path():
     return shared if os.path.exists(shared) else None  # None: data.py downloads it
 
 
-def timed_generate(model, prompts, new_tokens):
+def timed_generate(model, prompts, new_tokens, **decoding):
     """Aggregate new tokens per second, end-of-text ignored so every row makes new_tokens."""
     start = time.perf_counter()
-    out = generate(model, prompts, new_tokens, eos_id=None)
+    out = generate(model, prompts, new_tokens, eos_id=None, **decoding)
     elapsed = time.perf_counter() - start
     assert all(len(o) == new_tokens for o in out)
     return len(prompts) * new_tokens / elapsed
@@ -195,8 +195,6 @@ def bench_judge(n=40, delay=0.05, repeats=3):
           f"--judge-workers 4 {four:.2f} s = {four / one:.2f}x (target <= 0.4x)")
 
 
-
-
 def tensor_bytes(obj):
     """Bytes of the tensors in a (nested) checkpoint dict: its size on disk, without writing it."""
     if isinstance(obj, torch.Tensor):
@@ -289,8 +287,78 @@ def bench_lora(steps=4):
           f"{lora['fingerprint_s']:.1f} s")
 
 
+def median_in_turns(runs, repeats):
+    """{name: median of `repeats` calls of runs[name]()}, the runs taking turns (a change in the
+    machine's load hits all of them alike)."""
+    results = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            results[name].append(run())
+    return {name: sorted(values)[repeats // 2] for name, values in results.items()}
+
+
+def bench_int8(repeats=5):
+    """int8 weights (quantize_int8) against float32: the candidate kernels summed over the
+    linears of one decoding step, greedy decoding at batch 1 and 16, and the memory."""
+    import torch.nn.functional as F
+    model = gpt2_random()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    packed = [Int8Linear(m.weight, m.bias) for m in linears]
+    scales = [m.weight.detach().abs().amax(dim=1) / 127 for m in linears]
+    int8 = [(torch.round(m.weight.detach() / s[:, None]).to(torch.int8), s) for m, s in zip(linears, scales)]
+    kernels = {  # x: {in_features: input}
+        "float32 F.linear": lambda x: [F.linear(x[m.in_features], m.weight, m.bias) for m in linears],
+        "Int8Linear (fbgemm)": lambda x: [q(x[m.in_features]) for q, m in zip(packed, linears)],
+        "torch._weight_int8pack_mm": lambda x: [torch._weight_int8pack_mm(x[m.in_features], q, s) + m.bias
+                                                for (q, s), m in zip(int8, linears)],
+        "dequantize, then F.linear": lambda x: [F.linear(x[m.in_features], q.float() * s[:, None], m.bias)
+                                                for (q, s), m in zip(int8, linears)],
+    }
+    for batch in (1, 16):
+        x = {n: torch.randn(batch, n) for n in (768, 3072)}
+
+        def milliseconds(kernel):
+            start = time.perf_counter()
+            with torch.inference_mode():
+                kernel(x)
+            return (time.perf_counter() - start) * 1e3
+        times = median_in_turns({name: lambda k=k: milliseconds(k) for name, k in kernels.items()}, repeats)
+        print(f"int8 kernels, the 48 block linears of one gpt2 decoding step at batch {batch}: "
+              + ", ".join(f"{name} {ms:.1f} ms" for name, ms in times.items()))
+    float_mib = sum(m.weight.numel() * 4 for m in linears) / 2**20
+    int8_mib = sum(q.nbytes() for q in packed) / 2**20
+    print(f"int8 memory of the block linears' weights: {float_mib:.0f} MiB float32, {int8_mib:.0f} MiB int8 = "
+          f"{int8_mib / float_mib:.2f}x (target <= 0.3x)")
+    del packed, int8
+
+    models = {"float32": model, "int8": quantize_int8(gpt2_random()),
+              "int8 with the head": quantize_int8(gpt2_random(), head=True)}
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 50257, (45,), generator=g).tolist() for _ in range(16)]
+    for m in models.values():
+        timed_generate(m, prompts[:1], 8)  # warm-up
+    for batch in (1, 16):
+        rates = median_in_turns({name: lambda m=m: timed_generate(m, prompts[:batch], 64)
+                                 for name, m in models.items()}, repeats if batch == 1 else 3)
+        print(f"int8 greedy decoding, {batch} prompt{'s' * (batch > 1)} of 45 tokens, 64 tokens each: " + ", ".join(
+            f"{name} {rate:.1f} tokens/s" + (f" = {rate / rates['float32']:.2f}x" if name != "float32" else "")
+            for name, rate in rates.items()) + (" (target >= 1.5x)" if batch == 1 else ""))
+
+
+def bench_beams(repeats=3):
+    """Beam search with 5 beams against greedy decoding, 16 prompts of 45 tokens batched."""
+    model = gpt2_random()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 50257, (45,), generator=g).tolist() for _ in range(16)]
+    timed_generate(model, prompts[:1], 8, num_beams=5)  # warm-up
+    rates = median_in_turns({"greedy": lambda: timed_generate(model, prompts, 64),
+                             "5 beams": lambda: timed_generate(model, prompts, 64, num_beams=5)}, repeats)
+    print(f"beam search, 16 prompts of 45 tokens batched, 64 tokens each: 5 beams {rates['5 beams']:.1f} tokens/s "
+          f"= {rates['5 beams'] / rates['greedy']:.2f}x greedy ({rates['greedy']:.1f} tokens/s)")
+
+
 BENCHES = {"generation": bench_generation, "eval": bench_eval, "training": bench_training, "judge": bench_judge,
-           "lora": bench_lora}
+           "lora": bench_lora, "int8": bench_int8, "beams": bench_beams}
 
 
 def main():

@@ -1,0 +1,233 @@
+"""Beam search (generate.beam_search) and int8 weights (model.quantize_int8)."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import eval as ev
+import model as model_module
+from data import encode
+from export import export
+from generate import generate, load_for_inference, respond
+from model import GPTConfig, Int8Linear, quantize_int8
+from test_eval import make_entries, save_ckpt, write_data
+from test_generate import run_script, save_tiny_checkpoint, tiny_gpt2_vocab
+
+PROMPTS = ["Hello there", "A much longer prompt, with several more tokens in it.", "x", "Name three primary colors."]
+
+
+# ----------------------------------------------------------------------------- beam search
+
+
+def beam_search_without_cache(model, prompt, steps, num_beams):
+    """Plain beam search with no end-of-text: keep the num_beams continuations of highest total
+    log-probability, recomputing every sequence from scratch at each step; return the best."""
+    beams = [(0.0, [])]
+    for _ in range(steps):
+        candidates = []
+        for total, tokens in beams:
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(torch.tensor([prompt + tokens]))[0, -1], dim=-1)
+            best = logprobs.topk(num_beams)  # only these can be among the num_beams best overall
+            candidates += [(total + lp, tokens + [t]) for lp, t in zip(best.values.tolist(), best.indices.tolist())]
+        beams = sorted(candidates, key=lambda c: -c[0])[:num_beams]
+    return beams[0][1]
+
+
+def test_one_beam_is_greedy():
+    model = tiny_gpt2_vocab(seed=1)
+    prompts = [encode(t) for t in PROMPTS]
+    greedy = generate(model, prompts, 10)
+    eos = greedy[0][3]  # a row that stops early
+    assert generate(model, prompts, 10, eos_id=eos, num_beams=1) == generate(model, prompts, 10, eos_id=eos)
+    assert generate(model, prompts, 10, num_beams=1, length_penalty=2.0) == greedy
+
+
+def test_beam_search_without_end_of_text_equals_the_plain_reference():
+    model = tiny_gpt2_vocab(seed=1)
+    prompts = [encode(t) for t in PROMPTS[:2]]
+    beams = generate(model, prompts, 6, eos_id=None, num_beams=3)
+    assert beams == [beam_search_without_cache(model, p, 6, 3) for p in prompts]
+    assert beams != generate(model, prompts, 6, eos_id=None)  # beam search found other sequences than greedy
+    # a full context stops it, as greedy generation: 128 - 124 + 1 new tokens
+    assert [len(o) for o in generate(model, [list(range(124))] * 2, 20, eos_id=None, num_beams=2)] == [5, 5]
+
+
+def test_ragged_batch_of_beam_searches_equals_each_prompt_alone():
+    model = tiny_gpt2_vocab(seed=1)
+    prompts = [encode(t) for t in PROMPTS]
+    eos = generate(model, prompts[1:2], 12, eos_id=None, num_beams=3)[0][1]  # prompt 1's beams say it early
+    batched = generate(model, prompts, 12, eos_id=eos, num_beams=3)
+    assert batched == [generate(model, [p], 12, eos_id=eos, num_beams=3)[0] for p in prompts]
+    assert len(batched[1]) < 12 and 12 in [len(b) for b in batched]  # prompts finished at different steps
+
+
+class BigramModel(nn.Module):
+    """A stand-in for GPT in generate(): the next token's probabilities depend only on the last
+    token, from a table, so that what beam search does can be worked out by hand."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.config = GPTConfig(vocab_size=len(table), context_length=32, emb_dim=4, n_layers=1, n_heads=1)
+        self.wte = nn.Module()
+        self.wte.weight = nn.Parameter(torch.zeros(1))  # generate() reads its device and dtype
+        self.logits = torch.tensor(table).log()
+
+    def forward_cached(self, idx, cache):
+        cache.pos += idx.size(1)
+        return self.logits[idx[:, -1]]
+
+
+# Token 0 is end-of-text; prompt [4]. Step 1: "0" (p .5) finishes A = [] with log-prob sum
+# -0.69 (length 1); the beams go on with [1] (-0.80) and [2] (-3.51). Step 2: [1, 0] (sum -1.50)
+# finishes B = [1] (length 2); [1, 3] (-1.70) and [1, 2] (-3.28) go on. Step 3: [1, 3, 0] (sum
+# -1.75) finishes C = [1, 3] (length 3). Scores sum / length ** length_penalty:
+#   length_penalty -1 or 0: A beats B, and no open beam's sum (-1.70) can beat B: A wins.
+#   length_penalty 1: A -0.69, B -0.75. A bound at the current length (-1.70 / 2 = -0.85) would
+#   stop here and return A, but [1, 3] may end as late as the budget of 6 tokens (-1.70 / 6 >
+#   -0.75), so the search goes on and finds C (-0.58), which wins.
+BIGRAMS = [[0.1, 0.2, 0.3, 0.15, 0.25],  # after 0 (fed only with eos_id=None)
+           [0.496, 0.01, 0.084, 0.406, 0.004],  # after 1
+           [0.005, 0.003, 0.0015, 0.99, 0.0005],  # after 2
+           [0.95, 0.012, 0.008, 0.02, 0.01],  # after 3
+           [0.5, 0.45, 0.03, 0.012, 0.008]]  # after 4
+
+
+def test_length_penalty_favours_longer_hypotheses_and_the_bound_is_exact():
+    model = BigramModel(BIGRAMS)
+    winners = {lp: generate(model, [[4]], 6, eos_id=0, num_beams=2, length_penalty=lp)[0] for lp in (-1.0, 0.0, 1.0)}
+    assert winners == {-1.0: [], 0.0: [], 1.0: [1, 3]}
+    # prompt [2] goes on after [4] is done: [3] (log-prob sum -0.06) beats [] (-5.30) and [3, 3] (-3.97)
+    assert generate(model, [[4], [2]], 6, eos_id=0, num_beams=2, length_penalty=0.0) == [[], [3]]
+
+
+def test_sampling_settings_with_beams_are_refused():
+    model = tiny_gpt2_vocab()
+    for settings in (dict(temperature=0.7), dict(top_k=5), dict(top_p=0.9)):
+        with pytest.raises(ValueError, match="beam search samples nothing"):
+            generate(model, [[1, 2]], 4, num_beams=2, **settings)
+    with pytest.raises(ValueError, match="num_beams must be at least 1, got 0"):
+        generate(model, [[1, 2]], 4, num_beams=0)
+
+
+def test_cli_beam_search(tmp_path):
+    ckpt = str(tmp_path / "ckpt.pt")
+    model = save_tiny_checkpoint(ckpt)
+    entry = {"instruction": "Name a color.", "input": ""}
+    expected = respond(model, [entry], "alpaca", 8, num_beams=3, length_penalty=0.5)[0]
+    assert expected != respond(model, [entry], "alpaca", 8)[0]
+    result = run_script("--ckpt", ckpt, "--prompt", "Name a color.", "--max-new-tokens", "8", "--device", "cpu",
+                        "--num-beams", "3", "--length-penalty", "0.5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+def test_decoding_flag_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match="^--num-beams above 1 is beam search, which samples nothing: "
+                                         "drop --temperature, --top-k and --top-p$"):
+        ev.main(["--ckpt", str(tmp_path / "never-read.pt"), "--num-beams", "3", "--top-k", "5"])
+    with pytest.raises(SystemExit):
+        ev.main(["--ckpt", "ckpt.pt", "--length-penalty", "nan"])
+    assert "argument --length-penalty: must be a finite number, got nan" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- int8 weights
+
+
+def float_linear_bytes(model):
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def test_int8_linear_is_close_to_float_and_rows_are_independent():
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 96)
+    int8 = Int8Linear(linear.weight, linear.bias)
+    x = torch.randn(6, 256)
+    x[2] *= 100  # an outlier row: with one activation range for the batch it would blur the others
+    x[4] = 0.0
+    with torch.no_grad():
+        error = (int8(x) - linear(x)).norm(dim=1) / linear(x).norm(dim=1)
+    assert error.max() < 0.03  # 8-bit weights and 7-bit activations: about 1% here
+    assert torch.equal(int8(x), torch.cat([int8(row[None]) for row in x]))  # bit for bit
+    assert torch.equal(int8(x.view(2, 3, 256)), int8(x).view(2, 3, 96))
+    assert torch.equal(int8(x[4:5]), linear.bias.detach()[None])
+
+
+def test_quantized_model_logits_memory_and_greedy_generation():
+    model = tiny_gpt2_vocab(seed=1)
+    float_bytes = float_linear_bytes(model)
+    idx = torch.randint(0, 50257, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(idx)
+    for head in (False, True):
+        quantized = quantize_int8(copy.deepcopy(model), head=head)
+        with torch.no_grad():
+            logits = quantized(idx)
+        # the tolerance: 2% of the largest logit (the tiny random model's logits span about +-1)
+        assert (logits - reference).abs().max() < 0.02 * reference.abs().max()
+        assert not (logits == reference).all()
+    quantized = quantize_int8(copy.deepcopy(model))
+    assert not any(isinstance(m, nn.Linear) for m in quantized.modules())
+    assert not any(".c_attn." in name or ".c_fc." in name for name in quantized.state_dict())  # no float copies
+    int8_bytes = sum(m.nbytes() for m in quantized.modules() if isinstance(m, Int8Linear))
+    assert int8_bytes <= 0.3 * float_bytes
+    # greedy generation end to end; rows come out as alone because Int8Linear treats rows independently
+    prompts = [encode(t) for t in PROMPTS]
+    batched = generate(quantized, prompts, 12, eos_id=None)
+    assert batched == [generate(quantized, [p], 12, eos_id=None)[0] for p in prompts]
+    assert sum(a == b for a, b in zip(batched, generate(model, prompts, 12, eos_id=None))) >= 2
+    # and beam search
+    assert generate(quantized, prompts, 6, eos_id=None, num_beams=2) == \
+        [generate(quantized, [p], 6, eos_id=None, num_beams=2)[0] for p in prompts]
+
+
+def test_dequantize_kernel_for_other_devices(monkeypatch):
+    """The kernel CUDA and MPS get, tried on the CPU: the same int8 weights, float activations."""
+    model = tiny_gpt2_vocab(seed=1)
+    fbgemm = quantize_int8(copy.deepcopy(model))
+    monkeypatch.setattr(model_module, "int8_kernel", lambda device: "dequantize")
+    dequantized = quantize_int8(copy.deepcopy(model))
+    layer = dequantized.h[0].mlp.c_fc
+    assert layer.kernel == "dequantize" and layer.qweight.dtype == torch.int8
+    assert layer.nbytes() <= 0.3 * model.h[0].mlp.c_fc.weight.numel() * 4
+    idx = torch.tensor([encode(PROMPTS[1])])
+    with torch.no_grad():
+        assert (dequantized(idx) - fbgemm(idx)).abs().max() < 0.02
+        weight = layer.qweight.float() * layer.scale[:, None]  # what it computes, by hand
+        x = torch.randn(3, 64)
+        assert torch.allclose(layer(x), x @ weight.t() + layer.bias, atol=1e-5)
+
+
+def test_training_a_quantized_model_is_refused():
+    model = quantize_int8(tiny_gpt2_vocab())
+    model.train()
+    with pytest.raises(RuntimeError, match="int8-quantized weights are for inference only"):
+        model(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]]))
+
+
+def test_quantize_flag_for_a_checkpoint_and_a_hugging_face_folder(tmp_path):
+    ckpt = str(tmp_path / "ckpt.pt")
+    model = save_tiny_checkpoint(ckpt)
+    entries = [{"instruction": "Name a color.", "input": ""}, {"instruction": "Say hi.", "input": ""}]
+    expected = respond(quantize_int8(copy.deepcopy(model)), entries, "alpaca", 10)
+    result = run_script("--ckpt", ckpt, "--prompt", "Name a color.", "--prompt", "Say hi.",
+                        "--max-new-tokens", "10", "--device", "cpu", "--quantize", "int8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected[0] + "\n\n" + expected[1] + "\n"
+    folder = export(ckpt, str(tmp_path / "hf"))
+    loaded, _, _ = load_for_inference(None, folder, device="cpu", quantize="int8")
+    assert isinstance(loaded.h[0].attn.c_attn, Int8Linear)
+    assert respond(loaded, entries, "alpaca", 10) == expected
+
+
+def test_eval_records_the_decoding_settings(tmp_path):
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", tiny_gpt2_vocab(), data=write_data(tmp_path, make_entries()))
+    ev.main(["--ckpt", ckpt, "--max-new-tokens", "3", "--num-beams", "2", "--length-penalty", "0.5",
+             "--quantize", "int8", "--device", "cpu"])
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert {k: report["generation"][k] for k in ("num_beams", "length_penalty", "quantize")} == \
+        {"num_beams": 2, "length_penalty": 0.5, "quantize": "int8"}
+    assert math.isfinite(report["test_loss"])
