@@ -257,6 +257,14 @@ def test_raw_text_trains_too(tmp_path, capsys, monkeypatch):
         "error: --mask-instructions needs instruction data; raw text has no instructions to mask"
 
 
+def test_compile_says_so_before_its_silent_minute(data, tmp_path, capsys, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(train.torch, "compile", lambda model: compiled.append(model) or model)  # not the real minute
+    run(*FAST, "--data", data, "--out", tmp_path / "out", "--max-steps", 1, "--compile")
+    assert len(compiled) == 1
+    assert "compiling the model with torch.compile: the first steps take a minute or so" in capsys.readouterr().out
+
+
 def test_lr_schedules():
     class Args:
         lr, warmup_steps, lr_schedule = 1e-3, 4, "cosine"
