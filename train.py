@@ -308,6 +308,7 @@ class Run:
     autocast: object = contextlib.nullcontext
     total_steps: int = 0
     batches_per_epoch: int = 0
+    steps_per_epoch: int = 0
     state: dict = dataclasses.field(default_factory=lambda: dict(
         step=0, epoch=0, batch_in_epoch=0, tokens_seen=0, elapsed=0.0, best_val_loss=None, val_loss=None))
     saved_step: int = None  # the step OUT/ckpt.pt holds, None before the first save
@@ -476,7 +477,8 @@ def evaluate(run, epoch, lr):
 
 def diverged(run, what, value, step):
     if run.saved_step is None:
-        saved = f"no checkpoint was written yet (the first is due at step {min(run.args.save_every, run.total_steps)})"
+        first = min(run.args.save_every, run.steps_per_epoch, run.total_steps)  # see train_epochs
+        saved = f"no checkpoint was written yet (the first is due at step {first})"
     else:
         saved = f"{run.path('ckpt.pt')} holds the last good state, from step {run.saved_step}"
     return ValueError(f"the {what} loss became {value} at step {step}; stopped, {saved}; try a lower --lr, "
@@ -577,8 +579,8 @@ def train(args, ckpt, splits, device, autocast, rank, world_size):
                                     context_length=args.context_length, drop_rate=args.dropout)
     run.batches_per_epoch = len(batch_indices(splits.train.lengths, args.batch_size, shuffle=True, seed=args.seed,
                                               drop_last=True, rank=rank, world_size=world_size))
-    steps_per_epoch = math.ceil(run.batches_per_epoch / args.grad_accum)  # a short last step ends an epoch
-    run.total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
+    run.steps_per_epoch = math.ceil(run.batches_per_epoch / args.grad_accum)  # a short last step ends an epoch
+    run.total_steps = min(run.steps_per_epoch * args.epochs, args.max_steps or math.inf)
     build_training(run, ckpt)
     check_vocab(run.raw_model.config.vocab_size, args.model)
     if ckpt is not None:
@@ -590,7 +592,7 @@ def train(args, ckpt, splits, device, autocast, rank, world_size):
         f"trainable{lora}; context {run.raw_model.config.context_length}, on {device} ({args.dtype})")
     log(f"global batch {args.batch_size * world_size * args.grad_accum} = batch size {args.batch_size} x "
         f"{world_size} process{'es' if world_size > 1 else ''} x grad accum {args.grad_accum}; "
-        f"{run.total_steps} optimizer steps ({steps_per_epoch} per epoch)")
+        f"{run.total_steps} optimizer steps ({run.steps_per_epoch} per epoch)")
     if run.state["step"] >= run.total_steps:
         log(f"nothing to do: the run is at step {run.state['step']} of {run.total_steps}; "
             "raise --epochs or --max-steps")

@@ -307,6 +307,10 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_pat
     assert stopped.value.code == ("error: the training loss became nan at step 4; stopped, no checkpoint was written "
                                   "yet (the first is due at step 10); try a lower --lr, or --grad-clip 1")
     assert not os.path.exists(tmp_path / "early" / "ckpt.pt")
+    training_calls.clear()
+    with pytest.raises(SystemExit) as stopped:  # 20 steps an epoch: the end of the first comes before --save-every
+        run_cli(*FAST, "--data", data, "--out", tmp_path / "epochs", "--max-steps", 30)
+    assert "stopped, no checkpoint was written yet (the first is due at step 20);" in stopped.value.code
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(data, tmp_path):
