@@ -24,7 +24,7 @@ import tiktoken
 import torch
 from torch.utils.data import Dataset
 
-from model import IGNORE_INDEX, atomic_write, check_file, download
+from model import IGNORE_INDEX, atomic_write, download
 
 EOT_ID = 50256  # GPT-2 <|endoftext|>, also used as the pad token
 DEFAULT_DATA_URL = (
@@ -136,7 +136,10 @@ def default_data_path(data_dir: str = "data") -> str:
 
 def read_text(path: str) -> str:
     """The UTF-8 text of a data file, with a one-sentence error if it is missing or not text."""
-    check_file(path, "a data file")
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is a directory, not a data file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such data file")
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
             return f.read()
@@ -144,10 +147,10 @@ def read_text(path: str) -> str:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
-def write_json(obj, path: str) -> None:
+def write_json(obj, path: str, indent: int = 4) -> None:
     """json.dump through a temporary name: an interrupted run leaves no half-written file."""
     with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=4, ensure_ascii=False)
+        json.dump(obj, f, indent=indent, ensure_ascii=False)
         f.write("\n")
 
 

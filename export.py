@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 
-from data import EOT_ID, check_vocab, get_prompt_style, get_tokenizer, run_main
+from data import EOT_ID, check_vocab, get_prompt_style, get_tokenizer, run_main, write_json
 from model import load_checkpoint, model_from_checkpoint, transposed_in_hf
 
 EOT = "<|endoftext|>"
@@ -168,12 +168,6 @@ def tokenizer_config_json(cfg, style):
 # ----------------------------------------------------------------------------- the folder
 
 
-def write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
-
 def check_out(out, ckpt_path, force):
     """ValueError unless the export may go to out: a new or empty folder, or any folder with
     force, as long as it does not hold the checkpoint (force would delete it)."""
@@ -213,17 +207,17 @@ def export(ckpt_path, out, force=False):
         state = hf_state_dict(model)
         dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        write_json(os.path.join(tmp, "config.json"), config_json(cfg, dtype))
-        write_json(os.path.join(tmp, "generation_config.json"), generation_config_json(cfg))
+        write_json(config_json(cfg, dtype), os.path.join(tmp, "config.json"), indent=2)  # as transformers does
+        write_json(generation_config_json(cfg), os.path.join(tmp, "generation_config.json"), indent=2)
         if no_tokenizer is None:
             vocab, merges = gpt2_vocab_and_merges()
             with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
                 json.dump(vocab, f)  # as GPT-2's own encoder.json, byte for byte
             with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
                 f.write("#version: 0.2\n" + "".join(line + "\n" for line in merges))  # as GPT-2's vocab.bpe
-            write_json(os.path.join(tmp, "tokenizer_config.json"), tokenizer_config_json(cfg, style))
-            write_json(os.path.join(tmp, "special_tokens_map.json"),
-                       {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT})
+            write_json(tokenizer_config_json(cfg, style), os.path.join(tmp, "tokenizer_config.json"), indent=2)
+            write_json({"bos_token": EOT, "eos_token": EOT, "unk_token": EOT},
+                       os.path.join(tmp, "special_tokens_map.json"), indent=2)
         if os.path.exists(out):  # an empty folder, or one --force replaces: moved aside, then deleted
             old = f"{out}.old-{os.getpid()}"
             os.replace(out, old)

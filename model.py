@@ -373,14 +373,6 @@ def default_cache_dir():
     return os.environ.get("GPT2_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "gpt2-weights"))
 
 
-def check_file(path, what):
-    """FileNotFoundError naming `what` ("a data file") when path is a directory or does not exist."""
-    if os.path.isdir(path):
-        raise FileNotFoundError(f"{path} is a directory, not {what}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such {what.split(' ', 1)[1]}")
-
-
 def writable_folder(path):
     """Make sure `path` is a folder this process can write in (creating it), before any long
     work whose results go there; one clear OSError otherwise."""
