@@ -13,9 +13,7 @@ import argparse
 import functools
 import hashlib
 import json
-import math
 import os
-import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -24,7 +22,8 @@ import tiktoken
 import torch
 from torch.utils.data import Dataset
 
-from model import IGNORE_INDEX, atomic_write, download
+from common import AT_LEAST_1, download, run_main
+from model import IGNORE_INDEX
 
 EOT_ID = 50256  # GPT-2 <|endoftext|>, also used as the pad token
 DEFAULT_DATA_URL = (
@@ -61,6 +60,12 @@ def decode(ids) -> str:
     if isinstance(ids, torch.Tensor):
         ids = ids.tolist()
     return get_tokenizer().decode(list(ids))
+
+
+def check_vocab(vocab_size: int, what: str) -> None:
+    """ValueError unless a model of vocab_size tokens can take GPT-2's tokenizer's ids."""
+    if vocab_size <= EOT_ID:
+        raise ValueError(f"{what} has a vocabulary of {vocab_size} tokens; GPT-2's tokenizer needs {EOT_ID + 1}")
 
 
 # ----------------------------------------------------------------------------
@@ -145,13 +150,6 @@ def read_text(path: str) -> str:
             return f.read()
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
-
-
-def write_json(obj, path: str, indent: int = 4) -> None:
-    """json.dump through a temporary name: an interrupted run leaves no half-written file."""
-    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent, ensure_ascii=False)
-        f.write("\n")
 
 
 def _parse_json(path: str, text: str) -> list:
@@ -466,50 +464,7 @@ def summarize_data(splits: DataSplits, batch_size: int, context_length: int) -> 
 
 
 # ----------------------------------------------------------------------------
-# Shared by the scripts: the tokenizer check, argparse types, one-line errors
-
-def check_vocab(vocab_size: int, what: str) -> None:
-    """ValueError unless a model of vocab_size tokens can take GPT-2's tokenizer's ids."""
-    if vocab_size <= EOT_ID:
-        raise ValueError(f"{what} has a vocabulary of {vocab_size} tokens; GPT-2's tokenizer needs {EOT_ID + 1}")
-
-
-def checked(kind, ok, requirement):
-    """An argparse type: `kind` of the text, which must satisfy `ok` (else "must be <requirement>")."""
-    def parse(text):
-        value = kind(text)  # a ValueError here: argparse says "invalid int value: 'x'"
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
-        return value
-    parse.__name__ = kind.__name__  # ... naming the kind: "int", not "parse"
-    return parse
-
-
-AT_LEAST_1 = checked(int, lambda v: v >= 1, "at least 1")
-AT_LEAST_0 = checked(int, lambda v: v >= 0, "at least 0")
-POSITIVE = checked(float, lambda v: 0 < v < math.inf, "a positive number")
-NON_NEGATIVE = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
-SEED = checked(int, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1")  # what torch and numpy both take
-
-
-def duration(seconds):
-    """A time for people: 45s, 3m05s, 2h10m."""
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def run_main(main):
-    """Run a script's main(); a user mistake ends it with one line and exit status 1 (under
-    torchrun the line comes from the first process only, not once per process)."""
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        if os.environ.get("RANK", "0") != "0":
-            sys.exit(1)
-        sys.exit(f"error: {e}")
-
+# Command line
 
 def main():
     p = argparse.ArgumentParser(description="Prepare a data set (the default one is downloaded once into "

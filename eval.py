@@ -30,11 +30,11 @@ from collections import Counter
 
 from torch.utils.data import DataLoader
 
-from data import AT_LEAST_1, POSITIVE, batch_indices, check_same_data, checked, decode, duration, get_prompt_style, \
-    prepare_data, read_text, run_main, write_json
+from common import AT_LEAST_1, POSITIVE, checked, duration, resolve_device, run_main, writable_folder, write_json
+from data import batch_indices, check_same_data, decode, get_prompt_style, prepare_data, read_text
+from model import calc_loss_loader
 from generate import add_inference_args, decoding_settings, generate, hit_limit, load_for_inference
 from judge import DEFAULT_TIMEOUT, DEFAULT_URL, check_server, check_url, judge_file, load_responses
-from model import calc_loss_loader, resolve_device, writable_folder
 
 MAX_LABELS, MAX_LABEL_WORDS = 20, 3  # outputs with fewer distinct values, this short, are labels
 

@@ -17,8 +17,10 @@ import json
 import os
 import shutil
 
-from data import EOT_ID, check_vocab, get_prompt_style, get_tokenizer, run_main, write_json
-from model import load_checkpoint, model_from_checkpoint, transposed_in_hf
+from checkpoint import load_checkpoint, model_from_checkpoint
+from common import run_main, write_json
+from data import EOT_ID, check_vocab, get_prompt_style, get_tokenizer
+from model import transposed_in_hf
 
 EOT = "<|endoftext|>"
 

@@ -10,10 +10,11 @@ import sys
 
 import torch
 
-from data import AT_LEAST_1, EOT_ID, NON_NEGATIVE, PROMPT_STYLES, SEED, check_vocab, checked, decode, encode, \
-    format_prompt, run_main
-from model import HF_REPOS, PRESETS, KVCache, build_model, load_checkpoint, model_from_checkpoint, quantize_int8, \
-    resolve_device
+from checkpoint import load_checkpoint, model_from_checkpoint
+from common import AT_LEAST_1, NON_NEGATIVE, SEED, checked, resolve_device, run_main
+from data import EOT_ID, PROMPT_STYLES, check_vocab, decode, encode, format_prompt
+from model import HF_REPOS, KVCache, PRESETS, build_model
+from quantize import quantize_int8
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -180,7 +181,7 @@ def add_finished(hyps, num_beams, score, tokens):
 def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, device="cpu", quantize=None):
     """(model in eval mode on device, checkpoint dict or None, prompt style): a fine-tuned
     checkpoint from train.py (its prompt style unless overridden) or a base GPT-2, with
-    quantize="int8" its block linears in int8 (model.quantize_int8)."""
+    quantize="int8" its block linears in int8 (quantize.quantize_int8)."""
     if (ckpt_path is None) == (model_name is None):
         raise ValueError("give exactly one of --ckpt (a train.py checkpoint) or --model (a GPT-2 name or folder)")
     if model_name in PRESETS and model_name not in HF_REPOS:

@@ -21,7 +21,8 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from data import duration, format_input, load_instruction_data, write_json
+from common import duration, write_json
+from data import format_input, load_instruction_data
 
 DEFAULT_URL = "http://localhost:11434"  # Ollama's
 DEFAULT_TIMEOUT = 300.0  # seconds without a byte from the server; a big judge on a CPU is slow

@@ -26,12 +26,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from data import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROMPT_STYLES, SEED, batch_indices, \
-    check_batchable, check_same_data, check_vocab, checked, duration, decode, encode, format_prompt, prepare_data, run_main, summarize_data
+from checkpoint import (build_base, load_checkpoint, lora_checkpoint, lora_model_from_checkpoint,
+    model_from_checkpoint, save_checkpoint)
+from common import (AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, atomic_write, checked, duration,
+    resolve_device, run_main)
+from data import (PROMPT_STYLES, batch_indices, check_batchable, check_same_data, check_vocab, decode, encode,
+    format_prompt, prepare_data, summarize_data)
+from lora import LORA_TARGETS, add_lora, parameter_counts
+from model import IGNORE_INDEX, PRESETS, build_model, calc_loss_loader
 from generate import generate, respond
-from model import IGNORE_INDEX, LORA_TARGETS, PRESETS, add_lora, atomic_write, build_base, build_model, \
-    calc_loss_loader, load_checkpoint, lora_checkpoint, lora_model_from_checkpoint, model_from_checkpoint, \
-    parameter_counts, resolve_device, save_checkpoint
 
 TRAIN_FRAC, TEST_FRAC = 0.85, 0.10  # the chapter's split; eval.py reads them from the checkpoint
 # What a resumed run may change; everything else comes from the checkpoint's arguments.

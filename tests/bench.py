@@ -20,8 +20,9 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(os.path.join(SHARED,
     os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(SHARED, "tiktoken")
 
 from data import encode, format_prompt, prepare_data  # noqa: E402
+from model import GPT, config_for  # noqa: E402
+from quantize import Int8Linear, quantize_int8  # noqa: E402
 from generate import generate  # noqa: E402
-from model import GPT, Int8Linear, config_for, quantize_int8  # noqa: E402
 
 
 def gpt2_random(seed=0, **overrides):

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import data
-from data import EOT_ID, IGNORE_INDEX
+from data import EOT_ID
+from model import IGNORE_INDEX
 
 ALPACA_HEAD = ("Below is an instruction that describes a task. "
                "Write a response that appropriately completes the request.")

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
-from data import EOT_ID, IGNORE_INDEX, InstructionDataset, collate, decode, encode, format_prompt, prepare_data
+from checkpoint import save_checkpoint
+from data import EOT_ID, InstructionDataset, collate, decode, encode, format_prompt, prepare_data
+from model import GPT, IGNORE_INDEX, config_for
 from generate import generate, respond
-from model import GPT, config_for, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRACTIONS = dict(train_frac=0.5, test_frac=0.3)  # 20 entries -> 10 train, 6 test (entries 10-15), 4 val

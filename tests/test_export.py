@@ -16,10 +16,11 @@ from safetensors import safe_open
 
 import data
 import export as export_script
+from checkpoint import save_checkpoint
 from data import EOT_ID, PROMPT_STYLES, decode, encode, format_input, format_prompt
+from model import GPT, config_for, from_pretrained
 from export import chat_template, export
 from generate import respond
-from model import GPT, config_for, from_pretrained, save_checkpoint
 from test_model import FIXTURE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,9 +5,11 @@ import sys
 import pytest
 import torch
 
+from checkpoint import save_checkpoint
+from common import resolve_device
 from data import decode, encode, format_prompt
+from model import GPT, config_for, from_pretrained
 from generate import generate, load_for_inference, respond, sample_next
-from model import GPT, config_for, from_pretrained, resolve_device, save_checkpoint
 from test_model import FIXTURE, REFERENCE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

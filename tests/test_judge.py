@@ -8,9 +8,10 @@ import torch
 
 import eval as ev
 import judge
-from data import run_main
+from checkpoint import save_checkpoint
+from common import run_main
+from model import GPT, config_for
 from judge_server import closed_port_url, judge_server
-from model import GPT, config_for, save_checkpoint
 
 OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
 

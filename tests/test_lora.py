@@ -12,9 +12,10 @@ from safetensors.torch import save_file
 
 from export import config_json, export, hf_state_dict
 from generate import load_for_inference
-from model import (GPT, LORA_TARGETS, LoRALinear, add_lora, base_fingerprint, build_base, build_model, config_for,
-                   from_pretrained, lora_checkpoint, lora_model_from_checkpoint, lora_modules, lora_state_dict,
-                   merge_lora, model_from_checkpoint, parameter_counts, save_checkpoint)
+from checkpoint import build_base, lora_checkpoint, lora_model_from_checkpoint, model_from_checkpoint, save_checkpoint
+from lora import (LORA_TARGETS, LoRALinear, add_lora, base_fingerprint, lora_modules, lora_state_dict, merge_lora,
+    parameter_counts)
+from model import GPT, build_model, config_for, from_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (GPT, PRESETS, KVCache, atomic_write, build_model, config_for, download, from_pretrained, hf_folder,
-                   load_checkpoint, model_from_checkpoint, save_checkpoint)
+from common import download
+from model import GPT, KVCache, PRESETS, build_model, config_for, from_pretrained, hf_folder
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf-tiny-gpt2")
 REFERENCE = json.load(open(os.path.join(FIXTURE, "reference.json")))
@@ -199,36 +199,3 @@ def test_hub_names_use_the_cache_and_download_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="could not download .*absent.bin .*; check the network"):
         download((tmp_path / "absent.bin").as_uri(), str(tmp_path / "dl" / "absent.bin"))
     assert os.listdir(tmp_path / "dl") == ["file.bin"]
-
-
-def test_checkpoint_round_trip_and_damage(tmp_path):
-    model = tiny(seed=3)
-    path = str(tmp_path / "ckpt.pt")
-    save_checkpoint({"model": model.state_dict(), "config": vars(model.config), "prompt_style": "phi3"}, path)
-    assert os.listdir(tmp_path) == ["ckpt.pt"]
-    ckpt = load_checkpoint(path)
-    restored = model_from_checkpoint(ckpt)
-    idx = torch.randint(0, 512, (1, 6))
-    assert torch.equal(restored.eval()(idx), model(idx)) and ckpt["prompt_style"] == "phi3"
-    with pytest.raises(FileNotFoundError, match="checkpoint .*nope.pt does not exist"):
-        load_checkpoint(str(tmp_path / "nope.pt"))
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="is corrupt or not a train.py checkpoint"):
-        load_checkpoint(path)
-    torch.save({"model": model.state_dict(), "config": {**vars(model.config), "emb_dim": 32}}, path)
-    with pytest.raises(ValueError, match="ckpt.pt is corrupt: its weights do not fit its config"):
-        model_from_checkpoint(load_checkpoint(path), path)
-    torch.save({"weights": 1}, path)
-    with pytest.raises(ValueError, match="no model weights or config"):
-        load_checkpoint(path)
-
-
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
-    path = str(tmp_path / "ckpt.pt")
-    save_checkpoint({"step": 1}, path)
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_write(path) as tmp:
-            open(tmp, "wb").write(b"half a checkpo")
-            raise KeyboardInterrupt
-    assert torch.load(path) == {"step": 1} and os.listdir(tmp_path) == ["ckpt.pt"]

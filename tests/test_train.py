@@ -17,10 +17,11 @@ from safetensors.torch import save_file
 
 import eval as ev
 import train
-from data import run_main
+from checkpoint import load_checkpoint, save_checkpoint
+from common import run_main
+from model import GPT, config_for, from_pretrained
 from export import config_json, hf_state_dict
 from generate import load_for_inference
-from model import GPT, config_for, from_pretrained, load_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--init", "random", "--context-length", "64", "--batch-size", "2", "--eval-batches", "2"]

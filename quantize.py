@@ -1,0 +1,90 @@
+"""int8 weights for decoding: the kernel choice per device, Int8Linear (an inference-only
+nn.Linear with int8 weights) and quantize_int8, which swaps it into a GPT in place."""
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def int8_kernel(device):
+    """The int8 matmul Int8Linear uses on a device. On an x86-64 CPU: fbgemm's, through
+    torch.ops.quantized (the fastest of those measured here, see README). On CUDA and MPS: the
+    int8 weights converted to the activations' dtype for each matmul, which saves memory but
+    not time. The one place to choose a faster kernel for a device."""
+    if device.type != "cpu":
+        return "dequantize"
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise ValueError("int8 weights on the CPU need PyTorch's fbgemm kernels (x86-64), which this "
+                         "PyTorch build lacks; run without int8 quantization")
+    return "fbgemm"
+
+
+# fbgemm's dynamic quantization gives the whole input one 8-bit range, so a row's result would
+# depend on the other rows of the batch (and one outlier row would blur all the others). Int8Linear
+# scales every row to a largest |value| of 1 and appends two constant columns (against zero
+# weights) that fix the range for any batch: every row gets the whole range, and comes out bit for
+# bit the same in any batch. Their 64:63 ratio puts zero exactly on a level of the 7-bit range.
+EDGES = (1 + 2**-10, -(1 + 2**-10) * 64 / 63)
+
+
+class Int8Linear(nn.Module):
+    """An nn.Linear for inference with int8 weights: symmetric, one scale per output channel
+    (weight ~= int8 * scale), the bias in float. Activations are quantized to 8 bits per row on
+    the fly (fbgemm) or stay float (dequantize). No gradients: it refuses training mode."""
+
+    def __init__(self, weight, bias=None):
+        super().__init__()
+        weight = weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        qweight = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        self.kernel = int8_kernel(weight.device)
+        self.bias = torch.zeros(len(weight), device=weight.device) if bias is None else bias.detach().float()
+        if self.kernel == "fbgemm":
+            qweight = F.pad(qweight, (0, 2))  # zero weights for the two EDGES columns
+            zero_points = torch.zeros(len(scale), dtype=torch.long)
+            previous, torch.backends.quantized.engine = torch.backends.quantized.engine, "fbgemm"
+            try:
+                with warnings.catch_warnings():  # the qint8 tensor type is deprecated; the kernels are not
+                    warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
+                    qweight = torch._make_per_channel_quantized_tensor(qweight, scale.double(), zero_points, 0)
+                # the int8 weights live only in fbgemm's packed matrix
+                self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+            finally:
+                torch.backends.quantized.engine = previous
+            self.edges = torch.tensor(EDGES)
+        else:
+            self.qweight, self.scale = qweight, scale
+        self.eval()
+
+    def forward(self, x):
+        if self.training:
+            raise RuntimeError("int8-quantized weights are for inference only: train the float model "
+                               "and quantize it afterwards")
+        if self.kernel == "fbgemm":
+            row_max = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp(min=1e-30)
+            x = torch.cat([x / row_max, self.edges.expand(*x.shape[:-1], 2)], dim=-1)
+            # reduce_range: 7-bit activations. Without AVX-512 VNNI (as here) fbgemm adds pairs of
+            # 8-bit products in int16, which saturate with 8-bit activations (79% error measured).
+            return torch.addcmul(self.bias, torch.ops.quantized.linear_dynamic(x, self.packed, True), row_max)
+        return torch.addcmul(self.bias.to(x.dtype), F.linear(x, self.qweight.to(x.dtype)), self.scale.to(x.dtype))
+
+    def nbytes(self):
+        """Bytes of the int8 weights and their scales (fbgemm also keeps a sum per output channel)."""
+        if self.kernel == "fbgemm":
+            return torch.ops.quantized.linear_unpack(self.packed)[0].numel() + 8 * len(self.bias)
+        return self.qweight.numel() + 4 * len(self.scale)
+
+
+def quantize_int8(model, head=False):
+    """Replace, in place, the linear layers of every block (and with head=True also the output
+    head, beside the float embedding it is tied to) with Int8Linear; returns the model, in eval
+    mode. For decoding only: do it after moving the model to its device."""
+    for block in model.h:
+        for parent in (block.attn, block.mlp):
+            for name, child in parent.named_children():
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Int8Linear(child.weight, child.bias))
+    if head:
+        model.wte.int8_head = Int8Linear(model.wte.weight.t())
+    return model.eval()
