@@ -6,6 +6,9 @@ Follows "Fine-tuning to follow instructions" (Raschka, LLMs from scratch, ch07):
 load Alpaca-style entries, split them 85/10/5 in file order, format each one as a
 prompt plus response, tokenize with GPT-2's tiktoken encoding, and batch them with
 the chapter's custom collate (pad with <|endoftext|>, ignore padding in the loss).
+Conversations (OpenAI/TRL "messages" or ShareGPT "conversations") are read too: an
+Alpaca entry is the one-turn conversation it has always been, and one renderer turns
+either into tokens for training, generation, evaluation and the exported chat template.
 A .txt file instead gives sliding windows of raw text, as in the chapter on
 pretraining (ch05).
 """
@@ -26,6 +29,7 @@ from common import AT_LEAST_1, download, run_main
 from model import IGNORE_INDEX
 
 EOT_ID = 50256  # GPT-2 <|endoftext|>, also used as the pad token
+EOT = "<|endoftext|>"
 DEFAULT_DATA_URL = (
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
     "ch07/01_main-chapter-code/instruction-data.json"
@@ -73,6 +77,9 @@ def check_vocab(vocab_size: int, what: str) -> None:
 #
 # A style is three templates: the instruction, the input (used only when the entry
 # has a non-empty input) and the response header. A new style is one more entry.
+# Conversations use two more, optional ones: "system", the first user turn after a
+# system message, and "turn", a later user turn (it follows the <|endoftext|> that
+# ends the assistant's turn before it). get_prompt_style fills in what a style lacks.
 
 PROMPT_STYLES = {
     "alpaca": {
@@ -83,26 +90,36 @@ PROMPT_STYLES = {
         ),
         "input": "\n\n### Input:\n{input}",
         "response": "\n\n### Response:\n",
+        # a system message takes the place of the preamble, which is Alpaca's system prompt
+        "system": "{system}\n\n### Instruction:\n{instruction}",
+        "turn": "\n\n### Instruction:\n{instruction}",
     },
     "phi3": {
         "instruction": "<|user|>\n{instruction}",
         "input": "\n{input}",
         "response": "\n<|assistant|>:\n",
+        "system": "<|system|>\n{system}\n<|user|>\n{instruction}",
+        "turn": "\n<|user|>\n{instruction}",
     },
     # no template: the text as it is, continued (checkpoints trained on raw text use this)
     "none": {
         "instruction": "{instruction}",
         "input": "\n{input}",
         "response": "",
+        "system": "{system}\n{instruction}",
+        "turn": "\n{instruction}",
     },
 }
 
 
 def get_prompt_style(style: str) -> dict:
-    """The templates of a style; ValueError listing the known styles otherwise."""
+    """The templates of a style; ValueError listing the known styles otherwise. A style without
+    the conversation templates gets a system message and later turns in its instruction template."""
     if style not in PROMPT_STYLES:
         raise ValueError(f"unknown prompt style {style!r}; known styles: {', '.join(PROMPT_STYLES)}")
-    return PROMPT_STYLES[style]
+    templates = PROMPT_STYLES[style]
+    return {"system": "{system}\n\n" + templates["instruction"], "turn": "\n\n" + templates["instruction"],
+            **templates}
 
 
 def format_input(entry: dict, style: str = "alpaca") -> str:
@@ -117,6 +134,88 @@ def format_input(entry: dict, style: str = "alpaca") -> str:
 def format_prompt(entry: dict, style: str = "alpaca") -> str:
     """Everything up to and including the response header: what generation feeds the model."""
     return format_input(entry, style) + get_prompt_style(style)["response"]
+
+
+# ----------------------------------------------------------------------------
+# Conversations: one renderer for training, generation, evaluation and export
+#
+# A conversation is a list of messages {"role": "system" | "user" | "assistant", "content"}:
+# an optional system message, then user and assistant turns in alternation. An Alpaca
+# entry is the conversation [user (its instruction, with its input), assistant (its output)].
+
+ROLES = ("system", "user", "assistant")
+
+
+def entry_messages(entry: dict) -> list[dict]:
+    """The conversation of an entry: its "messages", or an Alpaca entry as one exchange (the
+    user message carries the entry's input, which the style puts in its input block)."""
+    if "messages" in entry:
+        return entry["messages"]
+    messages = [{"role": "user", "content": entry["instruction"], "input": entry.get("input", "")}]
+    if "output" in entry:
+        messages.append({"role": "assistant", "content": entry["output"]})
+    return messages
+
+
+def entry_output(entry: dict) -> str:
+    """The reference response of an entry: its output, or a conversation's last assistant turn."""
+    return entry_messages(entry)[-1]["content"] if "messages" in entry else entry["output"]
+
+
+def render_turns(messages: list[dict], style: str = "alpaca") -> list[tuple[str, bool]]:
+    """A conversation's text as (text, is_assistant) pieces: each user turn in the style's
+    templates, followed by the response header, then each assistant turn's content. An
+    <|endoftext|> ends every assistant turn (render_text and encode_conversation add it)."""
+    templates = get_prompt_style(style)
+    system, pieces = None, []
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if role == "system":
+            system = content
+        elif role == "assistant":
+            pieces.append((content, True))
+        else:
+            if pieces:
+                text = templates["turn"].format(instruction=content)
+            elif system is not None:
+                text = templates["system"].format(system=system, instruction=content)
+            else:
+                text = templates["instruction"].format(instruction=content)
+            if message.get("input"):
+                text += templates["input"].format(input=message["input"])
+            pieces.append((text + templates["response"], False))
+    return pieces
+
+
+def render_text(messages: list[dict], style: str = "alpaca") -> str:
+    """A conversation as one text, each assistant turn followed by <|endoftext|>: the training
+    text, and what the exported chat template gives for the same messages."""
+    return "".join(text + EOT * is_assistant for text, is_assistant in render_turns(messages, style))
+
+
+def encode_conversation(messages: list[dict], style: str = "alpaca") -> tuple[list[int], list[bool]]:
+    """(ids, learned): the tokens of a conversation and, for each, whether it belongs to an
+    assistant turn (its <|endoftext|> included): what --mask-instructions keeps in the loss.
+    Each piece of render_turns is tokenized on its own, so an Alpaca entry gives exactly the
+    chapter's prompt tokens followed by its response tokens. Every assistant turn but a last
+    one gets its <|endoftext|> here; collate appends the last one. A conversation that ends
+    with a user turn gives the prompt to generate the next assistant turn from."""
+    pieces = render_turns(messages, style)
+    ids, learned = [], []
+    for k, (text, is_assistant) in enumerate(pieces):
+        tokens = encode(text) + [EOT_ID] * (is_assistant and k < len(pieces) - 1)
+        ids += tokens
+        learned += [is_assistant] * len(tokens)
+    return ids, learned
+
+
+def prompt_ids(entry: dict, style: str = "alpaca") -> list[int]:
+    """What generation feeds the model for an entry: everything before its last assistant turn
+    (for an Alpaca entry, the tokens of format_prompt)."""
+    messages = entry_messages(entry)
+    if messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    return encode_conversation(messages, style)[0]
 
 
 # ----------------------------------------------------------------------------
@@ -182,7 +281,9 @@ def _parse_json_lines(path: str, text: str) -> list:
 
 
 def load_instruction_data(path: str) -> list[dict]:
-    """Entries with `instruction`, `output` and an optional `input` (Alpaca layout).
+    """Alpaca entries (`instruction`, `output` and an optional `input`) or conversations
+    (`messages` as OpenAI and TRL write them, or ShareGPT's `conversations`, read into
+    `messages`); one file holds one kind, recognised from its first entry.
 
     Reads a JSON array or a JSON Lines (.jsonl) file. Every problem is a ValueError
     naming the file and the entry; nothing is dropped. A missing `input` becomes "".
@@ -192,18 +293,63 @@ def load_instruction_data(path: str) -> list[dict]:
         raise ValueError(f"{path}: expected a list of entries, got a JSON {type(entries).__name__}")
     if not entries:
         raise ValueError(f"{path}: the data set has no entries")
+    conversations = isinstance(entries[0], dict) and bool(CONVERSATION_KEYS & set(entries[0]))
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise ValueError(f"{path}: entry {i}: expected an object, got {type(entry).__name__}")
+        if conversations:
+            entries[i] = read_conversation(path, i, entry)
+            continue
         for key in ("instruction", "output"):
             if key not in entry:
-                raise ValueError(f"{path}: entry {i}: missing {key!r}")
+                detail = " (the first entry is an Alpaca entry, so all are)" if CONVERSATION_KEYS & set(entry) else ""
+                raise ValueError(f"{path}: entry {i}: missing {key!r}{detail}")
         entry.setdefault("input", "")
         for key in ("instruction", "input", "output"):
             if not isinstance(entry[key], str):
                 kind = "null" if entry[key] is None else type(entry[key]).__name__
                 raise ValueError(f"{path}: entry {i}: {key!r} must be a string, got {kind}")
     return entries
+
+
+# The two conversation layouts: the key of the turns, and of each turn's role and text.
+CONVERSATION_KEYS = {"messages", "conversations"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+
+
+def read_conversation(path: str, i: int, entry: dict) -> dict:
+    """Entry i of a conversation file with its turns checked and in the messages layout (other
+    keys kept); a ValueError naming the entry and the turn otherwise."""
+    if "messages" in entry:
+        turns, role_key, text_key, roles = entry["messages"], "role", "content", {r: r for r in ROLES}
+    elif "conversations" in entry:
+        turns, role_key, text_key, roles = entry["conversations"], "from", "value", SHAREGPT_ROLES
+    else:
+        raise ValueError(f"{path}: entry {i}: no 'messages' (the first entry is a conversation, so all are)")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{path}: entry {i}: the conversation must be a non-empty list of turns")
+    messages = []
+    for t, turn in enumerate(turns):
+        where = f"{path}: entry {i}, turn {t}"
+        role = roles.get(turn.get(role_key)) if isinstance(turn, dict) else None
+        if role is None:
+            raise ValueError(f"{where}: expected an object whose {role_key!r} is one of {', '.join(roles)}"
+                             + (f", got {turn.get(role_key)!r}" if isinstance(turn, dict) else ""))
+        text = turn.get(text_key)
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}: {text_key!r} must be a non-empty string")
+        previous = messages[-1]["role"] if messages else None
+        if role == "system" and messages:
+            raise ValueError(f"{where}: a system message may only come first")
+        if role == previous:
+            raise ValueError(f"{where}: two {role} turns in a row; user and assistant turns alternate")
+        if role == "assistant" and previous in (None, "system"):
+            raise ValueError(f"{where}: an assistant turn before any user turn")
+        messages.append({"role": role, "content": text})
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"{path}: entry {i}, turn {len(turns) - 1}: the conversation ends with a "
+                         f"{messages[-1]['role']} turn; it needs an assistant turn last, to learn from")
+    return {**{k: v for k, v in entry.items() if k not in CONVERSATION_KEYS}, "messages": messages}
 
 
 def split_data(entries: list, train_frac: float = 0.85, test_frac: float = 0.10):
@@ -228,16 +374,24 @@ class InstructionDataset(Dataset):
     prompt tokens is exact and a generation prompt tokenizes to the same ids.
     Items are token lists (the collate appends <|endoftext|>), or (tokens,
     n_prompt_tokens) pairs with mask_instructions, so the loss skips the prompt.
+    A conversation is rendered by encode_conversation: its prompt is everything before
+    its last assistant turn, and with mask_instructions and several assistant turns
+    its item is (tokens, learned), so the loss counts every assistant turn.
     """
 
     def __init__(self, entries: list[dict], prompt_style: str = "alpaca", mask_instructions: bool = False):
         self.entries = entries
         self.mask_instructions = mask_instructions
-        self.token_ids, self.prompt_lengths = [], []
+        self.token_ids, self.prompt_lengths, self.learned = [], [], []
         for entry in entries:
-            prompt_ids = encode(format_prompt(entry, prompt_style))
-            self.token_ids.append(prompt_ids + encode(entry["output"]))
-            self.prompt_lengths.append(len(prompt_ids))
+            ids, learned = encode_conversation(entry_messages(entry), prompt_style)
+            prompt_length = len(ids)  # up to the last assistant turn, the run of learned tokens at the end
+            while prompt_length and learned[prompt_length - 1]:
+                prompt_length -= 1
+            self.token_ids.append(ids)
+            self.prompt_lengths.append(prompt_length)
+            # one assistant turn: the prompt length says it all (the chapter's exercise 7.2)
+            self.learned.append(learned if any(learned[:prompt_length]) else prompt_length)
         self.lengths = [len(ids) for ids in self.token_ids]
 
     def __len__(self):
@@ -245,7 +399,7 @@ class InstructionDataset(Dataset):
 
     def __getitem__(self, index):
         if self.mask_instructions:
-            return self.token_ids[index], self.prompt_lengths[index]
+            return self.token_ids[index], self.learned[index]
         return self.token_ids[index]
 
 
@@ -257,6 +411,8 @@ def collate(batch, pad_token_id: int = EOT_ID, ignore_index: int = IGNORE_INDEX,
     inputs drop the last token and targets the first. Items may be
     (tokens, n_prompt_tokens) pairs: then targets predicting a prompt token are
     ignored too, and the loss covers only the response and its end-of-text token.
+    In a (tokens, learned) pair, learned[j] says whether predicting token j counts
+    (a conversation's assistant turns); the last end-of-text always counts.
     """
     items = [item if isinstance(item, tuple) else (item, 0) for item in batch]
     padded_length = max(len(ids) for ids, _ in items) + 1
@@ -270,8 +426,13 @@ def collate(batch, pad_token_id: int = EOT_ID, ignore_index: int = IGNORE_INDEX,
         item_targets[len(ids):] = [ignore_index] * (len(item_targets) - len(ids))
         # Target j predicts token j + 1, so the first n_prompt_tokens - 1 targets
         # predict prompt tokens.
-        n_masked = max(n_prompt_tokens - 1, 0)
-        item_targets[:n_masked] = [ignore_index] * n_masked
+        if isinstance(n_prompt_tokens, int):
+            n_masked = max(n_prompt_tokens - 1, 0)
+            item_targets[:n_masked] = [ignore_index] * n_masked
+        else:
+            for j, learned in enumerate(n_prompt_tokens[1:]):
+                if not learned:
+                    item_targets[j] = ignore_index
         inputs.append(padded[:-1])
         targets.append(item_targets)
     inputs = torch.tensor(inputs, dtype=torch.long)
@@ -449,9 +610,14 @@ def summarize_data(splits: DataSplits, batch_size: int, context_length: int) -> 
         f"tokens per train example: min {min(lengths)}, mean {np.mean(lengths):.1f}, max {max(lengths)}",
         f"longer than the context length of {context_length} (truncated): {too_long}",
     ]
+    if "messages" in splits.train_entries[0]:
+        entries = splits.train_entries + splits.val_entries + splits.test_entries
+        multi = sum(sum(m["role"] == "assistant" for m in e["messages"]) > 1 for e in entries)
+        lines.insert(1, f"conversations: {multi} of {len(entries)} with more than one assistant turn")
     if splits.mask_instructions:
         # Such an example has no target left that counts in the loss.
-        no_response = sum(n > context_length for n in splits.train.prompt_lengths)
+        first_learned = [n if isinstance(n, int) else n.index(True) for n in splits.train.learned]
+        no_response = sum(n > context_length for n in first_learned)
         lines.append(f"train examples whose prompt alone fills the context (nothing to learn): {no_response}")
     shuffled = batch_indices(lengths, batch_size, shuffle=True, drop_last=True)
     grouped = batch_indices(lengths, batch_size, shuffle=True, drop_last=True, group_by_length=True)

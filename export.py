@@ -113,40 +113,56 @@ def jinja_string(text):
     return json.dumps(text, ensure_ascii=False)
 
 
-def jinja_format(template, field, value):
-    """A Jinja expression giving a str.format template of PROMPT_STYLES with `field` filled
-    by the Jinja expression `value`."""
-    parts = []
-    for i, piece in enumerate(template.format(**{field: "\0"}).split("\0")):
-        if i:
-            parts.append(value)
-        if piece:
+def jinja_format(template, **values):
+    """A Jinja expression giving a str.format template of PROMPT_STYLES with each field filled
+    by a Jinja expression: jinja_format("Q: {instruction}", instruction="message['content']")."""
+    names = list(values)
+    parts = []  # the text split at NUL-marked field numbers: text, field, text, field, ...
+    for i, piece in enumerate(template.format(**{name: f"\0{n}\0" for n, name in enumerate(names)}).split("\0")):
+        if i % 2:
+            parts.append(values[names[int(piece)]])
+        elif piece:
             parts.append(jinja_string(piece))
     return " + ".join(parts) or '""'
 
 
 def chat_template(style):
-    """The prompt style as a Jinja chat template. The first user message is the instruction,
-    a second user message the optional input (left out when empty, as in format_prompt); an
-    assistant message is the response, followed by <|endoftext|> as in training; system
-    messages are ignored (the styles have none). With add_generation_prompt the template
-    ends with the response header: format_prompt's text, byte for byte. All text is in
-    {{ }} expressions and every tag strips the whitespace around it, so the result is the
-    same with or without trim_blocks and lstrip_blocks."""
+    """The prompt style as a Jinja chat template that renders a conversation as training does
+    (data.render_text): an optional system message first, user and assistant turns in
+    alternation, each assistant message as the response header, its content and <|endoftext|>.
+    A user message right after another user message is the optional input of the first (the
+    Alpaca input block; left out when empty, as in format_prompt). With add_generation_prompt
+    the template ends with the response header, so one user message gives format_prompt's text
+    byte for byte. All text is in {{ }} expressions and every tag strips the whitespace around
+    it, so the result is the same with or without trim_blocks and lstrip_blocks."""
     templates = get_prompt_style(style)
-    instruction = jinja_format(templates["instruction"], "instruction", "message['content']")
-    input_ = jinja_format(templates["input"], "input", "message['content']")
+    content = "message['content']"
+    instruction = jinja_format(templates["instruction"], instruction=content)
+    system = jinja_format(templates["system"], system="ns.system", instruction=content)
+    turn = jinja_format(templates["turn"], instruction=content)
+    input_ = jinja_format(templates["input"], input=content)
     response = jinja_string(templates["response"])
     return (
-        "{%- for message in messages if message['role'] == 'user' -%}\n"
-        "    {%- if loop.first -%}\n"
+        "{%- set ns = namespace(system=none, previous=none) -%}\n"
+        "{%- for message in messages -%}\n"
+        "    {%- if message['role'] == 'system' -%}\n"
+        "        {%- set ns.system = message['content'] -%}\n"
+        "    {%- elif message['role'] == 'assistant' -%}\n"
+        f"        {{{{- {response} + message['content'] + eos_token -}}}}\n"
+        "    {%- elif ns.previous == 'user' -%}\n"
+        "        {%- if message['content'] -%}\n"
+        f"            {{{{- {input_} -}}}}\n"
+        "        {%- endif -%}\n"
+        "    {%- elif ns.previous == 'assistant' -%}\n"
+        f"        {{{{- {turn} -}}}}\n"
+        "    {%- elif ns.system is not none -%}\n"
+        f"        {{{{- {system} -}}}}\n"
+        "    {%- else -%}\n"
         f"        {{{{- {instruction} -}}}}\n"
-        "    {%- elif message['content'] -%}\n"
-        f"        {{{{- {input_} -}}}}\n"
         "    {%- endif -%}\n"
-        "{%- endfor -%}\n"
-        "{%- for message in messages if message['role'] == 'assistant' -%}\n"
-        f"    {{{{- {response} + message['content'] + eos_token -}}}}\n"
+        "    {%- if message['role'] != 'system' -%}\n"
+        "        {%- set ns.previous = message['role'] -%}\n"
+        "    {%- endif -%}\n"
         "{%- endfor -%}\n"
         "{%- if add_generation_prompt -%}\n"
         f"    {{{{- {response} -}}}}\n"

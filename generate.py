@@ -12,7 +12,7 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from common import AT_LEAST_1, NON_NEGATIVE, SEED, checked, resolve_device, run_main
-from data import EOT_ID, PROMPT_STYLES, check_vocab, decode, encode, format_prompt
+from data import EOT_ID, PROMPT_STYLES, check_vocab, decode, encode, format_prompt, prompt_ids
 from model import HF_REPOS, KVCache, PRESETS, build_model
 from quantize import quantize_int8
 
@@ -207,8 +207,9 @@ def hit_limit(prompt, new_ids, max_new_tokens, context_length):
 
 
 def respond(model, entries, prompt_style, max_new_tokens, **sampling):
-    """The model's response text to each instruction entry, prompted in prompt_style."""
-    prompts = [encode(format_prompt(entry, prompt_style)) for entry in entries]
+    """The model's response text to each entry (an instruction, or a conversation: its next
+    assistant turn), prompted in prompt_style."""
+    prompts = [prompt_ids(entry, prompt_style) for entry in entries]
     return [decode(ids).strip() for ids in generate(model, prompts, max_new_tokens, **sampling)]
 
 

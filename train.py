@@ -30,8 +30,8 @@ from checkpoint import (build_base, load_checkpoint, lora_checkpoint, lora_model
     model_from_checkpoint, save_checkpoint)
 from common import (AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, atomic_write, checked, duration,
     resolve_device, run_main)
-from data import (PROMPT_STYLES, batch_indices, check_batchable, check_same_data, check_vocab, decode, encode,
-    format_prompt, prepare_data, summarize_data)
+from data import (PROMPT_STYLES, batch_indices, check_batchable, check_same_data, check_vocab, decode,
+    prepare_data, prompt_ids, summarize_data)
 from lora import LORA_TARGETS, add_lora, parameter_counts
 from model import IGNORE_INDEX, PRESETS, build_model, calc_loss_loader
 from generate import generate, respond
@@ -256,7 +256,7 @@ def sample_text(model, splits, prompt_style, max_new_tokens=50):
     model.eval()
     if splits.kind == "text":
         text = decode(generate(model, [splits.val[0][0][:16].tolist()], max_new_tokens)[0])
-    elif len(encode(format_prompt(splits.val_entries[0], prompt_style))) > ctx:
+    elif len(prompt_ids(splits.val_entries[0], prompt_style)) > ctx:
         text = f"(no sample: the prompt of the first validation entry is longer than the context of {ctx})"
     else:
         text = respond(model, splits.val_entries[:1], prompt_style, max_new_tokens)[0]

@@ -423,3 +423,106 @@ def test_summary_reports_sizes_truncation_and_padding(tmp_path):
         f"padding in train batches of 2: {shuffled:.1%} of input tokens shuffled, {grouped:.1%} grouped by length",
     ]
     assert grouped < shuffled
+
+
+# ---------------------------------------------------------------------------- conversations
+
+TWO_TURNS = [{"role": "system", "content": "Be brief."},
+             {"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"},
+             {"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}]
+SHAREGPT = [{"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Hello!"},
+            {"from": "human", "value": "Name a color."}, {"from": "gpt", "value": "Blue."}]
+
+
+@pytest.mark.parametrize("style, text", [
+    ("alpaca", "Be brief.\n\n### Instruction:\nHi.\n\n### Response:\nHello!<|endoftext|>"
+               "\n\n### Instruction:\nName a color.\n\n### Response:\nBlue.<|endoftext|>"),
+    ("phi3", "<|system|>\nBe brief.\n<|user|>\nHi.\n<|assistant|>:\nHello!<|endoftext|>"
+             "\n<|user|>\nName a color.\n<|assistant|>:\nBlue.<|endoftext|>"),
+    ("none", "Be brief.\nHi.Hello!<|endoftext|>\nName a color.Blue.<|endoftext|>"),
+])
+def test_multi_turn_rendering_and_its_loss_mask(style, text):
+    assert data.render_text(TWO_TURNS, style) == text
+    ids, learned = data.encode_conversation(TWO_TURNS, style)
+    assert data.decode(ids) == text.removesuffix("<|endoftext|>") and ids.count(EOT_ID) == 1
+    # learned: exactly the two responses and the end-of-text between them, each a run of its own
+    assert data.decode([t for t, keep in zip(ids, learned) if keep]) == "Hello!<|endoftext|>Blue."
+    runs = [keep for i, keep in enumerate(learned) if i == 0 or keep != learned[i - 1]]
+    assert runs == [False, True, False, True]
+    # through collate with masking: targets are the two responses and both end-of-texts
+    ds = data.InstructionDataset([{"messages": TWO_TURNS}], style, mask_instructions=True)
+    _, targets = data.collate([ds[0]])
+    kept = [t for t in targets[0].tolist() if t != IGNORE_INDEX]
+    assert kept == data.encode("Hello!") + [EOT_ID] + data.encode("Blue.") + [EOT_ID]
+    # the prompt eval.py generates from: everything before the last assistant turn
+    assert ds.token_ids[0][:ds.prompt_lengths[0]] == data.prompt_ids({"messages": TWO_TURNS}, style)
+    assert data.decode(data.prompt_ids({"messages": TWO_TURNS}, style)) == data.render_text(TWO_TURNS[:-1], style)
+    assert data.entry_output({"messages": TWO_TURNS}) == "Blue."
+
+
+def test_an_alpaca_entry_is_the_one_turn_conversation_it_always_was():
+    entry = {"instruction": "Rewrite: {x}", "input": "The car is fast.", "output": "The car is as fast as light."}
+    messages = [{"role": "user", "content": entry["instruction"], "input": entry["input"]},
+                {"role": "assistant", "content": entry["output"]}]
+    assert data.entry_messages(entry) == messages
+    for style in data.PROMPT_STYLES:
+        ids, learned = data.encode_conversation(messages, style)
+        prompt = data.encode(data.format_prompt(entry, style))
+        assert ids == prompt + data.encode(entry["output"]) and data.prompt_ids(entry, style) == prompt
+        assert learned == [False] * len(prompt) + [True] * (len(ids) - len(prompt))
+        masked = data.InstructionDataset([entry], style, mask_instructions=True)
+        assert masked[0] == (ids, len(prompt))  # the chapter's (tokens, n_prompt_tokens) item
+
+
+def test_sharegpt_and_messages_give_identical_tokens(tmp_path):
+    extra = {"id": 7}
+    messages = data.load_instruction_data(write_json(tmp_path, [{"messages": TWO_TURNS, **extra}] * 3, "m.json"))
+    sharegpt = data.load_instruction_data(write_json(tmp_path, [{"conversations": SHAREGPT, **extra}] * 3, "s.json"))
+    assert messages == sharegpt == [{"id": 7, "messages": TWO_TURNS}] * 3
+    jsonl = tmp_path / "s.jsonl"
+    jsonl.write_text("".join(json.dumps({"conversations": SHAREGPT}) + "\n" for _ in range(3)), encoding="utf-8")
+    assert data.InstructionDataset(data.load_instruction_data(str(jsonl))).token_ids == \
+        data.InstructionDataset(messages).token_ids
+
+
+def test_collate_of_a_one_turn_conversation_equals_the_alpaca_entry():
+    entry = {"instruction": "Say hi.", "input": "", "output": "Hi!"}
+    as_messages = {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]}
+    for mask in (False, True):
+        a = data.collate([data.InstructionDataset([entry], mask_instructions=mask)[0]])
+        b = data.collate([data.InstructionDataset([as_messages], mask_instructions=mask)[0]])
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def turns(*pairs):
+    return [{"role": role, "content": content} for role, content in pairs]
+
+
+BAD_CONVERSATIONS = [
+    ([{"messages": turns(("user", "Hi"), ("bot", "Hello"))}], "entry 0, turn 1: expected an object whose 'role' is "
+                                                              "one of system, user, assistant, got 'bot'"),
+    ([{"conversations": [{"from": "human", "value": "Hi"}, {"from": "assistant", "value": "x"}]}],
+     "entry 0, turn 1: expected an object whose 'from' is one of system, human, gpt, got 'assistant'"),
+    ([{"messages": turns(("user", "Hi"), ("assistant", ""))}], "entry 0, turn 1: 'content' must be a non-empty string"),
+    ([{"messages": [{"role": "user", "content": 3}]}], "entry 0, turn 0: 'content' must be a non-empty string"),
+    ([{"messages": turns(("user", "Hi"), ("user", "Hey"), ("assistant", "Yo"))}],
+     "entry 0, turn 1: two user turns in a row"),
+    ([{"messages": turns(("system", "S"), ("assistant", "Yo"))}], "entry 0, turn 1: an assistant turn before any user"),
+    ([{"messages": turns(("user", "Hi"), ("assistant", "Yo"), ("system", "S"))}],
+     "entry 0, turn 2: a system message may only come first"),
+    ([{"messages": turns(("user", "Hi"))}], "entry 0, turn 0: the conversation ends with a user turn; it needs an "
+                                            "assistant turn last"),
+    ([{"messages": []}], "entry 0: the conversation must be a non-empty list of turns"),
+    ([{"messages": turns(("user", "Hi"), ("assistant", "Yo"))}, {"instruction": "x", "output": "y"}],
+     "entry 1: no 'messages' \\(the first entry is a conversation, so all are\\)"),
+    ([{"instruction": "x", "output": "y"}, {"messages": turns(("user", "Hi"), ("assistant", "Yo"))}],
+     "entry 1: missing 'instruction' \\(the first entry is an Alpaca entry, so all are\\)"),
+]
+
+
+@pytest.mark.parametrize("entries, message", BAD_CONVERSATIONS)
+def test_bad_conversations_name_the_entry_and_the_turn(tmp_path, entries, message):
+    path = write_json(tmp_path, entries)
+    with pytest.raises(ValueError, match=f"^{path}: {message}"):
+        data.load_instruction_data(path)

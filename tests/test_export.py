@@ -17,7 +17,7 @@ from safetensors import safe_open
 import data
 import export as export_script
 from checkpoint import save_checkpoint
-from data import EOT_ID, PROMPT_STYLES, decode, encode, format_input, format_prompt
+from data import EOT_ID, PROMPT_STYLES, decode, encode, format_input, format_prompt, render_text
 from model import GPT, config_for, from_pretrained
 from export import chat_template, export
 from generate import respond
@@ -214,14 +214,34 @@ def test_chat_template_gives_format_prompt_byte_for_byte(style, trim):
             user.append({"role": "user", "content": entry["input"]})
         assert render(template, user, True, trim) == format_prompt(entry, style)
         assert render(template, user, False, trim) == format_input(entry, style)
-        # a system message is ignored, an empty input message left out as an empty input is
-        system = [{"role": "system", "content": "Be brief."}]
-        assert render(template, system + user + [{"role": "user", "content": ""}], True, trim) \
-            == format_prompt(entry, style)
+        # an empty input message is left out as an empty input is
+        assert render(template, user + [{"role": "user", "content": ""}], True, trim) == format_prompt(entry, style)
         # a whole exchange is the training text: prompt, response, <|endoftext|>
         exchange = user + [{"role": "assistant", "content": "Red, blue and yellow."}]
         assert render(template, exchange, False, trim) \
             == format_prompt(entry, style) + "Red, blue and yellow.<|endoftext|>"
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"},
+     {"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue.\n\nOr red."}],
+    [{"role": "system", "content": "Answer in {{ one }} word."}, {"role": "user", "content": "Capital of France?"},
+     {"role": "assistant", "content": "Paris."}, {"role": "user", "content": 'And of "Italy" 😀?'},
+     {"role": "assistant", "content": "Rome."}, {"role": "user", "content": "Spain?"}],
+]
+
+
+@pytest.mark.parametrize("style", sorted(PROMPT_STYLES))
+@pytest.mark.parametrize("trim", [True, False])
+def test_chat_template_renders_conversations_as_training_does(style, trim):
+    template = chat_template(style)
+    for messages in CONVERSATIONS:
+        prompt = messages if messages[-1]["role"] == "user" else messages[:-1]
+        assert render(template, prompt, True, trim) == render_text(prompt, style)
+        if messages[-1]["role"] == "assistant":  # the training text, <|endoftext|> after every assistant turn
+            assert render(template, messages, False, trim) == render_text(messages, style)
+            assert data.decode(data.encode_conversation(messages, style)[0]) + "<|endoftext|>" == \
+                render_text(messages, style)
 
 
 def test_a_new_prompt_style_exports_too(monkeypatch):
@@ -233,6 +253,11 @@ def test_a_new_prompt_style_exports_too(monkeypatch):
     for entry in ENTRIES:
         user = [{"role": "user", "content": entry["instruction"]}, {"role": "user", "content": entry["input"]}]
         assert render(chat_template("odd"), user, True) == format_prompt(entry, "odd")
+    for messages in CONVERSATIONS:  # its system message and later turns in its instruction template
+        prompt = messages if messages[-1]["role"] == "user" else messages[:-1]
+        assert render(chat_template("odd"), prompt, True) == render_text(prompt, "odd")
+        if messages[-1]["role"] == "assistant":
+            assert render(chat_template("odd"), messages, False) == render_text(messages, "odd")
 
 
 # ----------------------------------------------------------------------------- bad input
