@@ -14,6 +14,7 @@ exported merged (model_from_checkpoint merges it).
 """
 import argparse
 import functools
+import glob
 import json
 import os
 import shutil
@@ -210,6 +211,7 @@ def export(ckpt_path, out, force=False, base=None):
 
     out = os.path.realpath(out)  # a link to a folder: the export replaces the folder, the link stays
     check_out(out, force)  # before any loading
+    remove_stale_tmp(out)
     ckpt = load_checkpoint(ckpt_path)
     if base is not None:
         ckpt = with_base(ckpt, base, ckpt_path)
@@ -239,6 +241,7 @@ def export(ckpt_path, out, force=False, base=None):
             write_json(tokenizer_config_json(cfg, style), os.path.join(tmp, "tokenizer_config.json"), indent=2)
             write_json({"bos_token": EOT, "eos_token": EOT, "unk_token": EOT},
                        os.path.join(tmp, "special_tokens_map.json"), indent=2)
+        check_out(out, force)  # again: out may have changed while the export was written
         move_into_place(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -248,10 +251,32 @@ def export(ckpt_path, out, force=False, base=None):
     return out
 
 
+def remove_stale_tmp(out):
+    """Delete what an export to out that was killed (kill -9, a crash of the machine) left beside
+    it: a folder out.tmp-PID of export.py's files whose process is gone (or is this one, which has
+    not written it yet: a pid used again)."""
+    for tmp in glob.glob(glob.escape(out) + ".tmp-*"):
+        pid = tmp.rsplit("-", 1)[1]
+        if (os.path.isdir(tmp) and pid.isdigit() and (int(pid) == os.getpid() or not process_exists(int(pid)))
+                and set(os.listdir(tmp)) <= set(EXPORT_FILES)):
+            shutil.rmtree(tmp)
+            print(f"removed {tmp}, left by an export that was killed")
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process, or no pid at all: leave it be
+        return True
+    return True
+
+
 def move_into_place(tmp, out):
     """Rename the complete folder tmp to out; an existing out (empty, or an earlier export) is
-    moved aside first and deleted once tmp is in its place. Ctrl-C and SIGTERM wait until this
-    is done, so out is never left missing or half deleted."""
+    moved aside first and deleted once tmp is in its place. Ctrl-C and SIGTERM are ignored
+    meanwhile (a few renames and a delete), so out is never left missing or half deleted."""
     held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if not os.path.exists(out):

@@ -353,3 +353,19 @@ def test_ctrl_c_leaves_the_earlier_export_as_it_was(tmp_path):
                                        "run the command again\n")
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "hf"]
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == old
+
+
+def test_a_killed_exports_temporary_folder_is_removed_by_the_next(tmp_path):
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_tiny_checkpoint(ckpt, "alpaca")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)  # a process that has ended
+    for name, files in ((f"hf.tmp-{dead}", ["config.json", "model.safetensors"]),
+                        (f"hf.tmp-{os.getpid()}", ["vocab.json"]),  # this process has not written it yet
+                        (f"hf.tmp-{os.getppid()}", ["config.json"]), (f"hf.tmp-old-{dead}", ["notes.txt"])):
+        (tmp_path / name).mkdir()
+        for file in files:
+            (tmp_path / name / file).write_text("x")
+    export(ckpt, str(tmp_path / "hf"))
+    # kept: the folder of a running process, and one holding a file export.py does not write
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt.pt", "hf", f"hf.tmp-{os.getppid()}", f"hf.tmp-old-{dead}"])
