@@ -7,7 +7,7 @@ import torch
 
 from common import atomic_write
 from lora import add_lora, base_fingerprint, load_lora_state_dict, lora_settings, lora_state_dict, merge_lora
-from model import GPT, PRESETS, GPTConfig, build_model
+from model import GPT, PRESETS, GPTConfig, build_model, default_cache_dir
 
 
 def save_checkpoint(obj, path):
@@ -76,11 +76,35 @@ def lora_model_from_checkpoint(ckpt, path="checkpoint"):
         raise ValueError(f"{path} is corrupt: its LoRA settings lack {e}") from None
     if os.path.isabs(base) and not os.path.isdir(base):
         raise FileNotFoundError(f"the base model folder {base} of the LoRA checkpoint {path} does not exist; "
-                                "put the folder back there (the checkpoint holds only the adapters)")
-    model, rebuilt = build_base(base, init == "pretrained", seed, context_length, drop_rate)
+                                "put the folder back there or pass its new place with --base FOLDER (the "
+                                "checkpoint holds only the adapters)")
+    try:
+        model, rebuilt = build_base(base, init == "pretrained", seed, context_length, drop_rate)
+    except OSError:
+        if os.path.isabs(base):
+            raise
+        # a preset's weights, neither cached nor downloadable: a folder holding them can stand in
+        raise OSError(f"the LoRA checkpoint {path} needs the weights of {base}, which are not in the download "
+                      f"cache {default_cache_dir()} and could not be downloaded; connect to the network, or pass "
+                      "a folder holding those weights with --base FOLDER") from None
     if rebuilt["fingerprint"] != fingerprint:
         raise ValueError(f"the {init} weights of {base} are not those the LoRA adapters of {path} were "
                          "trained on (another fingerprint); they only apply to their own base")
     add_lora(model, *settings)
     load_lora_state_dict(model, ckpt["model"], path)
     return model
+
+
+def with_base(ckpt, folder, path="checkpoint"):
+    """The LoRA checkpoint dict ckpt (loaded from path) with its base looked for in `folder`, for
+    a base that moved since training. Loading still checks the fingerprint, so only the same
+    weights are accepted, wherever they now lie; a checkpoint saved later records the new place."""
+    if "lora" not in ckpt:
+        raise ValueError(f"--base is for a LoRA checkpoint; {path} holds all its weights")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--base {folder} is not a folder; give the folder of the base model")
+    try:
+        identity = {**ckpt["lora"]["base"], "base": os.path.abspath(folder)}
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path} is corrupt: its LoRA settings lack {e}") from None
+    return {**ckpt, "lora": {**ckpt["lora"], "base": identity}}

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import urllib.request
@@ -120,6 +121,22 @@ def duration(seconds):
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+@contextlib.contextmanager
+def stop_on_interrupt(message):
+    """Ctrl-C or SIGTERM inside the block ends the script with one line on stderr,
+    "interrupted: <message>" (say what was kept and how to go on), and exit status 130."""
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"interrupted: {message}", file=sys.stderr, flush=True)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_main(main):

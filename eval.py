@@ -261,9 +261,9 @@ def main(argv=None):
         check_server(judge_url, args.judge, args.judge_timeout or DEFAULT_TIMEOUT)
 
     device = resolve_device(args.device)
-    decoding = decoding_settings(args, device)
+    decoding = decoding_settings(args)
     out_dir = writable_folder(args.out or os.path.dirname(args.ckpt or "") or ".")  # before any work
-    model, ckpt, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize)
+    model, ckpt, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize, args.base)
     ckpt = ckpt or {}
     context_length = ckpt.get("context_length") or model.config.context_length
     mask = ckpt.get("mask_instructions", False) if args.mask_instructions is None else args.mask_instructions

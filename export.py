@@ -3,9 +3,10 @@ AutoModelForCausalLM and AutoTokenizer load with no other files.
 
     python export.py --ckpt out/ckpt.pt --out out/hf
     python export.py --ckpt out/best.pt --out out/hf --force    # replace an earlier export
+    python export.py --ckpt out/best.pt --out out/hf --base models/gpt2-medium    # a LoRA base that moved
 
 The model: config.json (a GPT-2 config), model.safetensors (Hugging Face's names and layouts,
-as save_pretrained writes them), generation_config.json (greedy, up to the context length).
+as save_pretrained writes them), generation_config.json (greedy, stopping at <|endoftext|>).
 The tokenizer: vocab.json and merges.txt rebuilt from tiktoken's gpt2 encoding, and
 tokenizer_config.json whose chat template is the checkpoint's prompt style, so that
 apply_chat_template gives the exact prompt the model was trained on. A LoRA checkpoint is
@@ -13,16 +14,21 @@ exported merged (model_from_checkpoint merges it).
 """
 import argparse
 import functools
+import glob
 import json
 import os
 import shutil
+import signal
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from common import run_main, write_json
+from checkpoint import load_checkpoint, model_from_checkpoint, with_base
+from common import run_main, stop_on_interrupt, writable_folder, write_json
 from data import EOT_ID, check_vocab, get_prompt_style, get_tokenizer
 from model import transposed_in_hf
 
 EOT = "<|endoftext|>"
+# What an export folder holds: --force replaces a folder of these files and nothing else.
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "merges.txt",
+                "special_tokens_map.json", "tokenizer_config.json", "vocab.json")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -37,12 +43,14 @@ def hf_state_dict(model):
 
 
 def config_json(cfg, dtype):
-    """A standard GPT2Config (the fields transformers writes) for a GPTConfig."""
+    """A standard GPT2Config (the fields transformers writes) for a GPTConfig, and n_ctx, which
+    transformers no longer writes but llama.cpp's convert_hf_to_gguf.py reads for GPT-2."""
     return {
         "activation_function": "gelu_new", "add_cross_attention": False, "architectures": ["GPT2LMHeadModel"],
         "attn_pdrop": cfg.drop_rate, "bos_token_id": EOT_ID, "dtype": dtype, "embd_pdrop": cfg.drop_rate,
         "eos_token_id": EOT_ID, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "gpt2",
-        "n_embd": cfg.emb_dim, "n_head": cfg.n_heads, "n_inner": None, "n_layer": cfg.n_layers,
+        "n_ctx": cfg.context_length, "n_embd": cfg.emb_dim, "n_head": cfg.n_heads, "n_inner": None,
+        "n_layer": cfg.n_layers,
         "n_positions": cfg.context_length, "pad_token_id": None, "reorder_and_upcast_attn": False,
         "resid_pdrop": cfg.drop_rate, "scale_attn_by_inverse_layer_idx": False, "scale_attn_weights": True,
         "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
@@ -51,10 +59,10 @@ def config_json(cfg, dtype):
     }
 
 
-def generation_config_json(cfg):
-    """Greedy decoding up to the context length, stopping (and padding) at <|endoftext|>."""
-    return {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID, "do_sample": False,
-            "max_length": cfg.context_length}
+def generation_config_json():
+    """Greedy decoding, stopping (and padding) at <|endoftext|>. No max_length: transformers warns
+    on every generate(max_new_tokens=...) call when both are set."""
+    return {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID, "do_sample": False}
 
 
 # ----------------------------------------------------------------------------- the tokenizer
@@ -176,6 +184,7 @@ def tokenizer_config_json(cfg, style):
         "tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
         "add_bos_token": False, "add_prefix_space": False, "errors": "replace",
         "clean_up_tokenization_spaces": False,  # decode gives tiktoken's text, spaces and all
+        "split_special_tokens": True,  # a literal <|endoftext|> in text is text, as in data.encode
         "model_max_length": cfg.context_length,
         "added_tokens_decoder": {str(EOT_ID): {"content": EOT, "lstrip": False, "normalized": True,
                                                "rstrip": False, "single_word": False, "special": True}},
@@ -186,33 +195,45 @@ def tokenizer_config_json(cfg, style):
 # ----------------------------------------------------------------------------- the folder
 
 
-def check_out(out, ckpt_path, force):
-    """ValueError unless the export may go to out: a new or empty folder, or any folder with
-    force, as long as it does not hold the checkpoint (force would delete it)."""
+def check_out(out, force):
+    """ValueError (or OSError) unless the export may go to out: a new or empty folder, or with
+    force an earlier export (export.py's files and nothing else), in a folder we can write in."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is a file; give a folder")
     if os.path.isdir(out) and os.listdir(out):
+        foreign = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in os.scandir(out)
+                         if entry.name not in EXPORT_FILES or not entry.is_file(follow_symlinks=False))
+        if foreign:
+            held = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ValueError(f"--out {out} holds {held}, which export.py did not write; --force replaces only "
+                             "an earlier export: give a new or empty folder")
         if not force:
-            raise ValueError(f"--out {out} exists and is not empty; pass --force to replace it")
-        ckpt = os.path.realpath(ckpt_path)
-        if os.path.commonpath([ckpt, os.path.realpath(out)]) == os.path.realpath(out):
-            raise ValueError(f"--out {out} holds the checkpoint {ckpt_path}, which --force would delete; "
-                             "export to another folder")
+            raise ValueError(f"--out {out} holds an earlier export; pass --force to replace it")
+    # the export is written beside out and renamed into place; a replaced one is then deleted
+    try:
+        for folder in [os.path.dirname(out)] + ([out] if os.path.isdir(out) else []):
+            writable_folder(folder)
+    except OSError as e:
+        raise OSError(f"--out {out}: {e}") from None
 
 
-def export(ckpt_path, out, force=False):
-    """Write the Hugging Face folder of the checkpoint at ckpt_path to out. The folder is
-    written under a temporary name and renamed into place only when complete; an existing
-    out (with force) is deleted only then. A vocabulary that GPT-2's tokenizer cannot serve
-    gets the model files only, and a ValueError saying so once they are in place."""
+def export(ckpt_path, out, force=False, base=None):
+    """Write the Hugging Face folder of the checkpoint at ckpt_path to out (a LoRA checkpoint's
+    base looked for in the folder `base` if given). The folder is written under a temporary
+    name and renamed into place only when complete; an earlier export in out (with force) is
+    deleted only then. A vocabulary that GPT-2's tokenizer cannot serve gets the model files
+    only, and a ValueError saying so once they are in place."""
     from safetensors.torch import save_file
 
+    out = os.path.realpath(out)  # a link to a folder: the export replaces the folder, the link stays
+    check_out(out, force)  # before any loading
+    remove_stale_tmp(out)
     ckpt = load_checkpoint(ckpt_path)
+    if base is not None:
+        ckpt = with_base(ckpt, base, ckpt_path)
     model = model_from_checkpoint(ckpt, ckpt_path)
     cfg, style = model.config, ckpt.get("prompt_style", "alpaca")
     get_prompt_style(style)  # an unknown style fails before anything is written
-    out = os.path.abspath(out)
-    check_out(out, ckpt_path, force)
     try:
         check_vocab(cfg.vocab_size, ckpt_path)
         no_tokenizer = None
@@ -226,7 +247,7 @@ def export(ckpt_path, out, force=False):
         dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         write_json(config_json(cfg, dtype), os.path.join(tmp, "config.json"), indent=2)  # as transformers does
-        write_json(generation_config_json(cfg), os.path.join(tmp, "generation_config.json"), indent=2)
+        write_json(generation_config_json(), os.path.join(tmp, "generation_config.json"), indent=2)
         if no_tokenizer is None:
             vocab, merges = gpt2_vocab_and_merges()
             with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
@@ -236,17 +257,8 @@ def export(ckpt_path, out, force=False):
             write_json(tokenizer_config_json(cfg, style), os.path.join(tmp, "tokenizer_config.json"), indent=2)
             write_json({"bos_token": EOT, "eos_token": EOT, "unk_token": EOT},
                        os.path.join(tmp, "special_tokens_map.json"), indent=2)
-        if os.path.exists(out):  # an empty folder, or one --force replaces: moved aside, then deleted
-            old = f"{out}.old-{os.getpid()}"
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        check_out(out, force)  # again: out may have changed while the export was written
+        move_into_place(tmp, out)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
@@ -255,13 +267,62 @@ def export(ckpt_path, out, force=False):
     return out
 
 
+def remove_stale_tmp(out):
+    """Delete what an export to out that was killed (kill -9, a crash of the machine) left beside
+    it: a folder out.tmp-PID of export.py's files whose process is gone (or is this one, which has
+    not written it yet: a pid used again)."""
+    for tmp in glob.glob(glob.escape(out) + ".tmp-*"):
+        pid = tmp.rsplit("-", 1)[1]
+        if (os.path.isdir(tmp) and pid.isdigit() and (int(pid) == os.getpid() or not process_exists(int(pid)))
+                and set(os.listdir(tmp)) <= set(EXPORT_FILES)):
+            shutil.rmtree(tmp)
+            print(f"removed {tmp}, left by an export that was killed")
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process, or no pid at all: leave it be
+        return True
+    return True
+
+
+def move_into_place(tmp, out):
+    """Rename the complete folder tmp to out; an existing out (empty, or an earlier export) is
+    moved aside first and deleted once tmp is in its place. Ctrl-C and SIGTERM are ignored
+    meanwhile (a few renames and a delete), so out is never left missing or half deleted."""
+    held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if not os.path.exists(out):
+            os.replace(tmp, out)
+            return
+        old = f"{out}.old-{os.getpid()}"
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            os.replace(old, out)
+            raise
+        shutil.rmtree(old)
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
     p.add_argument("--out", required=True, help="the folder to write (new or empty, unless --force)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists (once the new folder is complete)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an earlier export in --out (once the new folder is complete); a folder holding "
+                   "anything else is never replaced")
+    p.add_argument("--base", metavar="FOLDER", help="a LoRA checkpoint: the folder its base model moved to "
+                   "(checked against the checkpoint's fingerprint)")
     args = p.parse_args()
-    out = export(args.ckpt, args.out, args.force)
+    with stop_on_interrupt(f"nothing was exported; --out {args.out} is as it was; run the command again"):
+        out = export(args.ckpt, args.out, args.force, args.base)
     print(f"exported {args.ckpt} to {out}")
 
 

@@ -5,16 +5,21 @@
     python generate.py --model gpt2 --prompt-style alpaca --prompt "..." --temperature 0.7 --top-k 50
 """
 import argparse
+import collections
+import hashlib
+import itertools
 import math
 import sys
 
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from common import AT_LEAST_1, NON_NEGATIVE, SEED, checked, resolve_device, run_main
+from checkpoint import load_checkpoint, model_from_checkpoint, with_base
+from common import AT_LEAST_1, NON_NEGATIVE, SEED, checked, resolve_device, run_main, stop_on_interrupt
 from data import EOT_ID, PROMPT_STYLES, check_vocab, decode, encode, format_prompt, prompt_ids
 from model import HF_REPOS, KVCache, PRESETS, build_model
 from quantize import quantize_int8
+
+PAD_ID = 0  # left padding of a batch: any token every vocabulary has (padding is masked out of attention)
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -50,7 +55,7 @@ def prefill(model, prompts, max_new_tokens):
         raise ValueError(f"a prompt of {longest} tokens exceeds the context length {ctx}; truncate it first")
     device = model.wte.weight.device
     pad_lens = [longest - n for n in lengths]
-    idx = torch.tensor([[EOT_ID] * pad + p for pad, p in zip(pad_lens, prompts)], device=device)
+    idx = torch.tensor([[PAD_ID] * pad + p for pad, p in zip(pad_lens, prompts)], device=device)
     # A row may make tokens until its own context is full; its last token is chosen but never
     # fed back, hence the + 1. Padding slots do not count against a row's context.
     budgets = [min(max_new_tokens, ctx - n + 1) for n in lengths]
@@ -59,14 +64,30 @@ def prefill(model, prompts, max_new_tokens):
     return model.forward_cached(idx, cache), cache, budgets
 
 
+def row_generators(prompts, seed, device):
+    """A random generator for each prompt, seeded from the seed, the prompt's tokens and the
+    number of identical prompts before it in the list: a row draws the same random numbers
+    whatever else is in the batch, and two copies of a prompt still get different samples."""
+    copies, generators = collections.Counter(), []
+    for prompt in prompts:
+        tokens = " ".join(map(str, prompt))
+        digest = hashlib.sha256(f"{seed} {copies[tokens]} {tokens}".encode()).digest()
+        copies[tokens] += 1
+        generators.append(torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little")))
+    return generators
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-             eos_id=EOT_ID, generator=None, num_beams=1, length_penalty=1.0):
+             eos_id=EOT_ID, seed=None, num_beams=1, length_penalty=1.0):
     """Continue each prompt (a list of token ids) by up to max_new_tokens, stopping a row at
     eos_id (None: never) or when the context is full. Returns the new ids of each row,
     without the eos. Prompts are left-padded into one batch; a row's result is the same as
     generating it alone, and finished rows leave the batch so they cost nothing more.
-    num_beams > 1 is beam search (see beam_search), which takes no sampling settings."""
+    Sampling (temperature > 0) with a seed draws each row from its own generator
+    (row_generators), so a sampled row too is the same in any batch; without a seed all rows
+    draw from torch's global generator. num_beams > 1 is beam search (see beam_search), which
+    takes no sampling settings."""
     if num_beams < 1:
         raise ValueError(f"num_beams must be at least 1, got {num_beams}")
     if num_beams > 1 and (temperature > 0 or top_k is not None or top_p is not None):
@@ -77,10 +98,15 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     if num_beams > 1:
         return beam_search(model, prompts, max_new_tokens, num_beams, length_penalty, eos_id)
     logits, cache, budgets = prefill(model, prompts, max_new_tokens)
+    generators = row_generators(prompts, seed, logits.device) if temperature > 0 and seed is not None else None
     outputs = [[] for _ in prompts]
     active = list(range(len(prompts)))  # original row of each batch row still generating
     while active:
-        next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+        if generators is None:
+            next_ids = sample_next(logits, temperature, top_k, top_p)
+        else:  # a row at a time, each from its own generator
+            next_ids = torch.cat([sample_next(logits[row:row + 1], temperature, top_k, top_p, generators[i])
+                                  for row, i in enumerate(active)])
         keep = []
         for row, token in enumerate(next_ids.tolist()):
             out = outputs[active[row]]
@@ -178,17 +204,22 @@ def add_finished(hyps, num_beams, score, tokens):
 # ----------------------------------------------------------------------------- shared by the scripts
 
 
-def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, device="cpu", quantize=None):
+def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, device="cpu", quantize=None, base=None):
     """(model in eval mode on device, checkpoint dict or None, prompt style): a fine-tuned
-    checkpoint from train.py (its prompt style unless overridden) or a base GPT-2, with
-    quantize="int8" its block linears in int8 (quantize.quantize_int8)."""
+    checkpoint from train.py (its prompt style unless overridden; a LoRA checkpoint's base
+    looked for in the folder `base` if given) or a base GPT-2, with quantize="int8" its block
+    linears in int8 (quantize.quantize_int8)."""
     if (ckpt_path is None) == (model_name is None):
         raise ValueError("give exactly one of --ckpt (a train.py checkpoint) or --model (a GPT-2 name or folder)")
+    if base is not None and ckpt_path is None:
+        raise ValueError("--base goes with a LoRA --ckpt: the folder its base model moved to")
     if model_name in PRESETS and model_name not in HF_REPOS:
         raise ValueError(f"'{model_name}' is a preset without pretrained weights (train.py --init random uses it); "
                          f"give a --ckpt, a GPT-2 name ({', '.join(HF_REPOS)}) or a local folder")
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path)
+        if base is not None:
+            ckpt = with_base(ckpt, base, ckpt_path)
         model, style = model_from_checkpoint(ckpt, ckpt_path), prompt_style or ckpt.get("prompt_style", "alpaca")
     else:
         ckpt, model, style = None, build_model(model_name), prompt_style or "alpaca"
@@ -217,6 +248,8 @@ def add_inference_args(p):
     """The flags generate.py and eval.py share: which model, its prompt style, sampling, device."""
     p.add_argument("--ckpt", help="a checkpoint written by train.py")
     p.add_argument("--model", help="instead of --ckpt: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local HF folder")
+    p.add_argument("--base", metavar="FOLDER", help="a LoRA --ckpt: the folder its base model moved to "
+                   "(checked against the checkpoint's fingerprint)")
     p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), help="default: the checkpoint's, else alpaca")
     p.add_argument("--max-new-tokens", type=AT_LEAST_1, default=256)
     p.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 is greedy")
@@ -226,40 +259,58 @@ def add_inference_args(p):
     p.add_argument("--num-beams", type=AT_LEAST_1, default=1, help="beam search with this many beams; 1 is greedy")
     p.add_argument("--length-penalty", type=checked(float, math.isfinite, "a finite number"), default=1.0,
                    help="beam search: a finished hypothesis scores its log-probability / length ** this")
-    p.add_argument("--seed", type=SEED, default=123, help="random seed for sampling")
+    p.add_argument("--seed", type=SEED, default=123,
+                   help="random seed for sampling; a prompt's answer does not depend on the other prompts")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--quantize", choices=["int8"], help="int8 weights for the block linears: faster decoding on the CPU")
 
 
-def decoding_settings(args, device):
+def decoding_settings(args):
     """generate()'s keyword arguments from the add_inference_args flags, checked before any work."""
     if args.num_beams > 1 and (args.temperature > 0 or args.top_k is not None or args.top_p is not None):
         raise ValueError("--num-beams above 1 is beam search, which samples nothing: "
                          "drop --temperature, --top-k and --top-p")
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
-                length_penalty=args.length_penalty, generator=torch.Generator(device=device).manual_seed(args.seed))
+                length_penalty=args.length_penalty, seed=args.seed)
+
+
+def headline(instruction, width=60):
+    """The instruction on one line, cut to width characters: what marks its answer."""
+    line = " ".join(instruction.split())
+    return line if len(line) <= width else line[:width - 3] + "..."
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_inference_args(p)
-    p.add_argument("--prompt", action="append", default=[], help="an instruction; repeat for a batch")
-    p.add_argument("--input", default="", help="optional input that goes with the instruction")
+    p.add_argument("--prompt", action="append", default=[], help="an instruction; repeat for a batch (each answer "
+                   "then follows a line '==> i/n: instruction <==')")
+    p.add_argument("--input", default="", help="optional input that goes with each instruction (--interactive too)")
     p.add_argument("--interactive", action="store_true", help="read instructions from a prompt loop")
     args = p.parse_args()
     if not args.prompt and not args.interactive:
         p.error("give --prompt TEXT (repeatable) or --interactive")
+    go_on = "start generate.py --interactive again to go on" if args.interactive else "run the command again"
+    with stop_on_interrupt(f"the answers printed above are complete, nothing else was kept; {go_on}"):
+        answer_all(args)
 
+
+def answer_all(args):
+    """Print the answers to the --prompt instructions, then those of the interactive loop."""
     device = resolve_device(args.device)
-    sampling = decoding_settings(args, device)
-    model, _, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize)
+    sampling = decoding_settings(args)
+    model, _, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize, args.base)
 
-    def answer(instructions, input_text=""):
-        """Print the response to each instruction, with a note on stderr when it is empty or was cut."""
-        prompts = [encode(format_prompt({"instruction": text, "input": input_text}, style)) for text in instructions]
-        for i, (prompt, ids) in enumerate(zip(prompts, generate(model, prompts, args.max_new_tokens, **sampling))):
+    def answer(instructions, seed):
+        """Print the response to each instruction (marked when there are several), with a note on
+        stderr when it is empty or was cut."""
+        prompts = [encode(format_prompt({"instruction": text, "input": args.input}, style)) for text in instructions]
+        results = generate(model, prompts, args.max_new_tokens, **{**sampling, "seed": seed})
+        for i, (instruction, prompt, ids) in enumerate(zip(instructions, prompts, results)):
             text = decode(ids).strip()
-            print(("\n" if i else "") + text, flush=True)
+            if len(instructions) > 1:
+                print(("\n" if i else "") + f"==> {i + 1}/{len(instructions)}: {headline(instruction)} <==")
+            print(text, flush=True)
             if hit_limit(prompt, ids, args.max_new_tokens, model.config.context_length):
                 print(f"(cut at {len(ids)} tokens: --max-new-tokens {args.max_new_tokens} or the end of the "
                       f"context of {model.config.context_length})", file=sys.stderr)
@@ -267,18 +318,20 @@ def main():
                 print("(empty response: the model ended it at once)", file=sys.stderr)
 
     if args.prompt:
-        answer(args.prompt, args.input)
+        answer(args.prompt, args.seed)
     if args.interactive:
-        print(f"prompt style {style}; an empty line or Ctrl-D quits", file=sys.stderr)
-        while True:
+        with_input = "; each instruction gets --input as its input" if args.input else ""
+        print(f"prompt style {style}{with_input}; an empty line or Ctrl-D quits", file=sys.stderr)
+        for turn in itertools.count():
             try:
                 instruction = input("> ").strip()
-            except (EOFError, KeyboardInterrupt):
+            except EOFError:
                 break
             if not instruction:
                 break
             try:
-                answer([instruction])
+                # the n-th question samples with seed + n: asked again, it gets another sample
+                answer([instruction], args.seed + turn)
             except ValueError as e:  # a prompt longer than the context: say so, and go on
                 print(f"error: {e}", file=sys.stderr)
 

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from checkpoint import (build_base, load_checkpoint, lora_checkpoint, lora_model_from_checkpoint,
-    model_from_checkpoint, save_checkpoint)
+    model_from_checkpoint, save_checkpoint, with_base)
 from common import (AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, atomic_write, checked, duration,
     resolve_device, run_main)
 from data import (PROMPT_STYLES, batch_indices, check_batchable, check_same_data, check_vocab, decode,
@@ -101,6 +101,8 @@ def parse_args(argv=None):
                    "only --epochs, --max-steps, --eval-every, --eval-batches, --save-every, --device, --dtype, "
                    "--compile and --num-workers may change, and --data may name the same data moved elsewhere")
     p.add_argument("--num-workers", type=AT_LEAST_0, default=0, help="data loader worker processes")
+    p.add_argument("--base", metavar="FOLDER", help="with --resume of a LoRA run: the folder its base model moved "
+                   "to (checked against the checkpoint's fingerprint)")
     p.add_argument("--group-by-length", action="store_true",
                    help="batch examples of similar length together (less padding), batches in random order")
     args = p.parse_args(argv)
@@ -112,6 +114,8 @@ def parse_args(argv=None):
     lora_flags = sorted(given & {"lora_alpha", "lora_dropout", "lora_targets"})
     if lora_flags and not args.lora_rank and not args.resume:
         p.error(f"--{lora_flags[0].replace('_', '-')} goes with --lora-rank R (R > 0)")
+    if args.base is not None and not args.resume:
+        p.error("--base goes with --resume (the folder a LoRA run's base moved to); a new run's base is --model")
     return args, given
 
 
@@ -343,7 +347,9 @@ def open_run(args, given, world_size):
     ckpt = load_checkpoint(ckpt_path)
     if "optimizer" not in ckpt or "args" not in ckpt:
         raise ValueError(f"{ckpt_path} holds no training state (optimizer, data position); it cannot be resumed")
-    args = resume_arguments(args, given, ckpt)
+    if args.base is not None:  # a LoRA run whose base folder moved: look for it there from now on
+        ckpt = with_base(ckpt, args.base, ckpt_path)
+    args = resume_arguments(args, given - {"base"}, ckpt)
     if ckpt.get("world_size", 1) != world_size:
         raise ValueError(f"{ckpt_path} was trained with {ckpt.get('world_size', 1)} processes, not {world_size}; "
                          "resume it with as many (the data order depends on it)")

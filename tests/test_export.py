@@ -2,10 +2,13 @@
 checkpoint's exact logits, the tensors are those a folder saved by transformers holds,
 vocab.json and merges.txt tokenize like tiktoken, and the chat template renders
 format_prompt's text as transformers renders templates."""
+import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jinja2.sandbox
 import pytest
@@ -98,10 +101,12 @@ def test_tensors_and_config_are_what_transformers_writes(tmp_path):
         theirs = json.load(f)
     del theirs["transformers_version"]
     with open(tmp_path / "hf" / "config.json") as f:
-        assert json.load(f) == theirs
+        # and n_ctx, which llama.cpp's converter reads for GPT-2 and transformers 5 no longer writes
+        assert json.load(f) == {**theirs, "n_ctx": theirs["n_positions"]}
     with open(tmp_path / "hf" / "generation_config.json") as f:
+        # no max_length: with max_new_tokens as well, transformers warns on every generate call
         assert json.load(f) == {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID,
-                                "do_sample": False, "max_length": 64}
+                                "do_sample": False}
 
 
 # ----------------------------------------------------------------------------- the tokenizer
@@ -181,6 +186,8 @@ def test_tokenizer_config(exported):
     assert config["tokenizer_class"] == "GPT2Tokenizer" and config["model_max_length"] == 128
     assert config["bos_token"] == config["eos_token"] == config["unk_token"] == "<|endoftext|>"
     assert config["add_bos_token"] is False and config["chat_template"] == chat_template("phi3")
+    # transformers then reads a literal <|endoftext|> in text as text, as data.encode does
+    assert config["split_special_tokens"] is True
     with open(os.path.join(folder, "special_tokens_map.json")) as f:
         assert json.load(f) == {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
                                 "unk_token": "<|endoftext|>"}
@@ -280,28 +287,110 @@ def test_existing_out_is_refused_unless_forced(tmp_path, monkeypatch):
     out.mkdir()
     export(ckpt, str(out))  # an empty folder needs no --force
     assert sorted(os.listdir(out)) == sorted(MODEL_FILES + TOKENIZER_FILES)
-    (out / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match=f"--out {out} exists and is not empty; pass --force to replace it"):
+    with pytest.raises(ValueError, match=f"^--out {out} holds an earlier export; pass --force to replace it$"):
         export(ckpt, str(out))
-    with pytest.raises(ValueError, match="holds the checkpoint .* which --force would delete"):
-        export(ckpt, str(tmp_path), force=True)
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file; give a folder"):
         export(ckpt, str(tmp_path / "file"), force=True)
-    assert (out / "notes.txt").read_text() == "mine"
 
-    # a failure half way (the model written, not the tokenizer) leaves the old folder as it
+    # a failure half way (the model written, not the tokenizer) leaves the old export as it
     # was and no temporary folder behind
+    old = {name: (out / name).read_bytes() for name in os.listdir(out)}
     def fail():
         raise OSError("disk full")
     monkeypatch.setattr(export_script, "gpt2_vocab_and_merges", fail)
     with pytest.raises(OSError, match="disk full"):
         export(ckpt, str(out), force=True)
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "file", "hf"] and (out / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "file", "hf"]
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == old
     monkeypatch.undo()
 
+    save_tiny_checkpoint(ckpt, "phi3", seed=2)
     export(ckpt, str(out), force=True)
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "file", "hf"]
     assert sorted(os.listdir(out)) == sorted(MODEL_FILES + TOKENIZER_FILES)
+    assert (out / "model.safetensors").read_bytes() != old["model.safetensors"]
     with open(out / "tokenizer_config.json") as f:
-        assert json.load(f)["chat_template"] == chat_template("alpaca")
+        assert json.load(f)["chat_template"] == chat_template("phi3")
+
+
+def test_force_replaces_only_an_earlier_export(tmp_path):
+    """A folder holding anything export.py did not write is never replaced: the user's notes,
+    the downloaded data set, the folder of the checkpoint itself."""
+    ckpt = str(tmp_path / "run" / "ckpt.pt")
+    save_tiny_checkpoint(ckpt, "alpaca")
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "important.txt").write_text("notes")
+    (victim / "config.json").write_text("{}")  # not listed: a name export.py writes
+    data_folder = tmp_path / "data"
+    data_folder.mkdir()
+    (data_folder / "instruction-data.json").write_text("[]")
+    for folder, held in ((victim, "important.txt, sub/"), (data_folder, "instruction-data.json"),
+                         (tmp_path / "run", "ckpt.pt")):
+        before = sorted(glob.glob(str(folder / "**"), recursive=True))
+        result = run_export("--ckpt", ckpt, "--out", str(folder), "--force")
+        assert result.returncode == 1
+        assert result.stderr == (f"error: --out {folder} holds {held}, which export.py did not write; --force "
+                                 "replaces only an earlier export: give a new or empty folder\n")
+        assert sorted(glob.glob(str(folder / "**"), recursive=True)) == before
+    assert (victim / "important.txt").read_text() == "notes"
+    assert (data_folder / "instruction-data.json").read_text() == "[]"
+    assert sorted(os.listdir(tmp_path)) == ["data", "run", "victim"]  # no temporary folder either
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(7):
+        (many / f"f{i}").write_text("x")
+    with pytest.raises(ValueError, match=f"--out {many} holds f0, f1, f2, f3, f4 and 2 more, which"):
+        export(ckpt, str(many), force=True)
+
+
+def test_an_unwritable_out_is_found_before_loading(tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before --out was checked")
+    monkeypatch.setattr(export_script, "load_checkpoint", no_loading)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError) as raised:
+        export(str(tmp_path / "ckpt.pt"), str(tmp_path / "file" / "hf"))
+    assert str(raised.value) == (f"--out {tmp_path / 'file' / 'hf'}: {tmp_path / 'file'} is a file, not a folder "
+                                 "to write results in")
+
+
+def test_ctrl_c_leaves_the_earlier_export_as_it_was(tmp_path):
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_tiny_checkpoint(ckpt, "alpaca")
+    out = tmp_path / "hf"
+    export(ckpt, str(out))
+    old = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", ckpt, "--out", str(out),
+                             "--force"], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60  # the new export is being written under a temporary name
+        while not glob.glob(str(out) + ".tmp-*") and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stdout == "" and stderr == (f"interrupted: nothing was exported; --out {out} is as it was; "
+                                       "run the command again\n")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "hf"]
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == old
+
+
+def test_a_killed_exports_temporary_folder_is_removed_by_the_next(tmp_path):
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_tiny_checkpoint(ckpt, "alpaca")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)  # a process that has ended
+    for name, files in ((f"hf.tmp-{dead}", ["config.json", "model.safetensors"]),
+                        (f"hf.tmp-{os.getpid()}", ["vocab.json"]),  # this process has not written it yet
+                        (f"hf.tmp-{os.getppid()}", ["config.json"]), (f"hf.tmp-old-{dead}", ["notes.txt"])):
+        (tmp_path / name).mkdir()
+        for file in files:
+            (tmp_path / name / file).write_text("x")
+    export(ckpt, str(tmp_path / "hf"))
+    # kept: the folder of a running process, and one holding a file export.py does not write
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt.pt", "hf", f"hf.tmp-{os.getppid()}", f"hf.tmp-old-{dead}"])

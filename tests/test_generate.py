@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 
@@ -7,9 +8,10 @@ import torch
 
 from checkpoint import save_checkpoint
 from common import resolve_device
-from data import decode, encode, format_prompt
+import generate as generate_script
+from data import EOT_ID, decode, encode, format_prompt
 from model import GPT, config_for, from_pretrained
-from generate import generate, load_for_inference, respond, sample_next
+from generate import generate, load_for_inference, prefill, respond, sample_next
 from test_model import FIXTURE, REFERENCE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,9 +95,55 @@ def test_sampling_top_k_top_p_and_seed():
 def test_sampled_generation_is_reproducible_with_a_seed():
     model = tiny_gpt2_vocab()
     prompts = [encode("Once upon a time")]
-    runs = [generate(model, prompts, 16, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(7))
-            for _ in range(2)]
+    runs = [generate(model, prompts, 16, temperature=1.0, top_k=50, seed=7) for _ in range(2)]
     assert runs[0] == runs[1] and len(runs[0][0]) > 0
+    assert generate(model, prompts, 16, temperature=1.0, top_k=50, seed=8) != runs[0]
+
+
+PROMPTS = ["Hello there", "A much longer prompt, with several more tokens in it.", "x", "Name three primary colors."]
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.8, top_k=50),
+                                      dict(temperature=1.0, top_k=200, top_p=0.9)])
+def test_a_sampled_row_does_not_depend_on_the_rest_of_its_batch(settings):
+    """With a seed each prompt samples from its own generator: alone, in a batch, in another
+    order or beside other prompts, a prompt gets the same answer; a second copy of a prompt in
+    the same call gets another sample."""
+    model = tiny_gpt2_vocab(seed=1)
+    prompts = [encode(t) for t in PROMPTS]
+    alone = [generate(model, [p], 12, eos_id=None, seed=7, **settings)[0] for p in prompts]
+    assert len({tuple(a) for a in alone}) == len(prompts)  # real, different samples
+    assert generate(model, prompts, 12, eos_id=None, seed=7, **settings) == alone
+    assert generate(model, prompts[::-1], 12, eos_id=None, seed=7, **settings) == alone[::-1]
+    assert generate(model, prompts[1:3], 12, eos_id=None, seed=7, **settings) == alone[1:3]
+    twice = generate(model, [prompts[0], prompts[2], prompts[0]], 12, eos_id=None, seed=7, **settings)
+    assert twice[:2] == [alone[0], alone[2]] and twice[2] != alone[0]
+    # rows that stop at end-of-text leave the batch; the others go on drawing the same numbers
+    eos = alone[0][3]
+    stopped = [generate(model, [p], 12, eos_id=eos, seed=7, **settings)[0] for p in prompts]
+    assert generate(model, prompts, 12, eos_id=eos, seed=7, **settings) == stopped
+    assert len({len(s) for s in stopped}) > 1
+
+
+def test_greedy_and_beam_search_take_no_seed():
+    model = tiny_gpt2_vocab(seed=1)
+    prompts = [encode(t) for t in PROMPTS]
+    for settings in (dict(), dict(num_beams=3)):
+        assert generate(model, prompts, 10, seed=1, **settings) == generate(model, prompts, 10, seed=2, **settings)
+
+
+def test_ragged_prompts_pad_with_a_token_every_model_has(monkeypatch):
+    # the fixture's vocabulary of 1,024 has no token 50256 (<|endoftext|>), which padded before
+    small = from_pretrained(os.path.join(FIXTURE, "bare")).eval()
+    prompts = [[5, 900, 17, 3], [1000], [42, 7]]
+    assert generate(small, prompts, 8, eos_id=None) == [generate(small, [p], 8, eos_id=None)[0] for p in prompts]
+    # padding is masked out of attention: padding with <|endoftext|> gives the very same logits
+    model = tiny_gpt2_vocab(seed=1)
+    prompts = [encode(t) for t in PROMPTS]
+    with torch.inference_mode():
+        padded_with_0 = prefill(model, prompts, 5)[0]
+        monkeypatch.setattr(generate_script, "PAD_ID", EOT_ID)
+        assert torch.equal(prefill(model, prompts, 5)[0], padded_with_0)
 
 
 def test_resolve_device_errors():
@@ -127,7 +175,9 @@ def test_cli_prints_the_response_in_the_checkpoints_prompt_style(tmp_path):
     result = run_script("--ckpt", ckpt, "--prompt", "Name a color.", "--prompt", "Say hi.",
                         "--max-new-tokens", "12", "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == expected[0] + "\n\n" + expected[1] + "\n"
+    # several answers: each after a line that names its instruction
+    assert result.stdout == (f"==> 1/2: Name a color. <==\n{expected[0]}\n\n"
+                             f"==> 2/2: Say hi. <==\n{expected[1]}\n")
     loaded, _, style = load_for_inference(ckpt, None, None, "cpu")
     assert style == "phi3" and format_prompt(entries[0], style).startswith("<|user|>\nName a color.")
 
@@ -177,3 +227,86 @@ def test_cli_errors_are_one_line(tmp_path):
     result = run_script("--ckpt", str(tmp_path), "--prompt", "hi")
     assert result.returncode == 1
     assert result.stderr == f"error: checkpoint {tmp_path} is a directory, not a checkpoint file\n"
+
+
+def test_cli_marks_answers_with_their_instruction_on_one_line(tmp_path):
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_tiny_checkpoint(ckpt)
+    long = "Write   a story\nabout a cat who learns to read, in exactly three short sentences please."
+    result = run_script("--ckpt", ckpt, "--prompt", long, "--prompt", "x", "--max-new-tokens", "3",
+                        "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    headers = [line for line in result.stdout.splitlines() if line.startswith("==> ")]
+    assert headers == ["==> 1/2: Write a story about a cat who learns to read, in exactly ... <==",
+                       "==> 2/2: x <=="]
+
+
+def test_cli_sampled_answer_is_the_same_with_other_prompts(tmp_path):
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_tiny_checkpoint(ckpt)
+    sampling = ["--max-new-tokens", "10", "--device", "cpu", "--temperature", "1.0", "--seed", "3"]
+    alone = run_script("--ckpt", ckpt, "--prompt", "Say hi.", *sampling)
+    both = run_script("--ckpt", ckpt, "--prompt", "Name a color.", "--prompt", "Say hi.", *sampling)
+    assert alone.returncode == both.returncode == 0, both.stderr
+    assert both.stdout.endswith("==> 2/2: Say hi. <==\n" + alone.stdout)
+
+
+def test_cli_interactive_uses_input_for_every_instruction(tmp_path):
+    ckpt = str(tmp_path / "ckpt.pt")
+    model = save_tiny_checkpoint(ckpt)
+    expected = [respond(model, [{"instruction": text, "input": "Bob"}], "alpaca", 6)[0] for text in ("Say hi.", "Greet.")]
+    assert expected[0] != respond(model, [{"instruction": "Say hi.", "input": ""}], "alpaca", 6)[0]
+    result = run_script("--ckpt", ckpt, "--interactive", "--input", "Bob", "--max-new-tokens", "6", "--device", "cpu",
+                        stdin="Say hi.\nGreet.\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"> {expected[0]}\n> {expected[1]}\n> "
+    assert "each instruction gets --input as its input" in result.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_in_the_interactive_loop_ends_with_one_line_and_130(tmp_path, sig):
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_tiny_checkpoint(ckpt)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "generate.py"), "--ckpt", ckpt, "--interactive",
+                             "--max-new-tokens", "4", "--device", "cpu"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        proc.stdin.write("Say hi.\n")
+        proc.stdin.flush()
+        assert proc.stderr.readline().startswith("prompt style alpaca")  # the loop is running
+        assert proc.stdout.read(2) == "> " and proc.stdout.readline()  # one answer made
+        assert proc.stdout.read(2) == "> "  # waiting for the next instruction
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.splitlines()[-1] == ("interrupted: the answers printed above are complete, nothing else was kept; "
+                                       "start generate.py --interactive again to go on")
+    assert "Traceback" not in stderr
+
+
+def test_ctrl_c_while_generating_ends_with_one_line_and_130(tmp_path, monkeypatch, capsys):
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_tiny_checkpoint(ckpt)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(generate_script, "generate", interrupted)
+    monkeypatch.setattr(sys, "argv", ["generate.py", "--ckpt", ckpt, "--prompt", "Say hi.", "--device", "cpu"])
+    with pytest.raises(SystemExit) as stopped:
+        generate_script.main()
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err == ("interrupted: the answers printed above are complete, nothing else was kept; "
+                                       "run the command again\n")
+
+
+def test_input_flag_errors(tmp_path):
+    result = run_script("--model", "gpt2", "--base", str(tmp_path), "--prompt", "hi")
+    assert result.returncode == 1
+    assert result.stderr == "error: --base goes with a LoRA --ckpt: the folder its base model moved to\n"
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_tiny_checkpoint(ckpt)
+    result = run_script("--ckpt", ckpt, "--base", str(tmp_path), "--prompt", "hi", "--device", "cpu")
+    assert result.returncode == 1
+    assert result.stderr == f"error: --base is for a LoRA checkpoint; {ckpt} holds all its weights\n"

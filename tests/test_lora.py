@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+import model as model_module
 from export import config_json, export, hf_state_dict
-from generate import load_for_inference
+from generate import load_for_inference, respond
 from checkpoint import build_base, lora_checkpoint, lora_model_from_checkpoint, model_from_checkpoint, save_checkpoint
 from lora import (LORA_TARGETS, LoRALinear, add_lora, base_fingerprint, lora_modules, lora_state_dict, merge_lora,
     parameter_counts)
@@ -297,15 +298,56 @@ def test_a_changed_base_is_refused(tmp_path, hf_base):
         model_from_checkpoint(torch.load(path, weights_only=True), path)
 
 
-def test_a_moved_base_folder_is_refused_in_one_line(tmp_path, hf_base):
+def test_a_moved_base_folder_is_refused_in_one_line_and_found_with_base(tmp_path, hf_base):
     folder, model, identity = hf_base
-    path, _ = lora_run(tmp_path, model, identity)
-    os.rename(folder, str(tmp_path / "elsewhere"))
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--ckpt", path, "--prompt", "Hi"],
-                            capture_output=True, text=True, cwd=tmp_path)
+    path, merged = lora_run(tmp_path, model, identity)
+    elsewhere = str(tmp_path / "elsewhere")
+    os.rename(folder, elsewhere)
+
+    def generate_cli(*args):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--ckpt", path, "--prompt", "Hi",
+                               "--max-new-tokens", "5", "--device", "cpu", *args], capture_output=True, text=True,
+                              cwd=tmp_path)
+    result = generate_cli()
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == (f"error: the base model folder {folder} of the LoRA checkpoint {path} does not exist; "
-                             "put the folder back there (the checkpoint holds only the adapters)\n")
+                             "put the folder back there or pass its new place with --base FOLDER (the checkpoint "
+                             "holds only the adapters)\n")
+
+    # --base: the same base in its new place, checked by its fingerprint (generate.py, eval.py, export.py)
+    result = generate_cli("--base", elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == respond(merged, [{"instruction": "Hi", "input": ""}], "phi3", 5)[0] + "\n"
+    loaded, _, _ = load_for_inference(path, base=elsewhere)
+    exported = from_pretrained(export(path, str(tmp_path / "hf"), base=elsewhere)).eval()
+    idx, _ = batch(vocab=50257)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx), merged(idx), atol=1e-5, rtol=0)
+        torch.testing.assert_close(exported(idx), merged(idx), atol=1e-5, rtol=0)
+    # another model in the folder given is refused
+    torch.manual_seed(6)
+    save_hf_folder(GPT(config_for("tiny", context_length=64)), str(tmp_path / "other"))
+    with pytest.raises(ValueError, match=f"the pretrained weights of {tmp_path / 'other'} are not those the LoRA "
+                                         f"adapters of {path} were trained on"):
+        load_for_inference(path, base=str(tmp_path / "other"))
+    with pytest.raises(FileNotFoundError, match=f"--base {tmp_path / 'nowhere'} is not a folder"):
+        load_for_inference(path, base=str(tmp_path / "nowhere"))
+
+
+def test_a_preset_base_missing_from_the_cache_points_to_base(tmp_path, monkeypatch):
+    model, identity = build_base("tiny", pretrained=False, seed=3, context_length=32)
+    path, _ = lora_run(tmp_path, model, {**identity, "base": "gpt2", "init": "pretrained"})
+    monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path / "cache"))
+
+    def offline(url, dest):
+        raise OSError(f"could not download {url} (no network); check the network")
+    monkeypatch.setattr(model_module, "download", offline)
+    with pytest.raises(OSError) as raised:
+        load_for_inference(path)
+    assert str(raised.value) == (
+        f"the LoRA checkpoint {path} needs the weights of gpt2, which are not in the download cache "
+        f"{tmp_path / 'cache'} and could not be downloaded; connect to the network, or pass a folder holding those "
+        "weights with --base FOLDER")
 
 
 def test_adapters_that_do_not_fit_their_settings_are_reported(tmp_path, hf_base):

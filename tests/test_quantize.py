@@ -93,7 +93,7 @@ def test_quantize_flag_for_a_checkpoint_and_a_hugging_face_folder(tmp_path):
     result = run_script("--ckpt", ckpt, "--prompt", "Name a color.", "--prompt", "Say hi.",
                         "--max-new-tokens", "10", "--device", "cpu", "--quantize", "int8")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == expected[0] + "\n\n" + expected[1] + "\n"
+    assert result.stdout == f"==> 1/2: Name a color. <==\n{expected[0]}\n\n==> 2/2: Say hi. <==\n{expected[1]}\n"
     folder = export(ckpt, str(tmp_path / "hf"))
     loaded, _, _ = load_for_inference(None, folder, device="cpu", quantize="int8")
     assert isinstance(loaded.h[0].attn.c_attn, Int8Linear)

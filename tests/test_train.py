@@ -459,7 +459,7 @@ def test_lora_trains_the_adapters_only_and_its_checkpoints_hold_just_them(data, 
         assert len(json.load(f)) == 2
 
 
-def test_lora_resumes_exactly_and_refuses_another_rank_or_a_moved_base(data, base_folder, tmp_path):
+def test_lora_resumes_exactly_and_finds_a_moved_base_with_base(data, base_folder, tmp_path):
     common = ["--model", base_folder, *LORA, "--data", data, "--eval-every", 4, "--lora-dropout", "0.1"]
     run(*common, "--out", tmp_path / "full", "--max-steps", 9)
     run(*common, "--out", tmp_path / "part", "--max-steps", 5)
@@ -473,10 +473,13 @@ def test_lora_resumes_exactly_and_refuses_another_rank_or_a_moved_base(data, bas
         run_cli("--resume", "--out", tmp_path / "part", "--max-steps", 9)
     assert stopped.value.code.startswith(f"error: the base model folder {base_folder} of the LoRA checkpoint ")
     assert (tmp_path / "part" / "ckpt.pt").read_bytes() == before  # nothing overwritten
-    shutil.move(moved, base_folder)
-    run("--resume", "--out", tmp_path / "part", "--max-steps", 9)
+    with pytest.raises(SystemExit) as stopped:  # --base: a new run's base is --model
+        run("--out", tmp_path / "new", "--base", moved)
+    assert stopped.value.code == 2
+    run("--resume", "--out", tmp_path / "part", "--max-steps", 9, "--base", moved)  # checked by fingerprint
     assert losses(tmp_path / "part") == losses(tmp_path / "full")
     assert_same_weights(tmp_path / "part", tmp_path / "full")
+    assert load_checkpoint(tmp_path / "part" / "ckpt.pt")["lora"]["base"]["base"] == str(moved)  # from now on
 
 
 def test_lora_distributed_matches_one_process(data, base_folder, tmp_path):
