@@ -184,7 +184,9 @@ def tokenizer_config_json(cfg, style):
         "tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
         "add_bos_token": False, "add_prefix_space": False, "errors": "replace",
         "clean_up_tokenization_spaces": False,  # decode gives tiktoken's text, spaces and all
-        "split_special_tokens": True,  # a literal <|endoftext|> in text is text, as in data.encode
+        # <|endoftext|> in the chat template's text must be the special token (it ends every assistant
+        # turn of a conversation), so a literal one typed in a message is the special token too
+        "split_special_tokens": False,
         "model_max_length": cfg.context_length,
         "added_tokens_decoder": {str(EOT_ID): {"content": EOT, "lstrip": False, "normalized": True,
                                                "rstrip": False, "single_word": False, "special": True}},

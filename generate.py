@@ -97,9 +97,25 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
         return [[] for _ in prompts]
     if num_beams > 1:
         return beam_search(model, prompts, max_new_tokens, num_beams, length_penalty, eos_id)
+    outputs = [[] for _ in prompts]
+    for new in stream(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed):
+        for row, token in new.items():
+            outputs[row].append(token)
+    return outputs
+
+
+@torch.inference_mode()
+def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_id=EOT_ID, seed=None):
+    """generate()'s decoding loop, as a generator: after each step it yields {row: new token}
+    for the rows of `prompts` that made one (a row's eos is not yielded; a finished row yields
+    nothing more). The next step runs only when the caller asks for it, so a caller prints each
+    token as soon as it is made, and stops generation by stopping to iterate. Collected, the
+    tokens are generate()'s (greedy or sampled, same cache, same early stop)."""
+    if max_new_tokens < 1:
+        return
     logits, cache, budgets = prefill(model, prompts, max_new_tokens)
     generators = row_generators(prompts, seed, logits.device) if temperature > 0 and seed is not None else None
-    outputs = [[] for _ in prompts]
+    counts = [0] * len(prompts)
     active = list(range(len(prompts)))  # original row of each batch row still generating
     while active:
         if generators is None:
@@ -107,20 +123,21 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
         else:  # a row at a time, each from its own generator
             next_ids = torch.cat([sample_next(logits[row:row + 1], temperature, top_k, top_p, generators[i])
                                   for row, i in enumerate(active)])
-        keep = []
+        new, keep = {}, []
         for row, token in enumerate(next_ids.tolist()):
-            out = outputs[active[row]]
             if token != eos_id:
-                out.append(token)
-                if len(out) < budgets[active[row]]:
+                new[active[row]] = token
+                counts[active[row]] += 1
+                if counts[active[row]] < budgets[active[row]]:
                     keep.append(row)
+        if new:
+            yield new
         if len(keep) < len(active):  # drop finished rows from the batch and the cache
             cache.reorder(torch.tensor(keep, device=next_ids.device, dtype=torch.long))
             active = [active[row] for row in keep]
             next_ids = next_ids[keep]
         if active:
             logits = model.forward_cached(next_ids[:, None], cache)
-    return outputs
 
 
 def beam_search(model, prompts, max_new_tokens, num_beams, length_penalty=1.0, eos_id=EOT_ID):

@@ -186,8 +186,8 @@ def test_tokenizer_config(exported):
     assert config["tokenizer_class"] == "GPT2Tokenizer" and config["model_max_length"] == 128
     assert config["bos_token"] == config["eos_token"] == config["unk_token"] == "<|endoftext|>"
     assert config["add_bos_token"] is False and config["chat_template"] == chat_template("phi3")
-    # transformers then reads a literal <|endoftext|> in text as text, as data.encode does
-    assert config["split_special_tokens"] is True
+    # the <|endoftext|> that ends each assistant turn of a templated conversation is the special token
+    assert config["split_special_tokens"] is False
     with open(os.path.join(folder, "special_tokens_map.json")) as f:
         assert json.load(f) == {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
                                 "unk_token": "<|endoftext|>"}
