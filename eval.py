@@ -416,7 +416,7 @@ def evaluate(p, args, judge_url):
             kept = f"{responses_path} keeps the {plural(made, 'response')} made before" if made else \
                 "nothing was written"
             raise Interrupted(f"{kept}; run the same command again") from None
-        print(f"{loss_text('test', finite_or_none(test_loss))} over {n_targets} targets, "
+        print(f"{loss_text('test', finite_or_none(test_loss))} over {plural(n_targets, 'target')}, "
               f"{loss_text('val', finite_or_none(val_loss))}")
         losses = {"test_loss": finite_or_none(test_loss), "test_perplexity": finite_or_none(math.exp(test_loss)),
                   "val_loss": finite_or_none(val_loss)}
@@ -454,7 +454,8 @@ def evaluate(p, args, judge_url):
                           "the same command continues from them") from None
     seconds = time.perf_counter() - start
     if n_tokens:
-        print(f"{plural(len(records) - made, 'response')}, {n_tokens} tokens at {n_tokens / seconds:.0f} tokens/s")
+        print(f"{plural(len(records) - made, 'response')}, {plural(n_tokens, 'token')} at "
+              f"{n_tokens / seconds:.0f} tokens/s")
     report_responses(records, args.max_new_tokens, responses_path)
 
     responses = [r["model_response"] for r in records]
@@ -509,7 +510,7 @@ def evaluate_text(p, args, model, splits, device, source, identity, eval_path):
                                          what="val loss")
     except KeyboardInterrupt:
         raise Interrupted("nothing was written; run the same command again") from None
-    print(f"{loss_text('val', finite_or_none(val_loss))} over {n_targets} targets")
+    print(f"{loss_text('val', finite_or_none(val_loss))} over {plural(n_targets, 'target')}")
     write_json({**source, "data": splits.path, **identity, "val_loss": finite_or_none(val_loss),
                 "val_perplexity": finite_or_none(math.exp(val_loss)), "n_val_windows": len(splits.val)}, eval_path)
     print(f"wrote {eval_path}")
