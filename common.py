@@ -1,6 +1,7 @@
 """What every script shares and no other file owns: the device choice, files written atomically
-(JSON included), downloads, a writable output folder, checked argparse types, human durations,
-and run_main, which turns a user mistake into one line and a non-zero exit."""
+(JSON included), downloads, a writable output folder, checked argparse types, human durations
+and plurals, a progress line, and run_main, which turns a user mistake into one line and a
+non-zero exit."""
 import argparse
 import contextlib
 import json
@@ -9,6 +10,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 import urllib.request
 
 import torch
@@ -137,6 +139,54 @@ def stop_on_interrupt(message):
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def plural(n, word):
+    """'1 entry', '2 entries', '0 responses'."""
+    if n == 1:
+        return f"1 {word}"
+    return f"{n} {word[:-1]}ies" if word.endswith("y") and word[-2:-1] not in "aeiou" else f"{n} {word}s"
+
+
+class Progress:
+    """A progress line on stderr for `total` steps of work: "WHAT done/total[, extra], T left".
+    In a terminal one line is rewritten in place (at most 10 times a second); in a log a plain
+    line is printed every `every` seconds and at the end. A step costs a clock read."""
+
+    def __init__(self, what, total, every=10.0):
+        self.what, self.total, self.every = what, total, every
+        self.terminal = sys.stderr.isatty()
+        self.start, self.shown, self.open = time.perf_counter(), -math.inf, False
+
+    def update(self, done, extra=""):
+        now = time.perf_counter()
+        if now - self.shown < (0.1 if self.terminal else self.every) and done < self.total:
+            return
+        self.shown = now
+        left = (now - self.start) / max(done, 1) * (self.total - done)
+        line = f"{self.what} {done}/{self.total}{extra}, {duration(left)} left"
+        if self.terminal:
+            print(f"\r{line} ", end="", file=sys.stderr, flush=True)
+            self.open = True
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def note(self, message):
+        """A line of its own, not over the progress line."""
+        self.close()
+        print(message, file=sys.stderr, flush=True)
+
+    def close(self):
+        """End the progress line, if one is open (before other output, or when the work stops)."""
+        if self.open:
+            print(file=sys.stderr, flush=True)
+            self.open = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def run_main(main):

@@ -1,7 +1,7 @@
 """Evaluate a model on the test split: loss, a response to every test entry, and scores.
 
     python eval.py --ckpt out/ckpt.pt
-    python eval.py --ckpt out/ckpt.pt --limit 20 --max-new-tokens 64
+    python eval.py --ckpt out/ckpt.pt --limit 20 --max-new-tokens 64 --out out/quick
     python eval.py --model gpt2 --data data/instruction-data.json --out out/gpt2-base
     python eval.py --ckpt out/ckpt.pt --judge llama3          # then score them with Llama 3 (Ollama)
     python eval.py --judge-only out/test-responses.json --judge llama3   # score a file, no model
@@ -9,19 +9,29 @@
 Rebuilds the split, prompt style, context length and loss masking the checkpoint was trained
 with (--data, --prompt-style and --mask-instructions override theirs), reports the test and
 validation loss over all their batches, then writes to OUT (the checkpoint's folder unless --out):
-  test-responses.json  the test entries in file order, each with its model_response, as the
-                       chapter's instruction-data-with-response.json
-  eval.json            losses, scores (exact match, token F1; accuracy and per-label counts when
-                       the outputs are short labels), generation settings and speed
+  test-responses.json  the test entries in file order, each with its model_response (cleaned of
+                       template lines the model went on with), as the chapter's
+                       instruction-data-with-response.json, its raw_response (the text as
+                       generated) and no_end_of_text (true when cut at the token budget)
+  eval.json            the evaluation (weights, data, settings), losses, scores (exact match,
+                       token F1; accuracy and per-label counts when the outputs are short
+                       labels), generation settings and speed
+The responses are written as each batch finishes. The same command run again continues from
+the responses made before (a Ctrl-C or a crash costs one batch); results of another evaluation
+(other weights, data, --limit or decoding settings) are never replaced: eval.py refuses before
+any work unless --out points elsewhere or --force replaces them. A checkpoint trained on raw
+text (.txt) gets its validation loss and perplexity in eval.json, and no responses.
 With --judge MODEL an LLM judge (judge.py) then scores every response from 0 to 100, as the
-chapter does: each record of test-responses.json gets its judge_score and judge_model, and
-eval.json a "judge" summary. --judge-only FILE does only that, for FILE and the eval.json beside it.
+chapter does: each record gets judge_scores {MODEL: score}, the scores of every judge model side
+by side, and eval.json a "judge" summary per model. --judge-only FILE does only that, for FILE
+and the eval.json beside it.
 """
 import argparse
 import json
 import math
 import os
 import re
+import signal
 import string
 import sys
 import time
@@ -30,8 +40,10 @@ from collections import Counter
 
 from torch.utils.data import DataLoader
 
-from common import AT_LEAST_1, POSITIVE, checked, duration, resolve_device, run_main, writable_folder, write_json
+from common import (AT_LEAST_1, POSITIVE, Progress, checked, plural, resolve_device, run_main, writable_folder,
+    write_json)
 from data import batch_indices, check_same_data, decode, get_prompt_style, prepare_data, read_text
+from lora import base_fingerprint
 from model import calc_loss_loader
 from generate import add_inference_args, decoding_settings, generate, hit_limit, load_for_inference
 from judge import DEFAULT_TIMEOUT, DEFAULT_URL, check_server, check_url, judge_file, load_responses
@@ -49,21 +61,29 @@ def load_data(path, ckpt, style, context_length, mask_instructions):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"the checkpoint was trained on {path}, which does not exist here; "
                                     "pass the data with --data PATH")
-    if path is not None and path.endswith(".txt"):
-        raise ValueError(f"{path} is raw text, which has no test split; eval.py needs instruction data (.json/.jsonl)")
     fractions = {key: ckpt[key] for key in ("train_frac", "test_frac") if key in ckpt}  # else data.py's defaults
     splits = prepare_data(path, style, context_length, mask_instructions, **fractions)
     check_same_data(splits, ckpt.get("data_fingerprint"), ckpt.get("data"))
-    if not splits.test_entries:  # prepare_data refuses an empty test split unless test_frac is 0
+    if splits.kind == "instruction" and not splits.test_entries:  # refused by prepare_data unless test_frac is 0
         raise ValueError(f"{splits.path}: the test split is empty (test fraction 0); nothing to evaluate")
     return splits
 
 
-def split_loss(model, dataset, collate_fn, batch_size, device, n=None):
+def split_loss(model, dataset, collate_fn, batch_size, device, n=None, what="loss"):
     """Mean cross-entropy per counted target over the first n examples of dataset (all by
-    default) in file order, batched as in training, and the number of targets counted."""
+    default) in file order, batched as in training, and the number of targets counted; with
+    a progress line named `what`."""
     batches = batch_indices(dataset.lengths[:n], batch_size, shuffle=False)
-    return calc_loss_loader(model, DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn), device)
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn)
+    with Progress(f"{what}: batch", len(batches)) as progress:
+        return calc_loss_loader(model, counted(loader, progress.update), device)
+
+
+def counted(items, update):
+    """The items, calling update(number done) after each is used."""
+    for done, item in enumerate(items, 1):
+        yield item
+        update(done)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -75,26 +95,29 @@ def max_prompt_tokens(context_length, max_new_tokens):
     return context_length - min(max_new_tokens, context_length // 2)
 
 
-def generate_responses(model, prompts, max_new_tokens, batch_size, **sampling):
-    """The new token ids of each prompt, and whether each used its whole budget of
-    min(max_new_tokens, context_length - prompt length + 1) tokens, so never reached
-    end-of-text. Batches hold prompts of similar length, longest first (less left padding; a
-    batch too big for memory fails at once); results come back in prompt order."""
-    ctx = model.config.context_length
+def response_batches(prompts, batch_size):
+    """Batches of prompt indices: prompts of similar length together, longest first (less left
+    padding; a batch too big for memory fails at once). The same for the same prompts and
+    batch size, so a continued run makes the batches the interrupted one would have."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    outputs, no_eot = [None] * len(prompts), [False] * len(prompts)
-    start, n_tokens = time.perf_counter(), 0
-    for first in range(0, len(order), batch_size):
-        rows = order[first:first + batch_size]
-        for i, ids in zip(rows, generate(model, [prompts[i] for i in rows], max_new_tokens, **sampling)):
-            outputs[i], no_eot[i] = ids, hit_limit(prompts[i], ids, max_new_tokens, ctx)
-            n_tokens += len(ids)
-        done, elapsed = first + len(rows), time.perf_counter() - start
-        left = elapsed / done * (len(prompts) - done)
-        print(f"\rresponses {done}/{len(prompts)}, {n_tokens / elapsed:.0f} tokens/s, "
-              f"{duration(left)} left ", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    return outputs, no_eot
+    return [order[first:first + batch_size] for first in range(0, len(order), batch_size)]
+
+
+def generate_responses(model, prompts, batches, max_new_tokens, on_batch, **sampling):
+    """Generate each batch of `batches` (lists of prompt indices) and hand its results to
+    on_batch(indices, new token ids, cut), cut meaning that a response used its whole budget of
+    min(max_new_tokens, context_length - prompt length + 1) tokens, so never reached
+    end-of-text. A sampled row draws from a generator of its own (generate's seed), so a
+    continued run samples what an uninterrupted one does. Returns the number of new tokens."""
+    ctx, total, done, n_tokens = model.config.context_length, sum(map(len, batches)), 0, 0
+    start = time.perf_counter()
+    with Progress("responses", total) as progress:
+        for rows in batches:
+            new_ids = generate(model, [prompts[i] for i in rows], max_new_tokens, **sampling)
+            on_batch(rows, new_ids, [hit_limit(prompts[i], ids, max_new_tokens, ctx) for i, ids in zip(rows, new_ids)])
+            done, n_tokens = done + len(rows), n_tokens + sum(map(len, new_ids))
+            progress.update(done, f", {n_tokens / (time.perf_counter() - start):.0f} tokens/s")
+    return n_tokens
 
 
 def template_markers(template):
@@ -183,12 +206,15 @@ def check_judge_flags(p, args):
             raise ValueError(f"--{given[0].replace('_', '-')} needs --judge MODEL")
         return None
     if args.judge_only is not None:
-        others = [name for name, value in vars(args).items()
-                  if not name.startswith("judge") and value != p.get_default(name)]
+        others = changed_flags(p, args, [name for name in vars(args) if not name.startswith("judge")])
         if others:
-            raise ValueError("--judge-only scores an existing file and loads no model: drop "
-                             + ", ".join("--" + name.replace("_", "-") for name in others))
+            raise ValueError("--judge-only scores an existing file and loads no model: drop " + ", ".join(others))
     return check_url(args.judge_url or DEFAULT_URL)
+
+
+def changed_flags(p, args, names):
+    """The flags among `names` (argparse dests) given a value other than their default."""
+    return ["--" + name.replace("_", "-") for name in names if getattr(args, name) != p.get_default(name)]
 
 
 def read_report(path):
@@ -205,41 +231,114 @@ def read_report(path):
 
 
 def judge_responses(responses_path, eval_path, report, args, url):
-    """Score the responses file with the judge, and add its summary to eval.json (report)."""
+    """Score the responses file with the judge, and add its summary to eval.json (report) beside
+    those of other judge models."""
     try:
         summary = judge_file(responses_path, args.judge, url, args.judge_workers or 1,
                              args.judge_timeout or DEFAULT_TIMEOUT)
     except (OSError, ValueError) as e:
-        raise OSError(f"{e}; the scores so far are kept in {responses_path}, and a re-run with "
-                      f"--judge-only {responses_path} asks only for the rest") from None
-    report["judge"] = summary
+        raise OSError(f"{e}; the scores so far are kept in {responses_path}, and a re-run of the same command "
+                      "asks only for the rest") from None
+    except KeyboardInterrupt:
+        raise Interrupted(f"the {args.judge} scores so far are kept in {responses_path}; the same command asks "
+                          "only for the rest") from None
+    report["judge"] = {**report.get("judge", {}), args.judge: summary}
     write_json(report, eval_path)
     mean = "no score" if summary["mean"] is None else f"mean score {summary['mean']:.2f}/100"
-    print(f"judge {args.judge}: {mean} over {summary['scored']} responses; {summary['unparsed']} replies held "
-          f"no score from 0 to 100; wrote {eval_path}")
+    unparsed = f"{plural(summary['unparsed'], 'reply')} held no score from 0 to 100 (kept in judge_replies)" \
+        if summary["unparsed"] else "every reply held a score"
+    print(f"judge {args.judge}: {mean} over {plural(summary['scored'], 'response')}; {unparsed}; wrote {eval_path}")
 
 
 def judge_only(args, url):
     """--judge-only FILE: score FILE, with the summary in the eval.json beside it (new, or updated)."""
     load_responses(args.judge_only)  # a missing or malformed file stops here, before any request
     eval_path = os.path.join(writable_folder(os.path.dirname(args.judge_only) or "."), "eval.json")
-    judge_responses(args.judge_only, eval_path, read_report(eval_path), args, url)
+    report = read_report(eval_path)
+    check_server(url, args.judge, args.judge_timeout or DEFAULT_TIMEOUT)
+    judge_responses(args.judge_only, eval_path, report, args, url)
+
+
+# ----------------------------------------------------------------------------- earlier results
+
+IDENTITY = ("weights_sha256", "data_sha256", "prompt_style", "mask_instructions", "context_length",
+            "n_evaluated", "generation")  # what decides the results of an evaluation, as eval.json records it
+
+
+def differences(report, identity):
+    """How the evaluation recorded in report differs from `identity`, in words (empty if it does not)."""
+    if not any(key in report for key in IDENTITY):
+        return ["its settings are not recorded"]
+    said = []
+    for key, value in identity.items():
+        old = report.get(key)
+        if old == value:
+            continue
+        if key in ("weights_sha256", "data_sha256"):
+            said.append(f"other {key.split('_')[0]}")
+        elif key == "n_evaluated":
+            said.append(f"{old} entries, not {value} (--limit)")
+        elif key == "generation" and isinstance(old, dict):
+            said += [f"--{name.replace('_', '-')} {old.get(name)}, not {value[name]}"
+                     for name in value if old.get(name) != value[name]]
+        else:
+            said.append(f"{key.replace('_', ' ')} {old}, not {value}")
+    return said
+
+
+def earlier_results(eval_path, responses_path, identity, entries):
+    """(report, records) of this same evaluation in the output folder, to continue from: {} and
+    None if there is none. ValueError, before any work, if the folder holds the results of
+    another evaluation, which this run would replace."""
+    report = read_report(eval_path)
+    records = None
+    if entries is not None and os.path.exists(responses_path):
+        records = load_responses(responses_path, unfinished=True)
+    if not report and records is None:
+        return {}, None
+    said = differences(report, identity)
+    if records is not None and not said and (len(records) != len(entries) or
+                                             any({k: r.get(k) for k in e} != e for e, r in zip(entries, records))):
+        said.append("its entries are not this evaluation's test entries")
+    if said:
+        source = report.get("checkpoint") or report.get("model")
+        if records is not None:
+            path, made = responses_path, sum(r["model_response"] is not None for r in records)
+            judges = sorted({model for r in records for model in r.get("judge_scores", {})})
+            holds = plural(made, "response") + (f" (of {len(records)})" if made < len(records) else "") + \
+                (f" of {source}" if source else "") + (f", scored by {', '.join(judges)}" if judges else "")
+        else:
+            path, holds = eval_path, "the results" + (f" of {source}" if source else "")
+        raise ValueError(f"{path} holds {holds} from another evaluation ({'; '.join(said)}); give --out DIR to "
+                         "keep it and write elsewhere, or --force to replace it")
+    return report, records
 
 
 # ----------------------------------------------------------------------------- main
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM, with what was kept and how to go on."""
 
 
 def finite_or_none(x):
     return x if math.isfinite(x) else None  # a loss with no counted target is NaN, which JSON lacks
 
 
+def loss_text(name, loss):
+    return f"{name} loss {loss:.4f} (perplexity {math.exp(loss):.2f})" if loss is not None else f"{name} loss n/a"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_inference_args(p)
-    p.add_argument("--data", help="instruction data (.json/.jsonl); default: the checkpoint's, else the chapter's data set")
+    p.add_argument("--data", help="instruction data (.json/.jsonl), or the raw text (.txt) of a checkpoint trained "
+                   "on one; default: the checkpoint's, else the chapter's data set")
     p.add_argument("--mask-instructions", action=argparse.BooleanOptionalAction,
                    help="loss on the response only; default: as the checkpoint was trained (off for --model)")
     p.add_argument("--out", help="folder for test-responses.json and eval.json; default: the checkpoint's folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace the results of another evaluation in --out (else refused), or start this one over")
     p.add_argument("--limit", type=AT_LEAST_1, help="evaluate only the first N test entries (loss and responses)")
     p.add_argument("--batch-size", type=AT_LEAST_1, default=16, help="for the losses and for generation")
     p.add_argument("--judge", metavar="MODEL", type=checked(str, str.strip, "a model name"),
@@ -253,29 +352,71 @@ def main(argv=None):
                    "load no model; the summary goes into the eval.json beside FILE")
     args = p.parse_args(argv)
     judge_url = check_judge_flags(p, args)
-    if args.judge_only is not None:
-        return judge_only(args, judge_url)
+    sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
+    try:
+        if args.judge_only is not None:
+            return judge_only(args, judge_url)
+        return evaluate(p, args, judge_url)
+    except Interrupted as e:
+        print(f"interrupted: {e}")
+    except KeyboardInterrupt:
+        print("interrupted: the files written so far are kept; run the same command again to go on")
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    sys.exit(130)
+
+
+def evaluate(p, args, judge_url):
     if args.model is not None and args.ckpt is None and args.out is None:  # say so before any download
         raise ValueError("give --out DIR for the results of a --model run")
-    if args.judge is not None:  # a judge that is not running is better known before the responses are made
+    if args.judge is not None:  # a judge that is not running, or lacks the model, is better known now
         check_server(judge_url, args.judge, args.judge_timeout or DEFAULT_TIMEOUT)
 
     device = resolve_device(args.device)
     decoding = decoding_settings(args)
     out_dir = writable_folder(args.out or os.path.dirname(args.ckpt or "") or ".")  # before any work
+    responses_path, eval_path = os.path.join(out_dir, "test-responses.json"), os.path.join(out_dir, "eval.json")
     model, ckpt, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize, args.base)
     ckpt = ckpt or {}
     context_length = ckpt.get("context_length") or model.config.context_length
     mask = ckpt.get("mask_instructions", False) if args.mask_instructions is None else args.mask_instructions
     splits = load_data(args.data, ckpt, style, context_length, mask)
+    source = {"checkpoint": args.ckpt} if args.ckpt else {"model": args.model}
+    identity = {"weights_sha256": base_fingerprint(model), "data_sha256": splits.fingerprint["sha256"],
+                "context_length": context_length}
+    if splits.kind == "text":
+        return evaluate_text(p, args, model, splits, device, source, identity, eval_path)
+
     entries = splits.test_entries[:args.limit]
     print(f"data {splits.path}: {len(entries)} of {len(splits.test)} test entries, prompt style {style}, "
           f"context {context_length}, instructions {'masked' if mask else 'not masked'} in the loss")
+    identity.update(prompt_style=style, mask_instructions=mask, n_evaluated=len(entries), generation={
+        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+        "top_p": args.top_p, "num_beams": args.num_beams, "length_penalty": args.length_penalty,
+        "quantize": args.quantize, "batch_size": args.batch_size, "seed": args.seed})
+    earlier, records = ({}, None) if args.force else earlier_results(eval_path, responses_path, identity, entries)
+    records = records or [{**entry, "model_response": None} for entry in entries]
+    made = sum(r["model_response"] is not None for r in records)
+    if made:
+        print(f"continuing the evaluation in {out_dir}: {made} of {plural(len(records), 'response')} were made before")
 
-    test_loss, n_targets = split_loss(model, splits.test, splits.collate_fn, args.batch_size, device, len(entries))
-    val_loss, _ = split_loss(model, splits.val, splits.collate_fn, args.batch_size, device)
-    print(f"test loss {test_loss:.4f} (perplexity {math.exp(test_loss):.2f}) over {n_targets} targets, "
-          f"val loss {val_loss:.4f}")
+    if all(key in earlier for key in ("test_loss", "test_perplexity", "val_loss")):
+        losses = {key: earlier[key] for key in ("test_loss", "test_perplexity", "val_loss")}
+        print(f"{loss_text('test', losses['test_loss'])}, {loss_text('val', losses['val_loss'])}: "
+              "from the earlier run")
+    else:
+        try:
+            test_loss, n_targets = split_loss(model, splits.test, splits.collate_fn, args.batch_size, device,
+                                              len(entries), "test loss")
+            val_loss, _ = split_loss(model, splits.val, splits.collate_fn, args.batch_size, device, what="val loss")
+        except KeyboardInterrupt:
+            kept = f"{responses_path} keeps the {plural(made, 'response')} made before" if made else \
+                "nothing was written"
+            raise Interrupted(f"{kept}; run the same command again") from None
+        print(f"{loss_text('test', finite_or_none(test_loss))} over {plural(n_targets, 'target')}, "
+              f"{loss_text('val', finite_or_none(val_loss))}")
+        losses = {"test_loss": finite_or_none(test_loss), "test_perplexity": finite_or_none(math.exp(test_loss)),
+                  "val_loss": finite_or_none(val_loss)}
 
     # the dataset tokenized prompt and response apart, so its first prompt_length ids are the prompt
     prompts = [ids[:n] for ids, n in zip(splits.test.token_ids, splits.test.prompt_lengths[:len(entries)])]
@@ -283,46 +424,93 @@ def main(argv=None):
     n_truncated = sum(len(ids) > keep for ids in prompts)
     prompts = [ids[-keep:] for ids in prompts]
     if n_truncated:
-        print(f"{n_truncated} prompts longer than {keep} tokens were cut to their last {keep} "
+        print(f"{plural(n_truncated, 'prompt')} longer than {keep} tokens were cut to their last {keep} "
               f"(context {model.config.context_length}, --max-new-tokens {args.max_new_tokens})")
 
-    start = time.perf_counter()
-    new_ids, no_eot = generate_responses(model, prompts, args.max_new_tokens, args.batch_size, **decoding)
-    seconds = time.perf_counter() - start
-    n_tokens = sum(map(len, new_ids))
-    responses = [clean_response(decode(ids), style) for ids in new_ids]
-    print(f"{len(responses)} responses, {n_tokens} tokens at {n_tokens / seconds:.0f} tokens/s")
-    if any(no_eot):
-        print(f"{sum(no_eot)} responses never reached end-of-text: cut at --max-new-tokens "
-              f"{args.max_new_tokens} or at the end of the context")
+    # the responses file first: an eval.json of this evaluation never stands beside another's responses
+    report = {**source, "data": splits.path, **identity, **losses, "n_test_entries": len(splits.test),
+              **({"judge": earlier["judge"]} if "judge" in earlier else {})}
+    write_json(records, responses_path)
+    write_json(report, eval_path)
 
+    def on_batch(rows, new_ids, cut):
+        for i, ids, no_eot in zip(rows, new_ids, cut):
+            raw = decode(ids)
+            records[i].update(model_response=clean_response(raw, style), raw_response=raw, no_end_of_text=no_eot)
+        write_json(records, responses_path)
+
+    todo = [[i for i in rows if records[i]["model_response"] is None]
+            for rows in response_batches(prompts, args.batch_size)]
+    start = time.perf_counter()
+    try:
+        n_tokens = generate_responses(model, prompts, [rows for rows in todo if rows], args.max_new_tokens,
+                                      on_batch, **decoding)
+    except KeyboardInterrupt:
+        made = sum(r["model_response"] is not None for r in records)
+        raise Interrupted(f"{made} of {plural(len(records), 'response')} are kept in {responses_path}; "
+                          "the same command continues from them") from None
+    seconds = time.perf_counter() - start
+    if n_tokens:
+        print(f"{plural(len(records) - made, 'response')}, {plural(n_tokens, 'token')} at "
+              f"{n_tokens / seconds:.0f} tokens/s")
+    report_responses(records, args.max_new_tokens, responses_path)
+
+    responses = [r["model_response"] for r in records]
     scores = score_responses([entry["output"] for entry in entries], responses)
-    report = {
-        **({"checkpoint": args.ckpt} if args.ckpt else {"model": args.model}),
-        "data": splits.path, "prompt_style": style, "mask_instructions": mask, "context_length": context_length,
-        "test_loss": finite_or_none(test_loss), "test_perplexity": finite_or_none(math.exp(test_loss)),
-        "val_loss": finite_or_none(val_loss),
-        "n_test_entries": len(splits.test), "n_evaluated": len(entries),
-        "generation": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                       "top_k": args.top_k, "top_p": args.top_p, "num_beams": args.num_beams,
-                       "length_penalty": args.length_penalty, "quantize": args.quantize,
-                       "batch_size": args.batch_size, "seed": args.seed},
-        "tokens_per_second": round(n_tokens / seconds, 1),
-        "no_end_of_text": sum(no_eot), "truncated_prompts": n_truncated,
-        **scores,
-    }
+    judged = report.pop("judge", None)
+    report.update(
+        tokens_per_second=round(n_tokens / seconds, 1) if n_tokens else earlier.get("tokens_per_second"),
+        no_end_of_text=sum(r["no_end_of_text"] for r in records), truncated_prompts=n_truncated, **scores)
+    if judged is not None:  # the judges' summaries last, as they are written
+        report["judge"] = judged
     summary = f"exact match {scores['exact_match']:.1%}, F1 {scores['f1']:.1%}"
     if "labels" in scores:
         summary += f"; outputs are labels, accuracy {scores['accuracy']:.1%}: " + ", ".join(
             f"{name} {c['correct']}/{c['count']}" for name, c in scores["labels"].items())
     print(summary)
-
-    responses_path, eval_path = os.path.join(out_dir, "test-responses.json"), os.path.join(out_dir, "eval.json")
-    write_json([{**entry, "model_response": r} for entry, r in zip(entries, responses)], responses_path)
     write_json(report, eval_path)
     print(f"wrote {responses_path} and {eval_path}")
     if args.judge is not None:  # after the responses are safe on disk
         judge_responses(responses_path, eval_path, report, args, judge_url)
+
+
+def report_responses(records, max_new_tokens, responses_path):
+    """Say how many responses were cut, and warn when many are empty, which often means that
+    cleaning removed all the model wrote (it began a new turn at once)."""
+    cut = sum(r["no_end_of_text"] for r in records)
+    if cut:
+        print(f"{plural(cut, 'response')} never reached end-of-text: cut at --max-new-tokens {max_new_tokens} "
+              "or at the end of the context")
+    empty = [r for r in records if not r["model_response"]]
+    if empty and len(empty) >= len(records) / 5:
+        cleaned = sum(bool(r["raw_response"].strip()) for r in empty)
+        causes = [f"{cleaned} emptied by cleaning (the model began a new turn, such as '### Instruction:', at once)",
+                  f"{len(empty) - cleaned} held only whitespace or end-of-text"]
+        print(f"warning: {len(empty)} of {plural(len(records), 'response')} are empty: "
+              f"{'; '.join(c for c in causes if not c.startswith('0 '))}; raw_response in {responses_path} "
+              "keeps what the model wrote")
+
+
+def evaluate_text(p, args, model, splits, device, source, identity, eval_path):
+    """A checkpoint trained on raw text: its validation loss and perplexity, in eval.json."""
+    needless = changed_flags(p, args, ["limit", "judge", "max_new_tokens", "temperature", "top_k", "top_p",
+                                       "num_beams", "length_penalty", "seed"])
+    if needless:
+        raise ValueError(f"{splits.path} is raw text, with no test entries to respond to: eval.py reports its "
+                         f"validation loss and perplexity only; drop {', '.join(needless)}")
+    if not args.force:
+        earlier_results(eval_path, None, identity, None)
+    print(f"text data {splits.path}: {plural(len(splits.val), 'validation window')} of {identity['context_length']} "
+          "tokens")
+    try:
+        val_loss, n_targets = split_loss(model, splits.val, splits.collate_fn, args.batch_size, device,
+                                         what="val loss")
+    except KeyboardInterrupt:
+        raise Interrupted("nothing was written; run the same command again") from None
+    print(f"{loss_text('val', finite_or_none(val_loss))} over {plural(n_targets, 'target')}")
+    write_json({**source, "data": splits.path, **identity, "val_loss": finite_or_none(val_loss),
+                "val_perplexity": finite_or_none(math.exp(val_loss)), "n_val_windows": len(splits.val)}, eval_path)
+    print(f"wrote {eval_path}")
 
 
 if __name__ == "__main__":

@@ -1,27 +1,30 @@
 """Score model responses with an LLM judge, as the chapter's evaluation step does with Llama 3
 through Ollama: a larger model reads each test entry, its expected output and the model's
-response, and answers with a score from 0 to 100. eval.py calls it (--judge MODEL).
+response, and answers with a score from 0 to 100. It has no command line of its own: eval.py
+runs it (--judge MODEL after the responses, or --judge-only FILE for a responses file).
 
 The server is Ollama (POST URL/api/chat, the book's request) unless the URL ends in /v1: then
 it is an OpenAI-compatible server (POST URL/chat/completions; vLLM, llama.cpp's server, LM
-Studio, OpenAI itself), sent $OPENAI_API_KEY when it is set. Each score is written into the
-responses file as it arrives ("judge_score": an int, or null when the reply holds no integer
-from 0 to 100, and "judge_model"), so an interrupted run loses nothing and a re-run with the
-same judge model asks only for the rest; another judge model scores every entry again.
+Studio, OpenAI itself), sent $OPENAI_API_KEY when it is set. check_server asks the server for
+its models (Ollama's /api/tags, /v1/models) before anything is scored. Each score is written
+into the responses file as it arrives, under its judge's name ("judge_scores": {MODEL: an int,
+or null when the reply holds no integer from 0 to 100}, and that reply in "judge_replies":
+{MODEL: text}), so an interrupted run loses nothing, a re-run with the same judge model asks
+only for the rest and for the nulls, and the scores of several judges stand side by side.
 """
+import argparse
 import http.client
 import json
 import os
+import queue
 import re
-import sys
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from common import duration, write_json
+from common import Progress, plural, write_json
 from data import format_input, load_instruction_data
 
 DEFAULT_URL = "http://localhost:11434"  # Ollama's
@@ -72,15 +75,21 @@ def chat_request(url, model, prompt):
     """A POST of one user message to an Ollama server (the book's request, whose reply is
     streamed as JSON lines) or to an OpenAI-compatible one (url ends in /v1)."""
     messages = [{"role": "user", "content": prompt}]
-    headers = {"Content-Type": "application/json"}
     if is_openai(url):
         endpoint = f"{url}/chat/completions"
         body = {"model": model, "messages": messages, "temperature": OPTIONS["temperature"], "seed": OPTIONS["seed"]}
-        if os.environ.get("OPENAI_API_KEY"):
-            headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
     else:
         endpoint, body = f"{url}/api/chat", {"model": model, "messages": messages, "options": OPTIONS}
-    return urllib.request.Request(endpoint, json.dumps(body).encode("utf-8"), headers, method="POST")
+    return urllib.request.Request(endpoint, json.dumps(body).encode("utf-8"), request_headers(url),
+                                  method="POST")
+
+
+def request_headers(url):
+    """JSON, and $OPENAI_API_KEY for an OpenAI-compatible server when it is set."""
+    headers = {"Content-Type": "application/json"}
+    if is_openai(url) and os.environ.get("OPENAI_API_KEY"):
+        headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
+    return headers
 
 
 def reply_text(body, url):
@@ -162,97 +171,157 @@ def ask(url, model, prompt, timeout=DEFAULT_TIMEOUT):
         time.sleep(BACKOFF * 2 ** attempt)
 
 
-def check_server(url, model, timeout=DEFAULT_TIMEOUT):
-    """OSError now, rather than once the responses are generated, if no server answers at url
-    (any HTTP answer will do; whether it has the model shows with the first request)."""
+def server_models(url, model, timeout=DEFAULT_TIMEOUT):
+    """The names of the models the server at url has: Ollama's /api/tags, or /v1/models of an
+    OpenAI-compatible server. OSError saying what to do if there is no server or no list."""
+    endpoint = f"{url}/models" if is_openai(url) else f"{url}/api/tags"
     try:
-        urllib.request.urlopen(url, timeout=timeout).close()
+        request = urllib.request.Request(endpoint, headers=request_headers(url))
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read()
     except urllib.error.HTTPError as e:
-        e.close()
+        kind = "an OpenAI-compatible" if is_openai(url) else "an Ollama"
+        raise OSError(f"the judge server at {url} answered GET {endpoint} with HTTP {e.code} {e.reason}"
+                      f"{error_detail(e)}; is it {kind} server?") from None
     except urllib.error.URLError as e:
         raise OSError(failure(e.reason, url, model, timeout)) from None
     except (OSError, http.client.HTTPException) as e:
         raise OSError(failure(e, url, model, timeout)) from None
+    try:
+        listed = json.loads(body)
+        return [m["id"] for m in listed["data"]] if is_openai(url) else [m["name"] for m in listed["models"]]
+    except (ValueError, KeyError, TypeError):
+        raise OSError(f"the judge server at {url} did not send its list of models from {endpoint}: "
+                      f"{body[:200].decode('utf-8', 'replace')!r}") from None
 
 
-def load_responses(path):
+def check_server(url, model, timeout=DEFAULT_TIMEOUT):
+    """OSError now, before any response is generated or file written, unless a server answers
+    at url and has the judge model (Ollama's "llama3" is its "llama3:latest")."""
+    models = server_models(url, model, timeout)
+    if model in models or (not is_openai(url) and ":" not in model and f"{model}:latest" in models):
+        return
+    has = f"it has {', '.join(models)}" if models else "it has none"
+    if is_openai(url):
+        raise OSError(f"the judge server at {url} does not serve the model {model!r} ({has}); check --judge")
+    raise OSError(f"the Ollama server at {url} does not have the model {model!r} ({has}); run `ollama pull {model}`")
+
+
+def load_responses(path, unfinished=False):
     """The records of a responses file as eval.py writes it: a JSON array of entries, each with
-    a model_response and perhaps a judge_score and judge_model. ValueError naming the entry that is not."""
+    a model_response (null for one not made yet, with unfinished=True) and perhaps its judges'
+    judge_scores and judge_replies. ValueError naming the entry that is not."""
     if not path.endswith(".json"):
         raise ValueError(f"{path}: expected a .json responses file as eval.py writes (test-responses.json)")
     records = load_instruction_data(path)
     for i, record in enumerate(records):
-        if not isinstance(record.get("model_response"), str):
+        response = record.get("model_response")
+        if response is None and unfinished and "model_response" in record:
+            continue
+        if response is None and "model_response" in record:
+            raise ValueError(f"{path}: entry {i} has no response yet (eval.py was stopped before making it); "
+                             "run the same eval.py command again to finish the file")
+        if not isinstance(response, str):
             raise ValueError(f"{path}: entry {i} has no 'model_response' string; is it a file eval.py wrote?")
-        score = record.get("judge_score")
-        if score is not None and (type(score) is not int or not 0 <= score <= 100):
-            raise ValueError(f"{path}: entry {i}: 'judge_score' must be an integer from 0 to 100 or null, "
-                             f"got {score!r}")
-        if not isinstance(record.get("judge_model", ""), str):
-            raise ValueError(f"{path}: entry {i}: 'judge_model' must be a string, got {record['judge_model']!r}")
+        for key, ok, kind in (("judge_scores", lambda v: v is None or type(v) is int and 0 <= v <= 100,
+                               "an integer from 0 to 100 or null"),
+                              ("judge_replies", lambda v: isinstance(v, str), "a string")):
+            judged = record.get(key, {})
+            if not isinstance(judged, dict) or not all(ok(v) for v in judged.values()):
+                raise ValueError(f"{path}: entry {i}: {key!r} must map each judge model to {kind}, got {judged!r}")
     return records
 
 
 def judge_file(path, model, url=DEFAULT_URL, workers=1, timeout=DEFAULT_TIMEOUT):
     """Score each record of the responses file at path that this judge model has not scored
-    yet, `workers` requests at a time, writing the file again (atomically) as each score
-    arrives. An empty response scores 0 with no request, as in the book. Returns
-    {"model", "url", "mean" (of the parsed scores), "scored", "unparsed", "seconds"}."""
+    yet, or whose reply held no score, `workers` requests at a time, writing the file again
+    (atomically) as each score arrives. An empty response scores 0 with no request, as in the
+    book. Check the model with check_server first. Returns {"url", "mean" (of the parsed
+    scores), "scored", "unparsed", "seconds"}."""
     start = time.perf_counter()
     records = load_responses(path)
-    todo = [i for i, r in enumerate(records) if r.get("judge_model") != model or "judge_score" not in r]
-    others = sum("judge_score" in records[i] for i in todo)
+    scores = [record.setdefault("judge_scores", {}) for record in records]
+    todo = [i for i, s in enumerate(scores) if s.get(model) is None]
     if len(todo) < len(records):
-        print(f"{len(records) - len(todo)} of {len(records)} entries were scored by {model} before")
-    if others:
-        print(f"{others} entries hold another judge's scores: {model} scores them again")
+        print(f"{plural(len(records) - len(todo), 'entry')} of {len(records)} were scored by {model} before")
+    if again := sum(model in scores[i] for i in todo):
+        print(f"asking {model} again for {plural(again, 'entry')} whose reply held no score")
     empty = [i for i in todo if not records[i]["model_response"].strip()]
+    for i in empty:
+        scores[i][model] = 0
     if empty:
-        for i in empty:
-            records[i].update(judge_score=0, judge_model=model)
         write_json(records, path)
-        todo = [i for i in todo if records[i]["model_response"].strip()]
+    todo = [i for i in todo if records[i]["model_response"].strip()]
 
-    stop = threading.Event()  # after a failure or Ctrl-C, requests not yet made are not made
+    # Daemon threads make the requests: an interruption (Ctrl-C) does not wait for those under way.
+    # After a failure no new request is made; the replies of those under way are still kept.
+    jobs, replies, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
+    for i in todo:
+        jobs.put(i)
 
-    def request(prompt):
-        if stop.is_set():
-            return None
-        try:
-            return ask(url, model, prompt, timeout)
-        except BaseException:
-            stop.set()
-            raise
+    def work():
+        while not stop.is_set():
+            try:
+                i = jobs.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                replies.put((i, ask(url, model, judge_prompt(records[i]), timeout), None))
+            except Exception as e:  # noqa: BLE001  (handed to the main thread, which raises it)
+                stop.set()
+                replies.put((i, None, e))
 
-    pool = ThreadPoolExecutor(workers)
-    futures = {pool.submit(request, judge_prompt(records[i])): i for i in todo}
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(todo)))]
+    for thread in threads:
+        thread.start()
     error, done = None, 0
-    try:
-        for future in as_completed(futures):
-            if future.exception() is not None:  # keep the replies of the requests already under way
-                error = error or future.exception()
-                continue
-            i, reply = futures[future], future.result()
-            if reply is None:
-                continue
-            records[i].update(judge_score=parse_score(reply), judge_model=model)
-            if records[i]["judge_score"] is None:
-                message = f"entry {i}: no score from 0 to 100 in the reply {reply[:80]!r}"
-                print(f"\r{message:<79}", file=sys.stderr)  # over the progress line
-            write_json(records, path)
-            done, elapsed = done + 1, time.perf_counter() - start
-            left = elapsed / done * (len(todo) - done)
-            print(f"\rjudged {done}/{len(todo)}, {done / elapsed:.2f} entries/s, "
-                  f"{duration(left)} left ", end="", file=sys.stderr, flush=True)
-    finally:
-        stop.set()
-        pool.shutdown(cancel_futures=True)  # waits for the requests under way
-        if done:
-            print(file=sys.stderr)
+    with Progress(f"judged by {model}:", len(todo)) as progress:
+        try:
+            while any(thread.is_alive() for thread in threads) or not replies.empty():
+                try:
+                    i, reply, failed = replies.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if failed is not None:
+                    error = error or failed
+                    continue
+                record_reply(records[i], model, reply)
+                if records[i]["judge_scores"][model] is None:
+                    progress.note(f"entry {i}: no score from 0 to 100 in the reply {reply[:80]!r}")
+                write_json(records, path)
+                done += 1
+                progress.update(done)
+        finally:
+            stop.set()
     if error is not None:
         raise error
 
-    parsed = [r["judge_score"] for r in records if r["judge_score"] is not None]
-    return {"model": model, "url": url, "mean": sum(parsed) / len(parsed) if parsed else None,
+    parsed = [s[model] for s in scores if s[model] is not None]
+    return {"url": url, "mean": sum(parsed) / len(parsed) if parsed else None,
             "scored": len(parsed), "unparsed": len(records) - len(parsed),
             "seconds": round(time.perf_counter() - start, 1)}
+
+
+def record_reply(record, model, reply):
+    """The judge's score in record["judge_scores"]; a reply without one in record["judge_replies"]."""
+    score = record["judge_scores"][model] = parse_score(reply)
+    replies = record.setdefault("judge_replies", {})
+    if score is None:
+        replies[model] = reply
+    else:
+        replies.pop(model, None)
+    if not replies:
+        del record["judge_replies"]
+
+
+def main(argv=None):
+    """judge.py has no command line of its own: --help says how eval.py runs it; anything else is refused."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="python eval.py --judge-only FILE --judge MODEL [--judge-url URL] ...")
+    p.parse_args(argv)
+    p.error("judge.py is run through eval.py: python eval.py --judge-only out/test-responses.json --judge llama3 "
+            "scores a responses file (python eval.py --help lists the --judge flags)")
+
+
+if __name__ == "__main__":
+    main()

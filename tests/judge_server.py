@@ -1,6 +1,7 @@
 """A chat server on 127.0.0.1 for the judge's tests and benchmark. It speaks Ollama's /api/chat
 (JSON lines in chunked encoding, as Ollama streams, or one JSON object) and OpenAI's
-/v1/chat/completions, records every request, and counts how many it serves at once."""
+/v1/chat/completions, lists its models as Ollama (/api/tags) and OpenAI (/v1/models) do, records
+every request, and counts how many it serves at once."""
 import contextlib
 import json
 import re
@@ -52,6 +53,19 @@ class Handler(BaseHTTPRequestHandler):
             with server.lock:
                 server.active -= 1
 
+    def do_GET(self):
+        """The models the server has: Ollama's names carry a tag (llama3:latest), OpenAI's ids do not."""
+        server = self.server
+        with server.lock:
+            server.model_lists.append(self.path)
+        if self.path == "/api/tags":
+            self.send(200, {"models": [{"name": name if ":" in name else f"{name}:latest", "size": 1}
+                                       for name in server.models]})
+        elif self.path == "/v1/models":
+            self.send(200, {"object": "list", "data": [{"id": name, "object": "model"} for name in server.models]})
+        else:
+            self.send(404, {"error": "not found"})
+
     def send(self, status, obj):
         data = json.dumps(obj).encode()
         self.send_response(status)
@@ -78,12 +92,14 @@ class Handler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def judge_server(stream=True, delay=0.0, status=lambda n: 200, reply=echo, wait_for=0):
-    """A running server at server.url. status(n) is the HTTP status of the n-th request (from 1);
-    reply(prompt) the judge's answer; delay the seconds before each answer; wait_for > 0 holds
-    the first wait_for requests until that many are being served at once."""
+def judge_server(stream=True, delay=0.0, status=lambda n: 200, reply=echo, wait_for=0, models=("llama3",)):
+    """A running server at server.url. status(n) is the HTTP status of the n-th chat request
+    (from 1); reply(prompt) the judge's answer; delay the seconds before each answer; wait_for > 0
+    holds the first wait_for requests until that many are being served at once; models are the
+    names it lists (server.requests holds the chat requests, server.model_lists the lists asked for)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.stream, server.delay, server.status, server.wait_for = stream, delay, status, wait_for
+    server.models, server.model_lists = models, []
     server.reply = lambda body: reply(body["messages"][0]["content"])
     server.barrier = threading.Barrier(max(wait_for, 1))
     server.requests, server.lock, server.active, server.max_active = [], threading.Lock(), 0, 0

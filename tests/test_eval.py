@@ -2,8 +2,10 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import pytest
@@ -85,7 +87,8 @@ def test_test_and_val_loss_equal_the_loss_by_hand_with_the_checkpoints_masking(t
     assert report["val_loss"] == pytest.approx(loss_by_hand(model, entries[16:], "alpaca", True, 4, 128), abs=1e-5)
     assert report["mask_instructions"] is True and report["n_test_entries"] == 6
 
-    report, _ = run_eval("--ckpt", ckpt, "--batch-size", 4, "--max-new-tokens", 2, "--no-mask-instructions")
+    report, _ = run_eval("--ckpt", ckpt, "--batch-size", 4, "--max-new-tokens", 2, "--no-mask-instructions",
+                         "--force")
     assert report["test_loss"] == pytest.approx(unmasked, abs=1e-5) and report["mask_instructions"] is False
 
 
@@ -114,8 +117,10 @@ def test_batched_responses_equal_one_at_a_time_and_json_keeps_the_chapters_layou
     assert report["no_end_of_text"] == sum(len(ids) == 12 for ids in alone)
     expected = [ev.clean_response(respond(model, [e], "alpaca", 12)[0], "alpaca") for e in entries[10:16]]
     assert [r["model_response"] for r in records] == expected
-    assert records == [{**e, "model_response": r} for e, r in zip(entries[10:16], expected)]  # in file order
-    assert all(list(r) == ["instruction", "input", "output", "model_response"] for r in records)
+    assert records == [{**e, "model_response": r, "raw_response": decode(ids), "no_end_of_text": len(ids) == 12}
+                       for e, r, ids in zip(entries[10:16], expected, alone)]  # in file order, the raw text beside
+    assert all(list(r) == ["instruction", "input", "output", "model_response", "raw_response", "no_end_of_text"]
+               for r in records)
     assert (tmp_path / "o" / "test-responses.json").read_text().startswith('[\n    {\n        "instruction": ')
     assert report["n_evaluated"] == 6 and report["truncated_prompts"] == 0 and "labels" not in report
     assert report["generation"] == {"max_new_tokens": 12, "temperature": 0.0, "top_k": None, "top_p": None,
@@ -125,7 +130,8 @@ def test_batched_responses_equal_one_at_a_time_and_json_keeps_the_chapters_layou
 
     # 70 new tokens do not fit after the longest of these prompts (34 to 61 tokens): the rows
     # batched with it still get their whole budget, not just what the longest prompt leaves
-    report, records = run_eval("--ckpt", ckpt, "--batch-size", 4, "--max-new-tokens", 70, "--out", tmp_path / "o")
+    report, records = run_eval("--ckpt", ckpt, "--batch-size", 4, "--max-new-tokens", 70, "--out", tmp_path / "o",
+                               "--force")
     alone = [generate(model, [p], 70)[0] for p in prompts]
     assert max(map(len, prompts)) == 61 and report["truncated_prompts"] == 0
     assert report["no_end_of_text"] == sum(len(ids) == min(70, 128 - len(p) + 1) for ids, p in zip(alone, prompts))
@@ -163,7 +169,7 @@ def test_long_prompts_are_cut_from_the_left_and_counted(tmp_path, capsys):
 
     # more new tokens than half the context: prompts keep 32 tokens, and a response that never
     # ends fills the context (32 + 33 - 1 = 64 positions, the last token is never fed back)
-    report, records = run_eval("--ckpt", ckpt, "--max-new-tokens", 100, "--batch-size", 3)
+    report, records = run_eval("--ckpt", ckpt, "--max-new-tokens", 100, "--batch-size", 3, "--force")
     alone = [generate(model, [p[-32:]], 100)[0] for p in prompts]
     assert report["truncated_prompts"] == 6 and max(map(len, alone)) == 33
     assert report["no_end_of_text"] == sum(len(ids) == 33 for ids in alone)
@@ -244,9 +250,6 @@ def test_errors_are_clear(tmp_path, capsys):
     no_test = save_ckpt(tmp_path / "no_test.pt", model, data=data, test_frac=0.0)
     with pytest.raises(ValueError, match="the test split is empty"):
         ev.main(["--ckpt", no_test])
-    (tmp_path / "story.txt").write_text("Once upon a time.")
-    with pytest.raises(ValueError, match="story.txt is raw text, which has no test split"):
-        ev.main(["--ckpt", no_test, "--data", str(tmp_path / "story.txt")])
     with pytest.raises(ValueError, match="give --out DIR"):
         ev.main(["--model", "gpt2"])
     with pytest.raises(ValueError, match="give exactly one of --ckpt"):
@@ -267,7 +270,7 @@ def test_data_is_recognised_by_content_and_a_changed_file_refused(tmp_path):
     os.makedirs(tmp_path / "elsewhere")
     moved = write_data(tmp_path / "elsewhere", entries)
     os.remove(data)
-    moved_report, _ = run_eval("--ckpt", ckpt, "--data", moved, "--limit", 1, "--max-new-tokens", 2)
+    moved_report, _ = run_eval("--ckpt", ckpt, "--data", moved, "--limit", 1, "--max-new-tokens", 2, "--force")
     assert moved_report["test_loss"] == report["test_loss"] and moved_report["data"] == moved
     changed = write_data(tmp_path, entries[:-1] + [{**entries[-1], "output": "changed"}], "changed.json")
     with pytest.raises(ValueError, match=f"^{changed} is not the data the checkpoint was trained on \\({data}\\)"):
@@ -309,6 +312,160 @@ def test_an_interrupted_run_leaves_no_half_written_json(tmp_path, monkeypatch):
     monkeypatch.undo()
     ckpt = save_ckpt(tmp_path / "run" / "ckpt.pt", tiny_model(), data=write_data(tmp_path, make_entries()))
     monkeypatch.setattr(ev, "generate_responses", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:  # Ctrl-C before the first batch is done: the files say so
         ev.main(["--ckpt", ckpt, "--device", "cpu"])
+    assert stopped.value.code == 130
+    assert sorted(os.listdir(tmp_path / "run")) == ["ckpt.pt", "eval.json", "test-responses.json"]
+    assert read_json(tmp_path / "run" / "test-responses.json") == [{**e, "model_response": None}
+                                                                  for e in make_entries()[10:16]]
+    report = read_json(tmp_path / "run" / "eval.json")
+    assert report["n_evaluated"] == 6 and "test_loss" in report and "f1" not in report
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def script(*argv):
+    """eval.py in a process of its own, its output unbuffered, as a user runs it."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "eval.py"), *map(str, argv)], cwd=ROOT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def wait_for(proc, ready, what, timeout=120):
+    """Wait until ready() while proc runs; fail saying `what` did not happen."""
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None and ready(), f"{what} did not happen while eval.py ran: {proc.communicate()}"
+
+
+def made(path):
+    """How many responses the responses file at path holds so far (0 if it is not there or being replaced)."""
+    try:
+        return sum(r["model_response"] is not None for r in read_json(path))
+    except (OSError, ValueError):
+        return 0
+
+
+# ----------------------------------------------------------------------------- interruptions and earlier results
+
+
+def test_an_interrupted_eval_continues_to_the_responses_of_an_uninterrupted_one(tmp_path, capsys):
+    entries = make_entries(40)  # 12 test entries, in 6 batches of 2
+    ckpt = save_ckpt(tmp_path / "run" / "ckpt.pt", tiny_model(seed=3), data=write_data(tmp_path, entries),
+                     train_frac=0.5, test_frac=0.3)
+    command = ["--ckpt", ckpt, "--batch-size", 2, "--max-new-tokens", 32, "--temperature", 1.0, "--top-k", 50]
+    responses = tmp_path / "run" / "test-responses.json"
+    proc = script(*command, "--device", "cpu")
+    wait_for(proc, lambda: made(responses) >= 2, "a first batch of responses")
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    kept = made(responses)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stdout.splitlines()[-1] == (f"interrupted: {kept} of 12 responses are kept in {responses}; "
+                                       "the same command continues from them")
+    assert 2 <= kept < 12 and kept % 2 == 0, kept  # whole batches
+
+    report, records = run_eval(*command)
+    printed = capsys.readouterr().out
+    assert f"continuing the evaluation in {tmp_path / 'run'}: {kept} of 12 responses were made before" in printed
+    assert "from the earlier run" in printed  # the losses are not computed again
+    whole_report, whole = run_eval(*command, "--out", tmp_path / "whole")
+    assert records == whole and all(r["model_response"] is not None for r in records)
+    assert {k: v for k, v in report.items() if k != "tokens_per_second"} == \
+        {k: v for k, v in whole_report.items() if k != "tokens_per_second"}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_during_the_losses_writes_nothing(tmp_path, signum):
+    entries = make_entries(80)  # 40 test entries, a batch each: seconds of losses
+    ckpt = save_ckpt(tmp_path / "run" / "ckpt.pt", tiny_model(), data=write_data(tmp_path, entries),
+                     train_frac=0.25, test_frac=0.5)
+    proc = script("--ckpt", ckpt, "--batch-size", 1, "--max-new-tokens", 2, "--device", "cpu")
+    lines = [""]
+    wait_for(proc, lambda: lines[-1].startswith("test loss: batch 1/40,") or lines.append(proc.stderr.readline()),
+             "a progress line of the test loss")  # plain lines: stderr is not a terminal
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stdout.splitlines()[-1] == "interrupted: nothing was written; run the same command again"
     assert os.listdir(tmp_path / "run") == ["ckpt.pt"]
+
+
+def test_a_second_evaluation_does_not_destroy_the_first(tmp_path, capsys):
+    entries = make_entries()
+    model = tiny_model()
+    data = write_data(tmp_path, entries)
+    ckpt = save_ckpt(tmp_path / "run" / "ckpt.pt", model, data=data)
+    best = save_ckpt(tmp_path / "run" / "best.pt", tiny_model(seed=5), data=data)
+    same_weights = save_ckpt(tmp_path / "run" / "copy.pt", model, data=data)
+    run_eval("--ckpt", ckpt, "--max-new-tokens", 3)
+    responses, report = tmp_path / "run" / "test-responses.json", tmp_path / "run" / "eval.json"
+    first = responses.read_text()
+    run_eval("--ckpt", same_weights, "--max-new-tokens", 3)  # the same weights elsewhere: the same evaluation
+    assert "6 of 6 responses were made before" in capsys.readouterr().out and responses.read_text() == first
+    run_eval("--ckpt", ckpt, "--max-new-tokens", 3)
+    before = responses.read_text(), report.read_text()
+    other_evaluations = [
+        (["--ckpt", ckpt, "--limit", 2, "--max-new-tokens", 3], "6 entries, not 2 (--limit)"),
+        (["--ckpt", best, "--max-new-tokens", 3], "other weights"),
+        (["--ckpt", ckpt, "--max-new-tokens", 4, "--temperature", 0.5],
+         "--max-new-tokens 3, not 4; --temperature 0.0, not 0.5"),
+        (["--ckpt", ckpt, "--max-new-tokens", 3, "--prompt-style", "phi3"], "prompt style alpaca, not phi3"),
+    ]
+    for argv, difference in other_evaluations:
+        with pytest.raises(ValueError) as refused:
+            ev.main([*map(str, argv), "--device", "cpu"])
+        assert str(refused.value) == (f"{responses} holds 6 responses of {ckpt} from another evaluation "
+                                      f"({difference}); give --out DIR to keep it and write elsewhere, or --force "
+                                      "to replace it")
+        assert (responses.read_text(), report.read_text()) == before
+
+    quick, _ = run_eval("--ckpt", ckpt, "--limit", 2, "--max-new-tokens", 3, "--out", tmp_path / "quick")
+    assert quick["n_evaluated"] == 2 and (responses.read_text(), report.read_text()) == before
+    replaced, records = run_eval("--ckpt", best, "--max-new-tokens", 3, "--force")
+    assert replaced["weights_sha256"] != json.loads(before[1])["weights_sha256"] and len(records) == 6
+
+    (tmp_path / "elsewhere").mkdir()  # results whose evaluation is not recorded (another tool's, or an older eval.py's)
+    (tmp_path / "elsewhere" / "eval.json").write_text('{"judge": {}}')
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'elsewhere' / 'eval.json'} holds the results from another "
+                                         r"evaluation \(its settings are not recorded\); give --out DIR"):
+        ev.main(["--ckpt", ckpt, "--out", str(tmp_path / "elsewhere"), "--device", "cpu"])
+
+
+def test_raw_text_checkpoints_get_their_validation_loss(tmp_path, capsys):
+    text = " ".join(f"Sentence number {i} says that the cat sat on the mat." for i in range(200))
+    (tmp_path / "story.txt").write_text(text)
+    splits = prepare_data(str(tmp_path / "story.txt"), "none", 64)
+    model = tiny_model(context_length=64)
+    ckpt = save_ckpt(tmp_path / "run" / "ckpt.pt", model, data=str(tmp_path / "story.txt"), prompt_style="none",
+                     data_fingerprint=splits.fingerprint)
+    ev.main(["--ckpt", ckpt, "--device", "cpu", "--batch-size", "4"])
+    report = read_json(tmp_path / "run" / "eval.json")
+    with torch.no_grad():
+        by_hand = torch.cat([F.cross_entropy(model(x[None])[0], y, reduction="none") for x, y in splits.val])
+    assert report["val_loss"] == pytest.approx(by_hand.mean().item(), abs=1e-5)
+    assert report["val_perplexity"] == pytest.approx(math.exp(report["val_loss"]), rel=1e-6)
+    assert report["n_val_windows"] == len(splits.val) > 1 and "test_loss" not in report
+    assert sorted(os.listdir(tmp_path / "run")) == ["ckpt.pt", "eval.json"]
+    assert f"val loss {report['val_loss']:.4f}" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"story.txt is raw text, with no test entries to respond to: eval.py reports "
+                                         r"its validation loss and perplexity only; drop --limit, --max-new-tokens$"):
+        ev.main(["--ckpt", ckpt, "--device", "cpu", "--limit", "3", "--max-new-tokens", "5"])
+
+
+def test_empty_responses_are_warned_about_with_their_cause(capsys):
+    records = [{"model_response": "", "raw_response": "\n### Instruction:\nName a color.", "no_end_of_text": False},
+               {"model_response": "", "raw_response": "\n\n", "no_end_of_text": True},
+               {"model_response": "Blue.", "raw_response": "Blue.", "no_end_of_text": False}]
+    ev.report_responses(records, 8, "r.json")
+    assert capsys.readouterr().out.splitlines() == [
+        "1 response never reached end-of-text: cut at --max-new-tokens 8 or at the end of the context",
+        "warning: 2 of 3 responses are empty: 1 emptied by cleaning (the model began a new turn, such as "
+        "'### Instruction:', at once); 1 held only whitespace or end-of-text; raw_response in r.json keeps what "
+        "the model wrote"]
+    ev.report_responses(records[2:] * 5 + records[:1], 8, "r.json")  # one in six is not many
+    assert capsys.readouterr().out == ""

@@ -2,6 +2,10 @@
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -11,8 +15,9 @@ import judge
 from checkpoint import save_checkpoint
 from common import run_main
 from model import GPT, config_for
-from judge_server import closed_port_url, judge_server
+from judge_server import closed_port_url, echo as judge_server_echo, judge_server
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
 
 
@@ -95,11 +100,12 @@ def test_ollama_requests_replies_and_the_responses_file(tmp_path, monkeypatch, s
         ("/api/chat", json.dumps({"model": "llama3", "messages": [{"role": "user", "content": judge.judge_prompt(e)}],
                                   "options": OPTIONS})) for e in records[:4])
     assert all("Authorization" not in r["headers"] for r in server.requests)
-    assert read(path) == [{**e, "judge_score": s, "judge_model": "llama3"}
-                          for e, s in zip(records, [85, 85, None, None, 0])]
+    replies = [None, None, {"judge_replies": {"llama3": "eighty"}}, {"judge_replies": {"llama3": "150"}}, None]
+    assert read(path) == [{**e, "judge_scores": {"llama3": s}, **(r or {})}
+                          for e, s, r in zip(records, [85, 85, None, None, 0], replies)]
     assert summary["mean"] == pytest.approx(170 / 3)
     assert {k: v for k, v in summary.items() if k != "seconds"} == {
-        "model": "llama3", "url": server.url, "mean": summary["mean"], "scored": 3, "unparsed": 2}
+        "url": server.url, "mean": summary["mean"], "scored": 3, "unparsed": 2}
     assert summary["seconds"] >= 0
 
 
@@ -114,7 +120,7 @@ def test_openai_compatible_request_and_key(tmp_path, monkeypatch):
     assert server.requests[-1]["body"] == {"model": "gpt-x", "temperature": 0, "seed": 123,
                                            "messages": [{"role": "user", "content": judge.judge_prompt(records[0])}]}
     assert [r["headers"].get("Authorization") for r in server.requests] == [None, None, "Bearer sk-test"]
-    assert [r["judge_score"] for r in read(path)] == [90, 40]
+    assert [r["judge_scores"] for r in read(path)] == [{"gpt-x": 90}, {"gpt-x": 40}]
 
 
 # ----------------------------------------------------------------------------- failures
@@ -171,23 +177,41 @@ def test_an_interrupted_judging_resumes_where_it_stopped(tmp_path):
     with judge_server(status=lambda n: 200 if n <= 3 else 500) as server:  # fails for good after 3 requests
         with pytest.raises(OSError, match="HTTP 500"):
             judge.judge_file(path, "llama3", server.url)
-    assert read(path) == [{**e, "judge_score": 10 * i, "judge_model": "llama3"} for i, e in enumerate(records[:3])] \
-        + records[3:]
+    assert read(path) == [{**e, "judge_scores": {"llama3": 10 * i}} for i, e in enumerate(records[:3])] \
+        + [{**e, "judge_scores": {}} for e in records[3:]]
     with judge_server() as server:
         summary = judge.judge_file(path, "llama3", server.url)
-    assert [r["body"]["messages"][0]["content"] for r in server.requests] == [judge.judge_prompt(e) for e in records[3:]]
-    assert read(path) == [{**e, "judge_score": 10 * i, "judge_model": "llama3"} for i, e in enumerate(records)]
+    assert [r["body"]["messages"][0]["content"] for r in server.requests] == list(map(judge.judge_prompt, records[3:]))
+    assert read(path) == [{**e, "judge_scores": {"llama3": 10 * i}} for i, e in enumerate(records)]
     assert summary["mean"] == 35 and summary["scored"] == 8
 
-    # another judge model scores every entry again, replacing the old scores one by one as its own arrive
+    # a second judge model's scores go beside the first one's, which survive its failure and its success
     with judge_server(status=lambda n: 200 if n <= 2 else 500, reply=lambda prompt: "7") as server:
         with pytest.raises(OSError, match="HTTP 500"):
             judge.judge_file(path, "qwen", server.url)
-    assert [(r["judge_model"], r["judge_score"]) for r in read(path)] == [("qwen", 7)] * 2 + [
-        ("llama3", 10 * i) for i in range(2, 8)]
+    assert [r["judge_scores"] for r in read(path)] == [{"llama3": 0, "qwen": 7}, {"llama3": 10, "qwen": 7}] + [
+        {"llama3": 10 * i} for i in range(2, 8)]
     with judge_server(reply=lambda prompt: "7") as server:
         assert judge.judge_file(path, "qwen", server.url)["mean"] == 7
-    assert len(server.requests) == 6 and [r["judge_model"] for r in read(path)] == ["qwen"] * 8
+    assert len(server.requests) == 6
+    assert read(path) == [{**e, "judge_scores": {"llama3": 10 * i, "qwen": 7}} for i, e in enumerate(records)]
+
+
+def test_a_reply_without_a_score_is_kept_and_asked_again(tmp_path, capsys):
+    records = records_with(["70", "Score: 80", "90"])
+    path = write_records(tmp_path / "r.json", records)
+    with judge_server(reply=lambda prompt: "I cannot say." if "Score: 80" in prompt else judge_server_echo(prompt)) \
+            as server:
+        assert judge.judge_file(path, "llama3", server.url)["unparsed"] == 1
+    assert read(path)[1] == {**records[1], "judge_scores": {"llama3": None},
+                             "judge_replies": {"llama3": "I cannot say."}}
+    assert "entry 1: no score from 0 to 100 in the reply 'I cannot say.'" in capsys.readouterr().err
+    with judge_server() as server:
+        summary = judge.judge_file(path, "llama3", server.url)
+    assert [r["body"]["messages"][0]["content"] for r in server.requests] == [judge.judge_prompt(records[1])]
+    assert "2 entries of 3 were scored by llama3 before" in capsys.readouterr().out
+    assert read(path) == [{**e, "judge_scores": {"llama3": s}} for e, s in zip(records, [70, 80, 90])]
+    assert summary["mean"] == 80 and summary["unparsed"] == 0
 
 
 @pytest.mark.parametrize("workers", [1, 4])
@@ -198,7 +222,7 @@ def test_workers_run_that_many_requests_at_once(tmp_path, workers):
     with judge_server(wait_for=workers if workers > 1 else 0, delay=0.02) as server:
         judge.judge_file(path, "llama3", server.url, workers=workers)
     assert server.max_active == workers and len(server.requests) == 6
-    assert [r["judge_score"] for r in read(path)] == list(range(6))  # in file order, whatever order they came in
+    assert [r["judge_scores"]["llama3"] for r in read(path)] == list(range(6))  # in file order, as replies come
 
 
 # ----------------------------------------------------------------------------- eval.py
@@ -208,7 +232,7 @@ def score_by_length(prompt):
     return f"Score: {len(prompt) % 101}"
 
 
-def test_eval_judges_its_responses_and_writes_both_files(tmp_path, capsys):
+def test_eval_judges_its_responses_and_writes_both_files(tmp_path, capsys, monkeypatch):
     entries = [{"instruction": f"Say the number {i}.", "input": "", "output": str(i)} for i in range(20)]
     data = tmp_path / "data.json"
     data.write_text(json.dumps(entries))
@@ -218,58 +242,86 @@ def test_eval_judges_its_responses_and_writes_both_files(tmp_path, capsys):
     save_checkpoint({"model": model.state_dict(), "config": vars(model.config), "prompt_style": "alpaca",
                      "mask_instructions": False, "context_length": 128, "data": str(data),
                      "train_frac": 0.5, "test_frac": 0.3}, ckpt)
-    with judge_server(reply=score_by_length) as server:
-        ev.main(["--ckpt", ckpt, "--max-new-tokens", "4", "--device", "cpu", "--judge", "llama3",
-                 "--judge-url", server.url, "--judge-workers", "2"])
-    records, report = read(tmp_path / "run" / "test-responses.json"), read(tmp_path / "run" / "eval.json")
-    expected = [len(judge.judge_prompt(r)) % 101 if r["model_response"].strip() else 0 for r in records]
-    assert [r["judge_score"] for r in records] == expected and len(records) == 6
-    assert list(report["judge"]) == ["model", "url", "mean", "scored", "unparsed", "seconds"]
-    assert report["judge"]["mean"] == pytest.approx(sum(expected) / 6)
-    assert (report["judge"]["model"], report["judge"]["url"], report["judge"]["scored"], report["judge"]["unparsed"]) \
-        == ("llama3", server.url, 6, 0)
-    assert report["n_evaluated"] == 6 and "f1" in report  # the rest of eval.json as before
-    assert f"judge llama3: mean score {sum(expected) / 6:.2f}/100 over 6 responses" in capsys.readouterr().out
-
-    # a judge server that is not running is found before the responses are made...
-    (tmp_path / "run" / "eval.json").unlink()
-    (tmp_path / "run" / "test-responses.json").unlink()
+    command = ["--ckpt", ckpt, "--max-new-tokens", "4", "--device", "cpu"]
+    # a judge server that is not running is found before anything is done
     with pytest.raises(OSError, match="^no judge server is running at .*: start it with `ollama serve`"):
-        ev.main(["--ckpt", ckpt, "--device", "cpu", "--judge", "llama3", "--judge-url", closed_port_url()])
+        ev.main([*command, "--judge", "llama3", "--judge-url", closed_port_url()])
     assert os.listdir(tmp_path / "run") == ["ckpt.pt"]
-    # ... a model it does not have once they are written: they and the rest of eval.json are kept
-    with judge_server(status=lambda n: 404) as server:
-        with pytest.raises(OSError, match="run `ollama pull llama3`; the scores so far are kept in .*"
-                                          "test-responses.json, and a re-run with --judge-only"):
-            ev.main(["--ckpt", ckpt, "--max-new-tokens", "4", "--device", "cpu", "--judge", "llama3",
-                     "--judge-url", server.url])
-    assert read(tmp_path / "run" / "test-responses.json") == [
-        {k: v for k, v in r.items() if not k.startswith("judge")} for r in records]
-    failed = read(tmp_path / "run" / "eval.json")
-    assert "judge" not in failed and failed["f1"] == report["f1"]
+
+    with judge_server(reply=score_by_length, models=("llama3", "qwen2:7b")) as server:
+        ev.main([*command, "--judge", "llama3", "--judge-url", server.url, "--judge-workers", "2"])
+        assert server.model_lists == ["/api/tags"] and len(server.requests) > 0
+        records, report = read(tmp_path / "run" / "test-responses.json"), read(tmp_path / "run" / "eval.json")
+        expected = [len(judge.judge_prompt(r)) % 101 if r["model_response"].strip() else 0 for r in records]
+        assert [r["judge_scores"] for r in records] == [{"llama3": s} for s in expected] and len(records) == 6
+        assert list(report["judge"]) == ["llama3"]
+        assert list(report["judge"]["llama3"]) == ["url", "mean", "scored", "unparsed", "seconds"]
+        assert report["judge"]["llama3"]["mean"] == pytest.approx(sum(expected) / 6)
+        assert [report["judge"]["llama3"][k] for k in ("url", "scored", "unparsed")] == [server.url, 6, 0]
+        assert report["n_evaluated"] == 6 and "f1" in report  # the rest of eval.json as before
+        assert f"judge llama3: mean score {sum(expected) / 6:.2f}/100 over 6 responses" in capsys.readouterr().out
+
+        # a second judge model: the same command continues (nothing generated again), and both judges' scores stay
+        monkeypatch.setattr(ev, "generate", lambda *a, **k: pytest.fail("generated the responses again"))
+        ev.main([*command, "--judge", "qwen2:7b", "--judge-url", server.url])
+    records2, report2 = read(tmp_path / "run" / "test-responses.json"), read(tmp_path / "run" / "eval.json")
+    assert [r["judge_scores"] for r in records2] == [{"llama3": s, "qwen2:7b": s} for s in expected]
+    assert list(report2["judge"]) == ["llama3", "qwen2:7b"] and report2["judge"]["llama3"] == report["judge"]["llama3"]
+    assert report2["judge"]["qwen2:7b"]["mean"] == report["judge"]["llama3"]["mean"]
+
+    # a judge model the server does not have: refused before any work, every file as it was
+    monkeypatch.setattr(ev, "load_for_inference", lambda *a, **k: pytest.fail("loaded a model for a missing judge"))
+    before = {name: (tmp_path / "run" / name).read_bytes() for name in os.listdir(tmp_path / "run")}
+    for url, message in [("", "the Ollama server at {url} does not have the model 'llama-3' (it has llama3:latest, "
+                                 "qwen2:7b); run `ollama pull llama-3`"),
+                         ("/v1", "the judge server at {url} does not serve the model 'llama-3' (it has llama3, "
+                                 "qwen2:7b); check --judge")]:
+        with judge_server(models=("llama3", "qwen2:7b")) as server:
+            with pytest.raises(OSError) as refused:
+                ev.main([*command, "--judge", "llama-3", "--judge-url", server.url + url])
+            with pytest.raises(OSError) as refused_only:
+                ev.main(["--judge-only", str(tmp_path / "run" / "test-responses.json"), "--judge", "llama-3",
+                         "--judge-url", server.url + url])
+        assert str(refused.value) == str(refused_only.value) == message.format(url=server.url + url)
+        assert server.requests == [] and len(server.model_lists) == 2
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in os.listdir(tmp_path / "run")} == before
+
+    # a judge that fails once the responses are written: they, and the rest of eval.json, are kept
+    monkeypatch.undo()
+    with judge_server(status=lambda n: 500, models=("gemma",)) as server:
+        with pytest.raises(OSError, match="HTTP 500 .*; the scores so far are kept in .*test-responses.json, "
+                                          "and a re-run of the same command asks only for the rest"):
+            ev.main([*command, "--judge", "gemma", "--judge-url", server.url])
+    assert read(tmp_path / "run" / "test-responses.json") == records2
+    assert read(tmp_path / "run" / "eval.json") == report2
 
 
 def test_judge_only_scores_a_file_and_fills_the_eval_json_beside_it(tmp_path, capsys):
     records = records_with(["85", "Score: 70", "eighty"])
     path = write_records(tmp_path / "run" / "test-responses.json", records)
-    with judge_server() as server:
+    with judge_server(models=("llama3", "qwen")) as server:
         ev.main(["--judge-only", path, "--judge", "llama3", "--judge-url", server.url])
         report = read(tmp_path / "run" / "eval.json")  # a new eval.json, holding the judge only
-        assert list(report) == ["judge"] and report["judge"]["mean"] == 77.5 and report["judge"]["unparsed"] == 1
+        assert list(report) == ["judge"] and list(report["judge"]) == ["llama3"]
+        assert report["judge"]["llama3"]["mean"] == 77.5 and report["judge"]["llama3"]["unparsed"] == 1
+        assert "1 reply held no score from 0 to 100 (kept in judge_replies)" in capsys.readouterr().out
 
-        # an existing eval.json keeps its other keys; the same judge asks for nothing more
+        # an existing eval.json keeps its other keys; the same judge asks again only for the reply with no score
         (tmp_path / "run" / "eval.json").write_text(json.dumps({"f1": 0.5, "judge": report["judge"]}))
         ev.main(["--judge-only", path, "--judge", "llama3", "--judge-url", server.url + "/"])
-        assert len(server.requests) == 3 and read(tmp_path / "run" / "eval.json")["f1"] == 0.5
-        assert "3 of 3 entries were scored by llama3 before" in capsys.readouterr().out
+        assert len(server.requests) == 4 and read(tmp_path / "run" / "eval.json")["f1"] == 0.5
+        out = capsys.readouterr().out
+        assert "2 entries of 3 were scored by llama3 before" in out and "asking llama3 again for 1 entry" in out
 
-        # another judge scores the file again from the start
+        # another judge scores the file beside the first one
         ev.main(["--judge-only", path, "--judge", "qwen", "--judge-url", server.url, "--judge-workers", "3"])
-    assert [r["body"]["model"] for r in server.requests] == ["llama3"] * 3 + ["qwen"] * 3
+    assert [r["body"]["model"] for r in server.requests] == ["llama3"] * 4 + ["qwen"] * 3
     report = read(tmp_path / "run" / "eval.json")
-    assert report["f1"] == 0.5 and report["judge"]["model"] == "qwen" and report["judge"]["scored"] == 2
-    assert "3 entries hold another judge's scores: qwen scores them again" in capsys.readouterr().out
-    assert read(path) == [{**e, "judge_score": s, "judge_model": "qwen"} for e, s in zip(records, [85, 70, None])]
+    assert report["f1"] == 0.5 and list(report["judge"]) == ["llama3", "qwen"]
+    assert report["judge"]["qwen"]["scored"] == 2 and report["judge"]["llama3"]["scored"] == 2
+    kept_replies = [{}, {}, {"judge_replies": {"llama3": "eighty", "qwen": "eighty"}}]
+    assert read(path) == [{**e, "judge_scores": {"llama3": s, "qwen": s}, **r}
+                          for e, s, r in zip(records, [85, 70, None], kept_replies)]
 
 
 def test_judge_flags_are_checked_before_any_work(tmp_path, capsys):
@@ -290,12 +342,18 @@ def test_judge_flags_are_checked_before_any_work(tmp_path, capsys):
     no_response = write_records(tmp_path / "data.json", [{"instruction": "a", "input": "", "output": "b"}])
     with pytest.raises(ValueError, match="data.json: entry 0 has no 'model_response' string"):
         ev.main(["--judge-only", no_response, "--judge", "m"])
-    bad_score = write_records(tmp_path / "bad" / "r.json", [{**records_with(["1"])[0], "judge_score": "85"}])
-    with pytest.raises(ValueError, match="entry 0: 'judge_score' must be an integer from 0 to 100 or null, got '85'"):
+    bad_score = write_records(tmp_path / "bad" / "r.json", [{**records_with(["1"])[0], "judge_scores": {"m": "85"}}])
+    with pytest.raises(ValueError, match="entry 0: 'judge_scores' must map each judge model to an integer from 0 to "
+                                         r"100 or null, got \{'m': '85'\}"):
         ev.main(["--judge-only", bad_score, "--judge", "m"])
-    bad_model = write_records(tmp_path / "bad" / "r.json", [{**records_with(["1"])[0], "judge_model": 3}])
-    with pytest.raises(ValueError, match="entry 0: 'judge_model' must be a string, got 3"):
-        ev.main(["--judge-only", bad_model, "--judge", "m"])
+    bad_reply = write_records(tmp_path / "bad" / "r.json", [{**records_with(["1"])[0], "judge_replies": {"m": 3}}])
+    with pytest.raises(ValueError, match=r"entry 0: 'judge_replies' must map each judge model to a string, "
+                                         r"got \{'m': 3\}"):
+        ev.main(["--judge-only", bad_reply, "--judge", "m"])
+    unfinished = write_records(tmp_path / "bad" / "r.json", [{**records_with(["1"])[0], "model_response": None}])
+    with pytest.raises(ValueError, match="entry 0 has no response yet \\(eval.py was stopped before making it\\); "
+                                         "run the same eval.py command again to finish the file"):
+        ev.main(["--judge-only", unfinished, "--judge", "m"])
     (tmp_path / "eval.json").write_text("{not json")
     with pytest.raises(ValueError, match="eval.json is not a JSON object as eval.py writes"):
         ev.main(["--judge-only", path, "--judge", "m"])
@@ -311,5 +369,64 @@ def test_judge_server_down_is_one_line_and_exit_status_1(tmp_path):
     with pytest.raises(SystemExit) as exit_:
         run_main(lambda: ev.main(["--judge-only", path, "--judge", "llama3", "--judge-url", url]))
     assert exit_.value.code == (f"error: no judge server is running at {url}: start it with `ollama serve` "
-                                f"(and `ollama pull llama3` once); the scores so far are kept in {path}, "
-                                f"and a re-run with --judge-only {path} asks only for the rest")
+                                f"(and `ollama pull llama3` once)")
+
+
+def test_check_server_reads_the_model_list_of_each_protocol(monkeypatch):
+    with judge_server(models=("llama3", "phi3:mini", "gpt-x")) as server:
+        judge.check_server(server.url, "llama3")  # Ollama lists it as llama3:latest
+        judge.check_server(server.url, "phi3:mini")
+        with pytest.raises(OSError, match=r"does not have the model 'phi3' \(it has llama3:latest, phi3:mini, "
+                                          r"gpt-x:latest\); run `ollama pull phi3`$"):
+            judge.check_server(server.url, "phi3")
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        judge.check_server(server.url + "/v1", "gpt-x")
+        with pytest.raises(OSError, match=r"does not serve the model 'llama3:latest' \(it has llama3, phi3:mini, "
+                                          r"gpt-x\); check --judge$"):
+            judge.check_server(server.url + "/v1", "llama3:latest")
+        with pytest.raises(OSError, match=f"^the judge server at {server.url}/api answered GET "
+                                          f"{server.url}/api/api/tags with HTTP 404 Not Found: not found; "
+                                          r"is it an Ollama server\?$"):
+            judge.check_server(server.url + "/api", "llama3")
+    assert server.model_lists == ["/api/tags"] * 3 + ["/v1/models"] * 2 + ["/api/api/tags"]
+    assert server.requests == []
+
+
+def test_judge_py_says_how_it_is_run():
+    def run(*argv):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "judge.py"), *argv], capture_output=True, text=True,
+                              cwd=ROOT, timeout=120)
+    shown = run("--help")
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: python eval.py --judge-only FILE --judge MODEL")
+    assert "It has no command line of its own: eval.py\nruns it" in shown.stdout
+    refused = run()
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.splitlines()[-1] == (
+        "judge.py: error: judge.py is run through eval.py: python eval.py --judge-only out/test-responses.json "
+        "--judge llama3 scores a responses file (python eval.py --help lists the --judge flags)")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_while_judging_with_workers_keeps_the_scores_and_exits_130(tmp_path, signum):
+    records = records_with([str(i) for i in range(40)])
+    path = write_records(tmp_path / "r.json", records)
+    with judge_server(delay=0.3) as server:
+        command = [sys.executable, os.path.join(ROOT, "eval.py"), "--judge-only", path, "--judge", "llama3",
+                   "--judge-url", server.url, "--judge-workers", "4"]
+        proc = subprocess.Popen(command, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.time() + 120
+        while len(server.requests) < 8 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=30)  # not waiting for the requests under way
+        scored = [i for i, r in enumerate(read(path)) if "llama3" in r.get("judge_scores", {})]
+        assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+        assert stdout.splitlines()[-1] == (f"interrupted: the llama3 scores so far are kept in {path}; "
+                                           "the same command asks only for the rest")
+        assert 4 <= len(scored) < 40
+        asked = len(server.requests)
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+    assert len(server.requests) - asked == 40 - len(scored)
+    assert [r["judge_scores"] for r in read(path)] == [{"llama3": i} for i in range(40)]
