@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 
 from common import (AT_LEAST_1, POSITIVE, Progress, checked, plural, resolve_device, run_main, writable_folder,
     write_json)
-from data import batch_indices, check_same_data, decode, get_prompt_style, prepare_data, read_text
+from data import batch_indices, check_same_data, decode, entry_output, get_prompt_style, prepare_data, read_text
 from lora import base_fingerprint
 from model import calc_loss_loader
 from generate import add_inference_args, decoding_settings, generate, hit_limit, load_for_inference
@@ -456,7 +456,7 @@ def evaluate(p, args, judge_url):
     report_responses(records, args.max_new_tokens, responses_path)
 
     responses = [r["model_response"] for r in records]
-    scores = score_responses([entry["output"] for entry in entries], responses)
+    scores = score_responses([entry_output(entry) for entry in entries], responses)
     judged = report.pop("judge", None)
     report.update(
         tokens_per_second=round(n_tokens / seconds, 1) if n_tokens else earlier.get("tokens_per_second"),

@@ -1,7 +1,7 @@
 """Generate responses with a KV cache, many prompts at once.
 
     python generate.py --ckpt out/ckpt.pt --prompt "Name three primary colors."
-    python generate.py --ckpt out/ckpt.pt --interactive
+    python generate.py --ckpt out/ckpt.pt --interactive [--system "Answer briefly."]   # a chat
     python generate.py --model gpt2 --prompt-style alpaca --prompt "..." --temperature 0.7 --top-k 50
 """
 import argparse
@@ -9,13 +9,14 @@ import collections
 import hashlib
 import itertools
 import math
+import signal
 import sys
 
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint, with_base
-from common import AT_LEAST_1, NON_NEGATIVE, SEED, checked, resolve_device, run_main, stop_on_interrupt
-from data import EOT_ID, PROMPT_STYLES, check_vocab, decode, encode, format_prompt, prompt_ids
+from common import AT_LEAST_1, NON_NEGATIVE, SEED, checked, plural, resolve_device, run_main, stop_on_interrupt
+from data import EOT_ID, PROMPT_STYLES, check_vocab, decode, encode, encode_conversation, format_prompt, prompt_ids
 from model import HF_REPOS, KVCache, PRESETS, build_model
 from quantize import quantize_int8
 
@@ -303,10 +304,13 @@ def main():
     p.add_argument("--prompt", action="append", default=[], help="an instruction; repeat for a batch (each answer "
                    "then follows a line '==> i/n: instruction <==')")
     p.add_argument("--input", default="", help="optional input that goes with each instruction (--interactive too)")
-    p.add_argument("--interactive", action="store_true", help="read instructions from a prompt loop")
+    p.add_argument("--interactive", action="store_true", help="a chat: keeps the conversation, streams each reply")
+    p.add_argument("--system", help="--interactive: a system message that starts the conversation")
     args = p.parse_args()
     if not args.prompt and not args.interactive:
         p.error("give --prompt TEXT (repeatable) or --interactive")
+    if args.system is not None and not args.interactive:
+        p.error("--system goes with --interactive")
     go_on = "start generate.py --interactive again to go on" if args.interactive else "run the command again"
     with stop_on_interrupt(f"the answers printed above are complete, nothing else was kept; {go_on}"):
         answer_all(args)
@@ -337,20 +341,95 @@ def answer_all(args):
     if args.prompt:
         answer(args.prompt, args.seed)
     if args.interactive:
-        with_input = "; each instruction gets --input as its input" if args.input else ""
-        print(f"prompt style {style}{with_input}; an empty line or Ctrl-D quits", file=sys.stderr)
-        for turn in itertools.count():
-            try:
-                instruction = input("> ").strip()
-            except EOFError:
+        chat(model, style, args, sampling)
+
+
+# ----------------------------------------------------------------------------- the interactive chat
+
+
+def fit_context(messages, style, context_length, reserve):
+    """(messages, prompt ids, exchanges dropped): the conversation and the prompt of its next
+    assistant turn, its oldest exchanges dropped (a system message stays) until the prompt
+    leaves `reserve` tokens of the context for the reply. The last user turn alone may leave
+    less (its reply is cut short); a ValueError when it does not fit at all."""
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns, dropped = messages[len(system):], 0
+    while True:
+        ids = encode_conversation(system + turns, style)[0]
+        if len(ids) + reserve <= context_length or len(turns) == 1:
+            break
+        turns, dropped = turns[2:], dropped + 1  # a user turn and the assistant's reply
+    if len(ids) > context_length:
+        raise ValueError(f"this message makes a prompt of {len(ids)} tokens, more than the context of "
+                         f"{context_length}; write a shorter one")
+    return system + turns, ids, dropped
+
+
+def stream_reply(model, prompt, max_new_tokens, sampling):
+    """Print the reply to `prompt` as it is made (a token at a time; beam search, which has no
+    order of tokens until it ends, prints it whole). Ctrl-C stops the reply and keeps what was
+    made. Returns (reply ids, whether Ctrl-C stopped it)."""
+    stopped, ids, shown = [], [], ""
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stopped.append(True))
+    try:
+        if sampling["num_beams"] > 1:
+            steps = ({0: token} for token in generate(model, [prompt], max_new_tokens, **sampling)[0])
+        else:
+            steps = stream(model, [prompt], max_new_tokens, sampling["temperature"], sampling["top_k"],
+                           sampling["top_p"], seed=sampling["seed"])
+        for new in steps:
+            ids.append(new[0])
+            text = decode(ids).lstrip()
+            if not text.endswith("\ufffd"):  # else a character's bytes are split across tokens: wait for the rest
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+            if stopped:
                 break
-            if not instruction:
-                break
-            try:
-                # the n-th question samples with seed + n: asked again, it gets another sample
-                answer([instruction], args.seed + turn)
-            except ValueError as e:  # a prompt longer than the context: say so, and go on
-                print(f"error: {e}", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print(flush=True)
+    return ids, bool(stopped)
+
+
+def chat(model, style, args, sampling):
+    """The interactive chat: each line is a user turn, the reply streams as it is made, and the
+    conversation is kept (its oldest exchanges dropped, with a note, when the context fills).
+    /reset starts over; Ctrl-C stops a reply and the chat goes on; an empty line or Ctrl-D quits."""
+    ctx = model.config.context_length
+    reserve = min(args.max_new_tokens, ctx // 2)  # room kept for a reply
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    with_input = "; each message gets --input as its input" if args.input else ""
+    print(f"chat in prompt style {style}{with_input}; /reset starts over, Ctrl-C stops a reply, "
+          "an empty line or Ctrl-D quits", file=sys.stderr)
+    for turn in itertools.count():
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            messages = list(start)
+            print("(a new conversation)", file=sys.stderr)
+            continue
+        user = {"role": "user", "content": line, **({"input": args.input} if args.input else {})}
+        try:
+            messages, prompt, dropped = fit_context(messages + [user], style, ctx, reserve)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        if dropped:
+            print(f"({plural(dropped, 'earlier exchange')} dropped from the conversation to fit the context of "
+                  f"{ctx} tokens)", file=sys.stderr)
+        # the n-th message samples with seed + n: asked again, it gets another sample
+        ids, stopped = stream_reply(model, prompt, args.max_new_tokens, {**sampling, "seed": args.seed + turn})
+        if stopped:
+            print("(reply stopped)", file=sys.stderr)
+        elif hit_limit(prompt, ids, args.max_new_tokens, ctx):
+            print(f"(cut at {len(ids)} tokens: --max-new-tokens {args.max_new_tokens} or the end of the "
+                  f"context of {ctx})", file=sys.stderr)
+        messages.append({"role": "assistant", "content": decode(ids).strip()})
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import urllib.parse
 import urllib.request
 
 from common import Progress, plural, write_json
-from data import format_input, load_instruction_data
+from data import entry_output, format_input, load_instruction_data
 
 DEFAULT_URL = "http://localhost:11434"  # Ollama's
 DEFAULT_TIMEOUT = 300.0  # seconds without a byte from the server; a big judge on a CPU is slow
@@ -35,8 +35,16 @@ RETRIES, BACKOFF = 4, 1.0  # a dropped connection or a 5xx is tried again after 
 
 def judge_prompt(entry):
     """The book's prompt: the instruction (and input) in Alpaca format, without the response
-    header, the expected output and the model's response."""
-    return (f"Given the input `{format_input(entry, 'alpaca')}` "
+    header, the expected output and the model's response. For a conversation the instruction
+    is its last user turn, and the turns before it come first, as context."""
+    context = ""
+    if "messages" in entry:
+        *earlier, user, _ = entry["messages"]
+        context = "".join(f"{m['role']}: {m['content']}\n" for m in earlier)
+        context = f"Given the conversation so far\n```\n{context}```\n" if context else ""
+        entry = {"instruction": user["content"], "input": "", "output": entry_output(entry),
+                 "model_response": entry["model_response"]}
+    return (f"{context}{'and ' if context else 'Given '}the input `{format_input(entry, 'alpaca')}` "
             f"and correct output `{entry['output']}`, "
             f"score the model response `{entry['model_response']}`"
             f" on a scale from 0 to 100, where 100 is the best score. "

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import eval as ev
 from checkpoint import save_checkpoint
-from data import EOT_ID, InstructionDataset, collate, decode, encode, format_prompt, prepare_data
+from data import EOT_ID, InstructionDataset, collate, decode, encode, format_prompt, prepare_data, prompt_ids
 from model import GPT, IGNORE_INDEX, config_for
 from generate import generate, respond
 
@@ -137,6 +137,26 @@ def test_batched_responses_equal_one_at_a_time_and_json_keeps_the_chapters_layou
     assert report["no_end_of_text"] == sum(len(ids) == min(70, 128 - len(p) + 1) for ids, p in zip(alone, prompts))
     assert sorted(map(len, alone)) == [1, 1, 68, 70, 70, 70]  # the longest prompt's row fills the context
     assert [r["model_response"] for r in records] == [ev.clean_response(decode(ids), "alpaca") for ids in alone]
+
+
+def test_conversations_are_evaluated_on_their_last_assistant_turn(tmp_path):
+    conversations = [{"messages": [{"role": "user", "content": f"Hi {i}."}, {"role": "assistant", "content": "Hello!"},
+                                   {"role": "user", "content": "Name a color."},
+                                   {"role": "assistant", "content": ["Blue.", "Red."][i % 2]}]} for i in range(20)]
+    model = tiny_model()
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", model, data=write_data(tmp_path, conversations, "chat.json"))
+    report, records = run_eval("--ckpt", ckpt, "--max-new-tokens", 5, "--out", tmp_path / "o")
+    test = conversations[10:16]
+    # the prompt is everything before the last assistant turn, rendered as in training
+    expected = [ev.clean_response(decode(ids), "alpaca")
+                for ids in generate(model, [prompt_ids(c, "alpaca") for c in test], 5)]
+    assert [r["model_response"] for r in records] == expected
+    assert [{k: v for k, v in r.items() if k == "messages"} for r in records] == test
+    assert report["exact_match"] == ev.score_responses([c["messages"][-1]["content"] for c in test],
+                                                       expected)["exact_match"]
+    assert report["labels"] == ev.score_responses(["Blue.", "Red."] * 3, expected)["labels"]  # Blue./Red. are labels
+    by_hand = loss_by_hand(model, test, "alpaca", False, 8, 128)
+    assert math.isclose(report["test_loss"], by_hand, rel_tol=1e-5)
 
 
 def test_limit_evaluates_the_first_entries_in_the_checkpoints_prompt_style(tmp_path, capsys):

@@ -9,9 +9,9 @@ import torch
 from checkpoint import save_checkpoint
 from common import resolve_device
 import generate as generate_script
-from data import EOT_ID, decode, encode, format_prompt
+from data import EOT_ID, decode, encode, encode_conversation, format_prompt
 from model import GPT, config_for, from_pretrained
-from generate import generate, load_for_inference, prefill, respond, sample_next
+from generate import generate, load_for_inference, prefill, respond, sample_next, stream
 from test_model import FIXTURE, REFERENCE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,17 +182,30 @@ def test_cli_prints_the_response_in_the_checkpoints_prompt_style(tmp_path):
     assert style == "phi3" and format_prompt(entries[0], style).startswith("<|user|>\nName a color.")
 
 
-def test_cli_interactive_loop_goes_on_after_an_overlong_prompt(tmp_path):
+def reply_to(model, messages, max_new_tokens, style="alpaca"):
+    """(printed, kept): the chat's reply to a conversation as it is printed, and as it is kept."""
+    text = decode(generate(model, [encode_conversation(messages, style)[0]], max_new_tokens)[0])
+    return text.lstrip(), text.strip()
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def test_cli_interactive_chat_goes_on_after_an_overlong_message(tmp_path):
     ckpt = str(tmp_path / "ckpt.pt")
     model = save_tiny_checkpoint(ckpt)
-    expected = respond(model, [{"instruction": "Say hi.", "input": ""}], "alpaca", 8)[0]
+    first, kept = reply_to(model, [user("Say hi.")], 8)
+    assert first.strip() == respond(model, [{"instruction": "Say hi.", "input": ""}], "alpaca", 8)[0]
+    again, _ = reply_to(model, [user("Say hi."), {"role": "assistant", "content": kept}, user("Say hi.")], 8)
     overlong = "word " * 200  # over the context of 128 tokens
     result = run_script("--ckpt", ckpt, "--interactive", "--max-new-tokens", "8", "--device", "cpu",
                         stdin=f"Say hi.\n{overlong}\nSay hi.\n")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "> " + expected + "\n> > " + expected + "\n> "
+    assert result.stdout == "> " + first + "\n> > " + again + "\n> "
     n_prompt = len(encode(format_prompt({"instruction": overlong.strip(), "input": ""})))
-    assert f"error: a prompt of {n_prompt} tokens exceeds the context length 128; truncate it first\n" in result.stderr
+    assert (f"error: this message makes a prompt of {n_prompt} tokens, more than the context of 128; "
+            "write a shorter one\n") in result.stderr
     # the random model never ends a response: each is cut, and a note on stderr says so
     assert result.stderr.count("(cut at 8 tokens: --max-new-tokens 8 or the end of the context of 128)") == 2
 
@@ -254,13 +267,17 @@ def test_cli_sampled_answer_is_the_same_with_other_prompts(tmp_path):
 def test_cli_interactive_uses_input_for_every_instruction(tmp_path):
     ckpt = str(tmp_path / "ckpt.pt")
     model = save_tiny_checkpoint(ckpt)
-    expected = [respond(model, [{"instruction": text, "input": "Bob"}], "alpaca", 6)[0] for text in ("Say hi.", "Greet.")]
-    assert expected[0] != respond(model, [{"instruction": "Say hi.", "input": ""}], "alpaca", 6)[0]
+    hi = {"role": "user", "content": "Say hi.", "input": "Bob"}
+    first, kept = reply_to(model, [hi], 6)
+    second, _ = reply_to(model, [hi, {"role": "assistant", "content": kept},
+                                 {"role": "user", "content": "Greet.", "input": "Bob"}], 6)
+    assert first.strip() == respond(model, [{"instruction": "Say hi.", "input": "Bob"}], "alpaca", 6)[0]
+    assert first.strip() != respond(model, [{"instruction": "Say hi.", "input": ""}], "alpaca", 6)[0]
     result = run_script("--ckpt", ckpt, "--interactive", "--input", "Bob", "--max-new-tokens", "6", "--device", "cpu",
                         stdin="Say hi.\nGreet.\n")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"> {expected[0]}\n> {expected[1]}\n> "
-    assert "each instruction gets --input as its input" in result.stderr
+    assert result.stdout == f"> {first}\n> {second}\n> "
+    assert "each message gets --input as its input" in result.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -273,7 +290,7 @@ def test_ctrl_c_in_the_interactive_loop_ends_with_one_line_and_130(tmp_path, sig
     try:
         proc.stdin.write("Say hi.\n")
         proc.stdin.flush()
-        assert proc.stderr.readline().startswith("prompt style alpaca")  # the loop is running
+        assert proc.stderr.readline().startswith("chat in prompt style alpaca")  # the loop is running
         assert proc.stdout.read(2) == "> " and proc.stdout.readline()  # one answer made
         assert proc.stdout.read(2) == "> "  # waiting for the next instruction
         proc.send_signal(sig)
@@ -310,3 +327,86 @@ def test_input_flag_errors(tmp_path):
     result = run_script("--ckpt", ckpt, "--base", str(tmp_path), "--prompt", "hi", "--device", "cpu")
     assert result.returncode == 1
     assert result.stderr == f"error: --base is for a LoRA checkpoint; {ckpt} holds all its weights\n"
+
+
+# ----------------------------------------------------------------------------- streaming and the chat
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 1.0, "top_k": 20, "seed": 5}])
+def test_streamed_tokens_are_generates_batched_and_alone(sampling):
+    model = tiny_gpt2_vocab(seed=2)
+    prompts = [encode(text) for text in ("Hello there", "A longer prompt with more tokens in it.", "x")]
+    steps = list(stream(model, prompts, 12, eos_id=encode(" the")[0], **sampling))
+    collected = [[step[row] for step in steps if row in step] for row in range(len(prompts))]
+    assert collected == generate(model, prompts, 12, eos_id=encode(" the")[0], **sampling)
+    for prompt, tokens in zip(prompts, collected):
+        assert [step[0] for step in stream(model, [prompt], 12, eos_id=encode(" the")[0], **sampling)] == tokens
+    # a step yields the rows that made a token: every row at the first step, fewer once some stop
+    assert set(steps[0]) == {0, 1, 2} and all(len(step) <= len(prompts) for step in steps)
+    assert list(stream(model, prompts, 0)) == []
+
+
+def test_cli_chat_keeps_the_conversation_and_reset_and_system_messages(tmp_path):
+    ckpt = str(tmp_path / "ckpt.pt")
+    model = save_tiny_checkpoint(ckpt)
+    system = {"role": "system", "content": "Be brief."}
+    first, kept = reply_to(model, [system, user("Say hi.")], 6)
+    second, _ = reply_to(model, [system, user("Say hi."), {"role": "assistant", "content": kept},
+                                 user("Name a color.")], 6)
+    fresh, _ = reply_to(model, [system, user("Name a color.")], 6)
+    assert second != fresh  # the reply depends on the earlier exchange
+    result = run_script("--ckpt", ckpt, "--interactive", "--system", "Be brief.", "--max-new-tokens", "6",
+                        "--device", "cpu", stdin="Say hi.\nName a color.\n/reset\nName a color.\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"> {first}\n> {second}\n> > {fresh}\n> "
+    assert "(a new conversation)" in result.stderr
+    result = run_script("--ckpt", ckpt, "--system", "Be brief.", "--prompt", "hi")
+    assert result.returncode == 2 and "--system goes with --interactive" in result.stderr
+
+
+def test_cli_chat_drops_the_oldest_exchanges_when_the_context_fills(tmp_path):
+    ckpt = str(tmp_path / "ckpt.pt")
+    model = save_tiny_checkpoint(ckpt)  # a context of 128 tokens; 20 of them kept for a reply
+    lines = [f"Tell me about item number {n}, with some words." for n in range(4)]
+    messages, printed = [], []
+    for line in lines:  # what the chat should do, by hand: keep exchanges while the prompt leaves 20 tokens
+        messages.append(user(line))
+        while len(encode_conversation(messages, "alpaca")[0]) + 20 > 128:
+            messages = messages[2:]
+        text, kept = reply_to(model, messages, 20)
+        printed.append(text)
+        messages.append({"role": "assistant", "content": kept})
+    result = run_script("--ckpt", ckpt, "--interactive", "--max-new-tokens", "20", "--device", "cpu",
+                        stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "".join(f"> {text}\n" for text in printed) + "> "
+    assert "(1 earlier exchange dropped from the conversation to fit the context of 128 tokens)" in result.stderr
+
+
+def test_ctrl_c_during_a_reply_stops_it_and_the_chat_goes_on(tmp_path, monkeypatch, capsys):
+    ckpt = str(tmp_path / "ckpt.pt")
+    model = save_tiny_checkpoint(ckpt)
+    real_stream, calls = generate_script.stream, []
+
+    def interrupted_stream(*args, **kwargs):
+        """The first reply: Ctrl-C (a real SIGINT to this process) while its 4th token is made."""
+        calls.append(args)
+        if len(calls) > 1:
+            yield from real_stream(*args, **kwargs)
+            return
+        for n, step in enumerate(real_stream(*args, **kwargs)):
+            yield step
+            if n == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(generate_script, "stream", interrupted_stream)
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("Say hi.\nName a color.\n"))
+    monkeypatch.setattr(sys, "argv", ["generate.py", "--ckpt", ckpt, "--interactive", "--max-new-tokens", "8",
+                                      "--device", "cpu"])
+    generate_script.main()
+    out, err = capsys.readouterr()
+    # the reply stops after the token in the making when Ctrl-C came: 4 of 8
+    partial = decode(generate(model, [encode_conversation([user("Say hi.")], "alpaca")[0]], 8)[0][:4])
+    second, _ = reply_to(model, [user("Say hi."), {"role": "assistant", "content": partial.strip()},
+                                 user("Name a color.")], 8)
+    assert out == f"> {partial.lstrip()}\n> {second}\n> "
+    assert "(reply stopped)" in err and signal.getsignal(signal.SIGINT) is signal.default_int_handler

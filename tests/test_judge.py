@@ -66,6 +66,20 @@ def test_the_prompt_is_the_books_text():
                                                    "\n\n### Instruction:\nRewrite the sentence using a simile.` ")
 
 
+def test_a_conversation_is_judged_on_its_last_user_turn_with_the_earlier_turns_as_context():
+    record = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."},
+                           {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a color."},
+                           {"role": "assistant", "content": "Blue."}], "model_response": "Red."}
+    assert judge.judge_prompt(record) == (
+        "Given the conversation so far\n```\nsystem: Be brief.\nuser: Hi.\nassistant: Hello!\n```\n"
+        "and the input `Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nName a color.` and correct output `Blue.`, score the model "
+        "response `Red.` on a scale from 0 to 100, where 100 is the best score. Respond with the integer number only.")
+    one_turn = {"messages": record["messages"][3:], "model_response": "Red."}  # no earlier turns: the book's prompt
+    assert judge.judge_prompt(one_turn) == judge.judge_prompt(
+        {"instruction": "Name a color.", "input": "", "output": "Blue.", "model_response": "Red."})
+
+
 def test_parse_score_takes_the_first_integer_from_0_to_100():
     assert [judge.parse_score(r) for r in PARSING] == [85, 85, None, None, None]
     assert judge.parse_score("100") == 100 and judge.parse_score("0") == 0
