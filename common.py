@@ -55,6 +55,37 @@ def writable_folder(path):
     return path
 
 
+def check_writable_folder(path):
+    """Like writable_folder, but creates nothing: `path` must be a folder this process can write
+    in, or one it can create. For a check before long work that may still stop on another mistake."""
+    if os.path.exists(path):
+        return writable_folder(path)
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"cannot create the folder {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot create the folder {path}: {existing} is not writable")
+    return path
+
+
+def remove_stale_temporaries(folder, names):
+    """Remove NAME.tmp (atomic_write's temporary name) in `folder` for each of `names`, the files
+    the calling script writes there: what a save killed mid-write (kill -9, power loss) left behind.
+    Nothing else is touched. Returns a sentence naming what went, or "" when nothing did."""
+    removed = []
+    for name in names:
+        tmp = os.path.join(folder, name + ".tmp")
+        if os.path.isfile(tmp):
+            size = os.path.getsize(tmp)
+            os.remove(tmp)
+            removed.append(f"{name}.tmp ({size / 2**20:.0f} MiB)" if size >= 2**20 else f"{name}.tmp")
+    if not removed:
+        return ""
+    return f"removed {', '.join(removed)} from {folder}: left by a save that was killed before it finished"
+
+
 @contextlib.contextmanager
 def atomic_write(path):
     """Yields a temporary name to write to, renamed to path only once the block has finished:
@@ -112,6 +143,11 @@ AT_LEAST_0 = checked(int, lambda v: v >= 0, "at least 0")
 POSITIVE = checked(float, lambda v: 0 < v < math.inf, "a positive number")
 NON_NEGATIVE = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 SEED = checked(int, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1")  # what torch and numpy both take
+
+
+def plural(count, word, words=None):
+    """"1 step", "2 steps"; `words` where adding an s is wrong ("process", "processes")."""
+    return f"{count:,} {word if count == 1 else words or word + 's'}"
 
 
 def duration(seconds):

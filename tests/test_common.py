@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from checkpoint import save_checkpoint
-from common import atomic_write
+from common import atomic_write, check_writable_folder, plural, remove_stale_temporaries
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -16,3 +16,47 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
             open(tmp, "wb").write(b"half a checkpo")
             raise KeyboardInterrupt
     assert torch.load(path) == {"step": 1} and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_stale_temporaries_of_the_named_files_go_and_nothing_else(tmp_path):
+    (tmp_path / "best.pt.tmp").write_bytes(b"\0" * (3 * 2**20))  # what a kill -9 mid-save leaves
+    (tmp_path / "metrics.jsonl.tmp").write_text('{"step": 1')
+    keep = {"ckpt.pt": b"a checkpoint", "notes.tmp": b"the user's", "other.pt.tmp": b"not ours", "best.pt": b"w"}
+    for name, content in keep.items():
+        (tmp_path / name).write_bytes(content)
+    os.makedirs(tmp_path / "loss.png.tmp")  # a folder of that name is not a temporary file of ours
+    said = remove_stale_temporaries(str(tmp_path), ["ckpt.pt", "best.pt", "metrics.jsonl", "loss.png"])
+    assert said == (f"removed best.pt.tmp (3 MiB), metrics.jsonl.tmp from {tmp_path}: left by a save that was "
+                    "killed before it finished")
+    assert sorted(os.listdir(tmp_path)) == sorted([*keep, "loss.png.tmp"])
+    assert all((tmp_path / name).read_bytes() == content for name, content in keep.items())
+    assert remove_stale_temporaries(str(tmp_path), ["ckpt.pt", "best.pt"]) == ""
+
+
+def test_check_writable_folder_creates_nothing_and_says_what_is_wrong(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=f"^{tmp_path}/a-file is a file, not a folder to write results in$"):
+        check_writable_folder(str(tmp_path / "a-file"))
+    with pytest.raises(NotADirectoryError,
+                       match=f"^cannot create the folder {tmp_path}/a-file/out: {tmp_path}/a-file is a file$"):
+        check_writable_folder(str(tmp_path / "a-file" / "out"))
+    assert check_writable_folder(str(tmp_path / "new" / "out")) == str(tmp_path / "new" / "out")
+    assert check_writable_folder(str(tmp_path)) == str(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["a-file"]  # nothing created, no probe left behind
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in read-only folders")
+def test_check_writable_folder_refuses_a_read_only_folder(tmp_path):
+    os.chmod(tmp_path, 0o555)
+    try:
+        with pytest.raises(PermissionError, match=f"^cannot create the folder {tmp_path}/out: {tmp_path} is not "):
+            check_writable_folder(str(tmp_path / "out"))
+        with pytest.raises(OSError, match=f"^cannot write in {tmp_path} "):
+            check_writable_folder(str(tmp_path))
+    finally:
+        os.chmod(tmp_path, 0o755)
+
+
+def test_plural():
+    assert [plural(n, "step") for n in (0, 1, 2, 1100)] == ["0 steps", "1 step", "2 steps", "1,100 steps"]
+    assert (plural(1, "entry", "entries"), plural(3, "entry", "entries")) == ("1 entry", "3 entries")
