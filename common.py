@@ -58,6 +58,37 @@ def writable_folder(path):
     return path
 
 
+def check_writable_folder(path):
+    """Like writable_folder, but creates nothing: `path` must be a folder this process can write
+    in, or one it can create. For a check before long work that may still stop on another mistake."""
+    if os.path.exists(path):
+        return writable_folder(path)
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"cannot create the folder {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot create the folder {path}: {existing} is not writable")
+    return path
+
+
+def remove_stale_temporaries(folder, names):
+    """Remove NAME.tmp (atomic_write's temporary name) in `folder` for each of `names`, the files
+    the calling script writes there: what a save killed mid-write (kill -9, power loss) left behind.
+    Nothing else is touched. Returns a sentence naming what went, or "" when nothing did."""
+    removed = []
+    for name in names:
+        tmp = os.path.join(folder, name + ".tmp")
+        if os.path.isfile(tmp):
+            size = os.path.getsize(tmp)
+            os.remove(tmp)
+            removed.append(f"{name}.tmp ({size / 2**20:.0f} MiB)" if size >= 2**20 else f"{name}.tmp")
+    if not removed:
+        return ""
+    return f"removed {', '.join(removed)} from {folder}: left by a save that was killed before it finished"
+
+
 @contextlib.contextmanager
 def atomic_write(path):
     """Yields a temporary name to write to, renamed to path only once the block has finished:
@@ -117,6 +148,15 @@ NON_NEGATIVE = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 SEED = checked(int, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1")  # what torch and numpy both take
 
 
+def plural(count, word, words=None):
+    """"1 step", "2 steps", "1,100 entries"; `words` where the rule is wrong ("process", "processes")."""
+    if count == 1:
+        return f"1 {word}"
+    if words is None:
+        words = word[:-1] + "ies" if word.endswith("y") and word[-2:-1] not in "aeiou" else word + "s"
+    return f"{count:,} {words}"
+
+
 def duration(seconds):
     """A time for people: 45s, 3m05s, 2h10m."""
     seconds = int(seconds)
@@ -141,46 +181,63 @@ def stop_on_interrupt(message):
         signal.signal(signal.SIGTERM, previous)
 
 
-def plural(n, word):
-    """'1 entry', '2 entries', '0 responses'."""
-    if n == 1:
-        return f"1 {word}"
-    return f"{n} {word[:-1]}ies" if word.endswith("y") and word[-2:-1] not in "aeiou" else f"{n} {word}s"
+class StatusLine:
+    """A progress line: rewritten in place on a terminal, a plain line in a log (a file or a pipe,
+    which carriage returns would garble). every = (terminal, log): the seconds due() waits for
+    between lines; the wait counts from the last line shown, or from clear()."""
+
+    def __init__(self, stream, every):
+        self.stream, self.terminal = stream, stream.isatty()
+        self.every = every[0] if self.terminal else every[1]
+        self.shown_at, self.showing = time.perf_counter(), False
+
+    def due(self):
+        return time.perf_counter() - self.shown_at >= self.every
+
+    def show(self, line):
+        if self.terminal:
+            self.stream.write(f"\r{line}\033[K")  # \033[K: erase the rest of a longer earlier line
+            self.stream.flush()
+            self.showing = True
+        else:
+            print(line, file=self.stream, flush=True)
+        self.shown_at = time.perf_counter()
+
+    def clear(self):
+        """Before other output: erase a line shown in place, and count the wait from now."""
+        if self.showing:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.showing = False
+        self.shown_at = time.perf_counter()
 
 
-class Progress:
-    """A progress line on stderr for `total` steps of work: "WHAT done/total[, extra], T left".
-    In a terminal one line is rewritten in place (at most 10 times a second); in a log a plain
-    line is printed every `every` seconds and at the end. A step costs a clock read."""
+class Progress(StatusLine):
+    """A status line on stderr for `total` steps of work: "WHAT done/total[, extra], T left",
+    at once for the first step, then at most 10 times a second on a terminal and every `every`
+    seconds in a log, and always for the last. Ends by keeping its last line (close)."""
 
     def __init__(self, what, total, every=10.0):
-        self.what, self.total, self.every = what, total, every
-        self.terminal = sys.stderr.isatty()
-        self.start, self.shown, self.open = time.perf_counter(), -math.inf, False
+        super().__init__(sys.stderr, (0.1, every))
+        self.what, self.total, self.start = what, total, self.shown_at
+        self.shown_at = -math.inf
 
     def update(self, done, extra=""):
-        now = time.perf_counter()
-        if now - self.shown < (0.1 if self.terminal else self.every) and done < self.total:
+        if done < self.total and not self.due():
             return
-        self.shown = now
-        left = (now - self.start) / max(done, 1) * (self.total - done)
-        line = f"{self.what} {done}/{self.total}{extra}, {duration(left)} left"
-        if self.terminal:
-            print(f"\r{line} ", end="", file=sys.stderr, flush=True)
-            self.open = True
-        else:
-            print(line, file=sys.stderr, flush=True)
+        left = (time.perf_counter() - self.start) / max(done, 1) * (self.total - done)
+        self.show(f"{self.what} {done}/{self.total}{extra}, {duration(left)} left")
 
     def note(self, message):
         """A line of its own, not over the progress line."""
         self.close()
-        print(message, file=sys.stderr, flush=True)
+        print(message, file=self.stream, flush=True)
 
     def close(self):
-        """End the progress line, if one is open (before other output, or when the work stops)."""
-        if self.open:
-            print(file=sys.stderr, flush=True)
-            self.open = False
+        """End a line shown in place, keeping it on the screen (before other output, or at the end)."""
+        if self.showing:
+            print(file=self.stream, flush=True)
+            self.showing = False
 
     def __enter__(self):
         return self

@@ -25,7 +25,7 @@ import tiktoken
 import torch
 from torch.utils.data import Dataset
 
-from common import AT_LEAST_1, download, run_main
+from common import AT_LEAST_1, download, plural, run_main
 from model import IGNORE_INDEX
 
 EOT_ID = 50256  # GPT-2 <|endoftext|>, also used as the pad token
@@ -239,33 +239,46 @@ def default_data_path(data_dir: str = "data") -> str:
 
 
 def read_text(path: str) -> str:
-    """The UTF-8 text of a data file, with a one-sentence error if it is missing or not text."""
+    """The UTF-8 text of a data file, with a one-sentence error if it is missing, empty or not text."""
     if os.path.isdir(path):
         raise FileNotFoundError(f"{path} is a directory, not a data file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such data file")
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
-            return f.read()
+            text = f.read()
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
+        raise ValueError(f"{path}: the file is empty" + (" (nothing but whitespace)" if text else ""))
+    return text
+
+
+def is_raw_text(path: str) -> bool:
+    """A .txt file (any case: notes.TXT too) is raw text; anything else is instruction data."""
+    return path.lower().endswith(".txt")
 
 
 def _parse_json(path: str, text: str) -> list:
-    """The entries of a JSON array, or of one JSON value a line (JSON Lines: a .jsonl file, or
-    any file that is not one JSON value but whose lines are)."""
-    if not path.lower().endswith(".jsonl"):
+    """The entries of a JSON array, or of one JSON value a line (JSON Lines), recognised by the
+    content whatever the name: a .jsonl file holding an array (pretty-printed or on one line) is
+    an array. The name only picks the error: a broken .jsonl file names its broken line."""
+    is_jsonl = path.lower().endswith(".jsonl")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("["):  # an array, whatever the name: JSON's own error
+            raise ValueError(f"{path}: not valid JSON: {e}") from None
+        if is_jsonl:
+            return _parse_json_lines(path, text)
+        if e.msg != "Extra data":  # more than one value: try it as JSON Lines
+            raise ValueError(f"{path}: not valid JSON: {e}") from None
         try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":  # more than one value: try it as JSON Lines
-                raise ValueError(f"{path}: not valid JSON: {e}") from None
-            try:
-                return _parse_json_lines(path, text)
-            except ValueError as lines_error:
-                detail = str(lines_error).removeprefix(f"{path}: ")
-                raise ValueError(f"{path}: not valid JSON ({e}), nor JSON Lines ({detail})") from None
-    return _parse_json_lines(path, text)
+            return _parse_json_lines(path, text)
+        except ValueError as lines_error:
+            detail = str(lines_error).removeprefix(f"{path}: ")
+            raise ValueError(f"{path}: not valid JSON ({e}), nor JSON Lines ({detail})") from None
+    return [value] if is_jsonl and isinstance(value, dict) else value  # a .jsonl file of one line
 
 
 def _parse_json_lines(path: str, text: str) -> list:
@@ -518,8 +531,14 @@ def check_same_data(splits, fingerprint: Optional[dict], trained_on: Optional[st
     fingerprint, wherever the file lies now). A checkpoint without a fingerprint is not checked."""
     if fingerprint is not None and splits.fingerprint != fingerprint:
         raise ValueError(f"{splits.path} is not the data the checkpoint was trained on ({trained_on}): its content "
-                         f"differs (sha256 {splits.fingerprint['sha256'][:12]}... with {splits.fingerprint['entries']} "
-                         f"entries, not {fingerprint['sha256'][:12]}... with {fingerprint['entries']})")
+                         f"differs (sha256 {splits.fingerprint['sha256'][:12]}... with "
+                         f"{fingerprint_size(splits.fingerprint)}, not {fingerprint['sha256'][:12]}... with "
+                         f"{fingerprint_size(fingerprint)})")
+
+
+def fingerprint_size(fingerprint: dict) -> str:
+    """What a data fingerprint counts: "1,100 entries", or "raw text", which has no entries."""
+    return "raw text" if fingerprint["entries"] is None else plural(fingerprint["entries"], "entry", "entries")
 
 
 @dataclass
@@ -546,7 +565,7 @@ def prepare_data(path: Optional[str], prompt_style: str = "alpaca", context_leng
     get_prompt_style(prompt_style)  # fail early on an unknown style
     if path is None:
         path = default_data_path()
-    if path.endswith(".txt"):
+    if is_raw_text(path):
         return _prepare_text(path, context_length)
     entries = load_instruction_data(path)
     train, test, val = split_data(entries, train_frac, test_frac)
@@ -578,7 +597,7 @@ def _prepare_text(path: str, context_length: int) -> DataSplits:
         datasets[name] = TextWindowDataset(token_ids, max_length=context_length, stride=context_length)
         if not datasets[name]:
             raise ValueError(
-                f"{path}: the {name} part has {len(token_ids)} tokens, too few for one window of "
+                f"{path}: the {name} part has {plural(len(token_ids), 'token')}, too few for one window of "
                 f"{context_length} tokens plus a target; use a longer text or a smaller context length"
             )
     return DataSplits(kind="text", path=path, fingerprint=data_fingerprint(path, None),
@@ -588,9 +607,9 @@ def _prepare_text(path: str, context_length: int) -> DataSplits:
 def check_batchable(splits: DataSplits, batch_size: int) -> None:
     """ValueError if the train split cannot fill one batch (training drops an incomplete last batch)."""
     if len(splits.train) < batch_size:
-        unit = "examples" if splits.kind == "instruction" else "windows"
+        unit = "example" if splits.kind == "instruction" else "window"
         raise ValueError(
-            f"{splits.path}: the train split has {len(splits.train)} {unit}, "
+            f"{splits.path}: the train split has {plural(len(splits.train), unit)}, "
             f"fewer than the batch size of {batch_size}; use a smaller batch size or more data"
         )
 
@@ -634,12 +653,16 @@ def summarize_data(splits: DataSplits, batch_size: int, context_length: int) -> 
 
 def main():
     p = argparse.ArgumentParser(description="Prepare a data set (the default one is downloaded once into "
-                                "data/) and print its summary: split sizes, lengths, truncation, padding.")
-    p.add_argument("--data", help="a .json/.jsonl instruction file or a .txt file (default: the chapter's data set)")
-    p.add_argument("--prompt-style", default="alpaca", choices=list(PROMPT_STYLES))
-    p.add_argument("--context-length", type=AT_LEAST_1, default=1024)
-    p.add_argument("--batch-size", type=AT_LEAST_1, default=8)
-    p.add_argument("--mask-instructions", action="store_true")
+                                "data/) and print its summary: split sizes, lengths, truncation, padding.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", help="instruction data (a JSON array or JSON Lines, whatever the name) or raw text "
+                   "(.txt); none: the chapter's data set, downloaded once into data/")
+    p.add_argument("--prompt-style", default="alpaca", choices=list(PROMPT_STYLES), help="prompt template")
+    p.add_argument("--context-length", type=AT_LEAST_1, default=1024,
+                   help="tokens per sequence: longer examples count as truncated; raw text windows have this length")
+    p.add_argument("--batch-size", type=AT_LEAST_1, default=8, help="examples per batch, for the padding figures")
+    p.add_argument("--mask-instructions", action="store_true",
+                   help="count only response tokens in the loss (reports prompts that fill the context)")
     args = p.parse_args()
     splits = prepare_data(args.data, args.prompt_style, args.context_length, args.mask_instructions)
     print(summarize_data(splits, args.batch_size, args.context_length))

@@ -1,5 +1,11 @@
 """GPT-2 in one file: config presets, the model, a KV cache for generation, the loss over a
-data loader, and loading Hugging Face GPT-2 weights (hub names or local folders)."""
+data loader, and loading Hugging Face GPT-2 weights (hub names or local folders).
+
+    python model.py                 # the presets: layers, heads, width, parameters
+    python model.py gpt2-medium     # fetch its weights into the cache now (say, before going offline)
+    python model.py PATH            # check that a Hugging Face GPT-2 folder loads
+"""
+import argparse
 import json
 import math
 import os
@@ -9,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import download
+from common import download, run_main
 
 IGNORE_INDEX = -100  # targets equal to this are left out of the loss (padding, masked prompts)
 
@@ -357,3 +363,32 @@ def build_model(name_or_path, pretrained=True, context_length=None, drop_rate=0.
     if os.path.isdir(name_or_path):
         return GPT(hf_config(name_or_path, context_length, drop_rate))
     raise ValueError(f"'{name_or_path}' is neither a preset ({', '.join(PRESETS)}) nor a local folder")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", help=f"a GPT-2 name ({', '.join(HF_REPOS)}) to download once into "
+                   f"{default_cache_dir()} ($GPT2_CACHE_DIR), or a local Hugging Face GPT-2 folder, to load "
+                   "and describe; none: list the presets")
+    args = p.parse_args(argv)
+    if args.model is None:
+        for name in PRESETS:
+            with torch.device("meta"):  # shapes only: no memory, no time
+                model = GPT(config_for(name))
+            cfg = model.config
+            print(f"{name:12} {cfg.n_layers:2} layers, {cfg.n_heads:2} heads, width {cfg.emb_dim:4}, context "
+                  f"{cfg.context_length}: {model.num_params() / 1e6:,.1f}M parameters"
+                  + ("" if name in HF_REPOS else " (random weights only)"))
+        return
+    model = from_pretrained(args.model)
+    cfg = model.config
+    print(f"{args.model}: {model.num_params() / 1e6:,.1f}M parameters, {cfg.n_layers} layers, {cfg.n_heads} heads, "
+          f"width {cfg.emb_dim}, context {cfg.context_length}, vocabulary {cfg.vocab_size}; loaded from "
+          f"{hf_folder(args.model)}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -3,6 +3,7 @@
     python train.py --data instruction-data.json                 # the chapter's run: gpt2, 2 epochs
     python train.py --model tiny --init random --context-length 128 --max-steps 50 --out runs/smoke
     python train.py --resume --out out                           # continue a stopped run
+    python train.py --plot --out out                             # draw out/loss.png from out/metrics.jsonl
     torchrun --nproc_per_node=2 train.py ...                     # DistributedDataParallel
 
 Writes OUT/metrics.jsonl (a line per evaluation) and, with matplotlib, OUT/loss.png at every
@@ -28,8 +29,8 @@ from torch.utils.data import DataLoader
 
 from checkpoint import (build_base, load_checkpoint, lora_checkpoint, lora_model_from_checkpoint,
     model_from_checkpoint, save_checkpoint, with_base)
-from common import (AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, atomic_write, checked, duration,
-    resolve_device, run_main)
+from common import (AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, atomic_write, check_writable_folder,
+    StatusLine, checked, duration, plural, remove_stale_temporaries, resolve_device, run_main)
 from data import (PROMPT_STYLES, batch_indices, check_batchable, check_same_data, check_vocab, decode,
     prepare_data, prompt_ids, summarize_data)
 from lora import LORA_TARGETS, add_lora, parameter_counts
@@ -38,11 +39,16 @@ from generate import generate, respond
 
 TRAIN_FRAC, TEST_FRAC = 0.85, 0.10  # the chapter's split; eval.py reads them from the checkpoint
 # What a resumed run may change; everything else comes from the checkpoint's arguments.
+# The optimizer's settings may change (say a lower --lr after a NaN); the data order and batches may not.
 CHANGEABLE_ON_RESUME = {"epochs", "max_steps", "eval_every", "eval_batches", "save_every", "device", "dtype",
-                        "compile", "num_workers", "out", "resume"}
+                        "compile", "num_workers", "out", "resume",
+                        "lr", "warmup_steps", "lr_schedule", "weight_decay", "grad_clip"}
 # What generate.py, eval.py and export.py read from a checkpoint besides the weights.
 INFERENCE_KEYS = ("config", "prompt_style", "mask_instructions", "context_length", "data", "data_fingerprint",
                   "train_frac", "test_frac")
+OUTPUTS = ("ckpt.pt", "best.pt", "metrics.jsonl", "loss.png")  # what a run writes in OUT
+# Seconds between progress lines: rewritten in place on a terminal, appended to a log (kept short).
+PROGRESS_EVERY = {"terminal": 2.0, "log": 10.0}
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -66,8 +72,10 @@ def parse_args(argv=None):
     p.add_argument("--mask-instructions", action="store_true", help="compute the loss on response tokens only")
     p.add_argument("--batch-size", type=AT_LEAST_1, default=8, help="examples per batch (per process)")
     p.add_argument("--grad-accum", type=AT_LEAST_1, default=1, help="batches per optimizer step")
-    p.add_argument("--epochs", type=AT_LEAST_1, default=2, help="passes over the training split")
-    p.add_argument("--max-steps", type=AT_LEAST_1, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--epochs", type=AT_LEAST_1, default=2, help="passes over the training split; "
+                   "--max-steps without --epochs: as many as --max-steps takes")
+    p.add_argument("--max-steps", type=AT_LEAST_1, default=None, help="stop after this many optimizer steps "
+                   "(with --epochs too: at whichever comes first)")
     p.add_argument("--lr", type=POSITIVE, default=5e-5, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.1, help="AdamW weight decay")
     p.add_argument("--warmup-steps", type=AT_LEAST_0, default=0, help="steps of linear learning-rate warm-up")
@@ -98,8 +106,11 @@ def parse_args(argv=None):
                    help="autocast to bfloat16 or float16 (float16: CUDA only, with a grad scaler)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt, with its settings: "
-                   "only --epochs, --max-steps, --eval-every, --eval-batches, --save-every, --device, --dtype, "
-                   "--compile and --num-workers may change, and --data may name the same data moved elsewhere")
+                   "only --epochs, --max-steps, --lr, --warmup-steps, --lr-schedule, --weight-decay, --grad-clip, "
+                   "--eval-every, --eval-batches, --save-every, --device, --dtype, --compile and --num-workers may "
+                   "change (it says which did), and --data may name the same data moved elsewhere")
+    p.add_argument("--plot", action="store_true", help="only draw OUT/loss.png from OUT/metrics.jsonl (say, for a "
+                   "run trained before matplotlib was installed), then exit")
     p.add_argument("--num-workers", type=AT_LEAST_0, default=0, help="data loader worker processes")
     p.add_argument("--base", metavar="FOLDER", help="with --resume of a LoRA run: the folder its base model moved "
                    "to (checked against the checkpoint's fingerprint)")
@@ -111,6 +122,10 @@ def parse_args(argv=None):
     marker = object()
     again = p.parse_args(argv, argparse.Namespace(**{name: marker for name in vars(args)}))
     given = {name for name, value in vars(again).items() if value is not marker}
+    if args.plot and given - {"plot", "out"}:
+        p.error("--plot goes with --out only")
+    if "max_steps" in given and "epochs" not in given:
+        args.epochs = None  # --max-steps decides, as nanoGPT's max_iters
     lora_flags = sorted(given & {"lora_alpha", "lora_dropout", "lora_targets"})
     if lora_flags and not args.lora_rank and not args.resume:
         p.error(f"--{lora_flags[0].replace('_', '-')} goes with --lora-rank R (R > 0)")
@@ -130,10 +145,31 @@ def resume_arguments(args, given, ckpt):
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's "
                              f"{was}; a resumed run keeps its settings (see --resume in --help)")
     kept = (given & CHANGEABLE_ON_RESUME) | {"out", "resume"}  # out: where the checkpoint was found
+    if "max_steps" in given:
+        kept.add("epochs")  # given too, or None: --max-steps alone decides (parse_args)
     resumed = argparse.Namespace(**{**vars(args), **saved, **{name: getattr(args, name) for name in kept}})
     # the data: as given, else where the run found it (the default set's path included)
     resumed.data = args.data if "data" in given else ckpt.get("data", saved.get("data"))
     return resumed
+
+
+def changed_settings(args, saved):
+    """"--lr 1e-05 (was 5e-05), ..." for the settings a resumed run changed; "" if none."""
+    def shown(value):
+        return "not given" if value is None else value
+    return ", ".join(f"--{name.replace('_', '-')} {shown(getattr(args, name))} (was {shown(saved.get(name))})"
+                     for name in sorted(CHANGEABLE_ON_RESUME - {"out", "resume"})
+                     if getattr(args, name) != saved.get(name))
+
+
+def which_limit(epochs, max_steps, steps_per_epoch):
+    """With both --epochs and --max-steps: the sentence saying which ends the run."""
+    by_epochs = epochs * steps_per_epoch
+    if max_steps < by_epochs:
+        return f"--max-steps {max_steps} ends the run, before the end of --epochs {epochs} (step {by_epochs})"
+    if by_epochs < max_steps:
+        return f"--epochs {epochs} ends the run at step {by_epochs}, before --max-steps {max_steps}"
+    return f"--epochs {epochs} and --max-steps {max_steps} both end the run at step {max_steps}"
 
 
 def pick_device(args):
@@ -282,8 +318,9 @@ def plot_losses(metrics_path, png_path):
     train, val = [r["train_loss"] for r in rows], [r["val_loss"] for r in rows]
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    ax.plot(steps, train, label="training loss")
-    ax.plot(steps, val, linestyle="-.", label="validation loss")
+    points = {"marker": "o", "markersize": 3} if len(rows) < 50 else {}  # one evaluation is a point, not a line
+    ax.plot(steps, train, label="training loss", **points)
+    ax.plot(steps, val, linestyle="-.", label="validation loss", **points)
     ax.set_xlabel("optimizer steps")
     ax.set_ylabel("loss")
     ax.legend(loc="upper right")
@@ -294,6 +331,21 @@ def plot_losses(metrics_path, png_path):
     with atomic_write(png_path) as tmp:
         fig.savefig(tmp, format="png")
     return True
+
+
+def plot_run(out):
+    """python train.py --plot --out OUT: OUT/loss.png drawn from OUT/metrics.jsonl, at any time."""
+    metrics_path, png_path = os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png")
+    if not os.path.isfile(metrics_path):
+        raise FileNotFoundError(f"nothing to plot: {metrics_path} does not exist (train.py writes it at every "
+                                "evaluation)")
+    with open(metrics_path) as f:
+        if not f.read().strip():
+            raise ValueError(f"nothing to plot: {metrics_path} is empty (the run stopped before its first evaluation)")
+    check_writable_folder(out)
+    if not plot_losses(metrics_path, png_path):
+        raise ValueError("matplotlib is not installed; pip install matplotlib, then run this again")
+    print(f"wrote {png_path}")
 
 
 # ----------------------------------------------------------------------------- setting up the run
@@ -324,6 +376,11 @@ class Run:
     started: float = dataclasses.field(default_factory=time.time)  # when this process started training
     start_elapsed: float = 0.0  # training time of the run before that (a resumed run)
     steps_run: int = 0  # in this process, for the time left
+    eval_seconds: float = 0.0  # time this process spent evaluating, and how many evaluations
+    evals_run: int = 0
+    save_seconds: float = 0.0  # the same for saves
+    saves_run: int = 0
+    progress: StatusLine = None
     last_eval: tuple = (0.0, 0)  # (time, tokens seen) of the last evaluation, for tokens/s
     plot_cost: float = 0.0  # seconds the last loss plot took, and when it was drawn
     plotted_at: float = 0.0
@@ -384,6 +441,8 @@ def build_training(run, ckpt):
     run.scaler = torch.amp.GradScaler("cuda") if args.dtype == "float16" else None
     if ckpt is not None:
         run.optimizer.load_state_dict(ckpt["optimizer"])
+        for group in run.optimizer.param_groups:  # the saved groups bring the saved decay; --resume may change it
+            group["weight_decay"] = args.weight_decay
         if run.scaler and ckpt.get("scaler"):
             run.scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -427,7 +486,8 @@ def save_run(run):
     validation loss and what inference needs (a third of ckpt.pt: no optimizer state), when
     they changed since the last save. Both through a temporary name."""
     args, state = run.args, run.state
-    state["elapsed"] = run.start_elapsed + time.time() - run.started
+    started = time.time()
+    state["elapsed"] = run.start_elapsed + started - run.started
     info = {**inference_info(run), "args": vars(args), "step": state["step"], "world_size": run.world_size}
     if run.best_weights is not None:
         save_checkpoint({**info, **run.best_weights, "val_loss": state["best_val_loss"],
@@ -442,6 +502,7 @@ def save_run(run):
         **state,
     }, run.path("ckpt.pt"))
     run.saved_step = state["step"]
+    run.save_seconds, run.saves_run = run.save_seconds + time.time() - started, run.saves_run + 1
 
 
 def evaluate(run, epoch, lr):
@@ -459,7 +520,9 @@ def evaluate(run, epoch, lr):
     for what, value, count in (("training", train_loss, n_train), ("validation", val_loss, n_val)):
         if count and not math.isfinite(value):  # no count: nothing to evaluate (all masked), not divergence
             raise diverged(run, what, value, state["step"])
-    left = (now - run.started + 1e-9) / max(run.steps_run, 1) * (run.total_steps - state["step"])
+    run.evals_run, run.eval_seconds = run.evals_run + 1, run.eval_seconds + time.time() - now
+    left, rest_started = time_left(run), time.time()  # the time left counts this evaluation's losses already
+    run.progress.clear()
     print(f"epoch {epoch} step {state['step']}/{run.total_steps} | train loss {train_loss:.3f} | "
           f"val loss {val_loss:.3f} | {state['tokens_seen']:,} tokens seen | "
           f"{tokens_per_s:,.0f} tokens/s | {duration(left)} left", flush=True)
@@ -482,6 +545,37 @@ def evaluate(run, epoch, lr):
         run.best_step = state["step"]
     state["val_loss"] = val_loss
     run.last_eval = (time.time(), state["tokens_seen"])
+    run.eval_seconds += run.last_eval[0] - rest_started
+
+
+def count_multiples(after, upto, every, offset=0):
+    """How many steps s in (after, upto] have s - offset divisible by `every`."""
+    return (upto - offset) // every - (after - offset) // every
+
+
+def time_left(run):
+    """Seconds to the last step: this process's mean time per training step, per evaluation and
+    per save so far, times how many of each are still due (see train_epochs for when)."""
+    args, step, total = run.args, run.state["step"], run.total_steps
+    if step >= total:
+        return 0.0
+    training = time.time() - run.started - run.eval_seconds - run.save_seconds
+    evals = count_multiples(step, total, args.eval_every, offset=1) + ((total - 1) % args.eval_every != 0)
+    per_epoch, both = run.steps_per_epoch, math.lcm(args.save_every, run.steps_per_epoch)
+    saves = (count_multiples(step, total, args.save_every) + count_multiples(step, total, per_epoch)
+             - count_multiples(step, total, both) + (total % args.save_every != 0 and total % per_epoch != 0))
+    return (training / max(run.steps_run, 1) * (total - step) + run.eval_seconds / max(run.evals_run, 1) * evals
+            + run.save_seconds / max(run.saves_run, 1) * saves)
+
+
+def show_progress(run, loss):
+    """The progress line between evaluations: step, the step's loss, tokens/s, time left."""
+    state = run.state
+    now = time.time()
+    tokens_per_s = (state["tokens_seen"] - run.last_eval[1]) / max(now - run.last_eval[0], 1e-9)
+    # rank 0's share of the mean loss over all processes, scaled to a mean (exact on one process)
+    run.progress.show(f"step {state['step']}/{run.total_steps} | loss {loss * run.world_size:.3f} | "
+                      f"{tokens_per_s:,.0f} tokens/s | {duration(time_left(run))} left")
 
 
 def diverged(run, what, value, step):
@@ -541,9 +635,12 @@ def train_epochs(run, stop_requested):
                 # we, and after the last step.
                 if (state["step"] - 1) % args.eval_every == 0 or last:
                     evaluate(run, epoch, lr)
+                elif run.progress.due():  # a clock read a step: the loss is a number already
+                    show_progress(run, loss)
                 if state["step"] % args.save_every == 0 or end_of_epoch or last:
                     save_run(run)
                 if end_of_epoch:
+                    run.progress.clear()
                     print(f"epoch {epoch} sample: {sample_text(run.raw_model, run.splits, args.prompt_style)!r}",
                           flush=True)
             if last:
@@ -556,19 +653,36 @@ def train_epochs(run, stop_requested):
 
 def main(argv=None):
     args, given = parse_args(argv)
+    if args.plot:
+        return plot_run(args.out)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    first_process = os.environ.get("RANK", "0") == "0"
+    check_writable_folder(args.out)  # before the data, the model and any download
     args, ckpt = open_run(args, given, world_size)  # mistakes show up before torchrun's processes meet
-    device = pick_device(args)
-    autocast = autocast_for(device, args.dtype)
-    splits = load_splits(args, ckpt, world_size)
-    rank, world_size = join_process_group(device)
+    if first_process and os.path.isdir(args.out):  # only now: OUT is this run's (open_run refuses another's)
+        if removed := remove_stale_temporaries(args.out, OUTPUTS):
+            print(removed)
     try:
+        device = pick_device(args)
+        autocast = autocast_for(device, args.dtype)
+        splits = load_splits(args, ckpt, world_size)
+        rank, world_size = join_process_group(device)
         return train(args, ckpt, splits, device, autocast, rank, world_size)
     except KeyboardInterrupt:  # before the loop, or a second Ctrl-C: nothing (more) to save
-        sys.exit("interrupted")
+        interrupted_unsaved(args.out, first_process)
     finally:
-        if world_size > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def interrupted_unsaved(out, first_process):
+    """Ctrl-C where nothing (more) can be saved: say what OUT holds and exit 130, as after a save."""
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    if first_process:
+        print(f"interrupted: {ckpt_path} holds the last completed save; continue with --resume --out {out}"
+              if os.path.exists(ckpt_path) else "interrupted before the first checkpoint: nothing to resume",
+              flush=True)
+    sys.exit(130)
 
 
 def train(args, ckpt, splits, device, autocast, rank, world_size):
@@ -589,19 +703,23 @@ def train(args, ckpt, splits, device, autocast, rank, world_size):
     run.batches_per_epoch = len(batch_indices(splits.train.lengths, args.batch_size, shuffle=True, seed=args.seed,
                                               drop_last=True, rank=rank, world_size=world_size))
     run.steps_per_epoch = math.ceil(run.batches_per_epoch / args.grad_accum)  # a short last step ends an epoch
-    run.total_steps = min(run.steps_per_epoch * args.epochs, args.max_steps or math.inf)
+    run.total_steps = min(run.steps_per_epoch * (args.epochs or math.inf), args.max_steps or math.inf)
     build_training(run, ckpt)
     check_vocab(run.raw_model.config.vocab_size, args.model)
     if ckpt is not None:
         log(f"resuming {run.path('ckpt.pt')} at step {run.state['step']} (epoch {run.state['epoch'] + 1}, "
             f"batch {run.state['batch_in_epoch']} of {run.batches_per_epoch})")
+        if changes := changed_settings(args, ckpt["args"]):
+            log(f"changed since the checkpoint: {changes}")
     trainable, total = parameter_counts(run.raw_model)
     lora = f", LoRA rank {args.lora_rank} on {args.lora_targets}" if args.lora_rank else ""
     log(f"model {args.model} ({args.init} weights): {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M "
         f"trainable{lora}; context {run.raw_model.config.context_length}, on {device} ({args.dtype})")
     log(f"global batch {args.batch_size * world_size * args.grad_accum} = batch size {args.batch_size} x "
         f"{world_size} process{'es' if world_size > 1 else ''} x grad accum {args.grad_accum}; "
-        f"{run.total_steps} optimizer steps ({run.steps_per_epoch} per epoch)")
+        f"{plural(run.total_steps, 'optimizer step')} ({run.steps_per_epoch} per epoch)")
+    if args.epochs and args.max_steps:
+        log(which_limit(args.epochs, args.max_steps, run.steps_per_epoch))
     if run.state["step"] >= run.total_steps:
         log(f"nothing to do: the run is at step {run.state['step']} of {run.total_steps}; "
             "raise --epochs or --max-steps")
@@ -618,6 +736,7 @@ def train(args, ckpt, splits, device, autocast, rank, world_size):
             f.writelines(kept)
     run.started, run.start_elapsed = time.time(), run.state["elapsed"]
     run.last_eval = (run.started, run.state["tokens_seen"])
+    run.progress = StatusLine(sys.stdout, (PROGRESS_EVERY["terminal"], PROGRESS_EVERY["log"]))
 
     # Ctrl-C (or SIGTERM) sets a flag; the loop stops at the next step boundary, where rank 0 saves.
     signalled = threading.Event()
@@ -632,6 +751,7 @@ def train(args, ckpt, splits, device, autocast, rank, world_size):
     try:
         interrupted = train_epochs(run, signalled.is_set)
     finally:
+        run.progress.clear()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
 
@@ -639,13 +759,16 @@ def train(args, ckpt, splits, device, autocast, rank, world_size):
         if interrupted:
             save_run(run)
         if not plot_losses(run.path("metrics.jsonl"), run.path("loss.png")):
-            print(f"no {run.path('loss.png')}: matplotlib is not installed (pip install matplotlib)")
+            print(f"no {run.path('loss.png')}: matplotlib is not installed (pip install matplotlib), then draw it "
+                  f"with python train.py --plot --out {args.out}")
         if interrupted:
             print(f"interrupted at step {run.state['step']}: saved {run.path('ckpt.pt')}; "
                   f"continue with --resume --out {args.out}")
         else:
-            print(f"done: {run.state['step']} steps in {duration(time.time() - run.started)}; best val loss "
-                  f"{run.state['best_val_loss']:.3f}; checkpoints in {args.out}")
+            took = f"{plural(run.steps_run, 'step')} in {duration(time.time() - run.started)}"
+            if ckpt is not None:  # this process's part, then the whole run's
+                took += f" (the run: {plural(run.state['step'], 'step')} in {duration(run.state['elapsed'])})"
+            print(f"done: {took}; best val loss {run.state['best_val_loss']:.3f}; checkpoints in {args.out}")
     if interrupted:
         sys.exit(130)
 

@@ -7,7 +7,7 @@ import torch
 
 import common
 from checkpoint import save_checkpoint
-from common import atomic_write
+from common import atomic_write, check_writable_folder, plural, remove_stale_temporaries
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -31,18 +31,19 @@ class Stderr(io.StringIO):
 
 @pytest.mark.parametrize("terminal", [True, False])
 def test_progress_rewrites_one_line_in_a_terminal_and_prints_plain_lines_in_a_log(monkeypatch, terminal):
-    clock = iter([0.0, 0.0, 0.05, 3.0, 12.0, 13.0, 14.0])  # start, then one reading per update
-    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+    now = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: now[0])
     monkeypatch.setattr(common.sys, "stderr", Stderr(terminal))
     with common.Progress("loss: batch", 5) as progress:
-        for done in range(1, 6):
+        for done, at in zip(range(1, 6), (0.0, 0.05, 3.0, 12.0, 13.0)):
+            now[0] = at
             progress.update(done, ", 9 tokens/s" if done == 5 else "")
         if terminal:  # a note ends the line in place first
             progress.note("a note")
     shown = common.sys.stderr.getvalue()
     if terminal:  # at most every 0.1 s: batch 2 (at 0.05 s) is not shown; the last always is
-        assert shown == ("\rloss: batch 1/5, 0s left \rloss: batch 3/5, 2s left \rloss: batch 4/5, 3s left "
-                         "\rloss: batch 5/5, 9 tokens/s, 0s left \na note\n")
+        assert shown == ("\rloss: batch 1/5, 0s left\x1b[K\rloss: batch 3/5, 2s left\x1b[K\rloss: batch 4/5, 3s left"
+                         "\x1b[K\rloss: batch 5/5, 9 tokens/s, 0s left\x1b[K\na note\n")
     else:  # every 10 s, and the last
         assert shown == "loss: batch 1/5, 0s left\nloss: batch 4/5, 3s left\nloss: batch 5/5, 9 tokens/s, 0s left\n"
 
@@ -51,3 +52,45 @@ def test_plural():
     assert [common.plural(n, "entry") for n in (0, 1, 2)] == ["0 entries", "1 entry", "2 entries"]
     assert [common.plural(n, "response") for n in (1, 3)] == ["1 response", "3 responses"]
     assert common.plural(2, "day") == "2 days"
+    assert [common.plural(n, "step") for n in (0, 1, 2, 1100)] == ["0 steps", "1 step", "2 steps", "1,100 steps"]
+    assert (common.plural(1, "process", "processes"), common.plural(3, "process", "processes")) == \
+        ("1 process", "3 processes")
+
+
+def test_stale_temporaries_of_the_named_files_go_and_nothing_else(tmp_path):
+    (tmp_path / "best.pt.tmp").write_bytes(b"\0" * (3 * 2**20))  # what a kill -9 mid-save leaves
+    (tmp_path / "metrics.jsonl.tmp").write_text('{"step": 1')
+    keep = {"ckpt.pt": b"a checkpoint", "notes.tmp": b"the user's", "other.pt.tmp": b"not ours", "best.pt": b"w"}
+    for name, content in keep.items():
+        (tmp_path / name).write_bytes(content)
+    os.makedirs(tmp_path / "loss.png.tmp")  # a folder of that name is not a temporary file of ours
+    said = remove_stale_temporaries(str(tmp_path), ["ckpt.pt", "best.pt", "metrics.jsonl", "loss.png"])
+    assert said == (f"removed best.pt.tmp (3 MiB), metrics.jsonl.tmp from {tmp_path}: left by a save that was "
+                    "killed before it finished")
+    assert sorted(os.listdir(tmp_path)) == sorted([*keep, "loss.png.tmp"])
+    assert all((tmp_path / name).read_bytes() == content for name, content in keep.items())
+    assert remove_stale_temporaries(str(tmp_path), ["ckpt.pt", "best.pt"]) == ""
+
+
+def test_check_writable_folder_creates_nothing_and_says_what_is_wrong(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=f"^{tmp_path}/a-file is a file, not a folder to write results in$"):
+        check_writable_folder(str(tmp_path / "a-file"))
+    with pytest.raises(NotADirectoryError,
+                       match=f"^cannot create the folder {tmp_path}/a-file/out: {tmp_path}/a-file is a file$"):
+        check_writable_folder(str(tmp_path / "a-file" / "out"))
+    assert check_writable_folder(str(tmp_path / "new" / "out")) == str(tmp_path / "new" / "out")
+    assert check_writable_folder(str(tmp_path)) == str(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["a-file"]  # nothing created, no probe left behind
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in read-only folders")
+def test_check_writable_folder_refuses_a_read_only_folder(tmp_path):
+    os.chmod(tmp_path, 0o555)
+    try:
+        with pytest.raises(PermissionError, match=f"^cannot create the folder {tmp_path}/out: {tmp_path} is not "):
+            check_writable_folder(str(tmp_path / "out"))
+        with pytest.raises(OSError, match=f"^cannot write in {tmp_path} "):
+            check_writable_folder(str(tmp_path))
+    finally:
+        os.chmod(tmp_path, 0o755)

@@ -2,6 +2,8 @@
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import data
 from data import EOT_ID
 from model import IGNORE_INDEX
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALPACA_HEAD = ("Below is an instruction that describes a task. "
                "Write a response that appropriately completes the request.")
 
@@ -91,7 +94,11 @@ BAD_DATA = [
     ("bad.json", "[{\"instruction\": \"a\",", r"bad\.json: not valid JSON: "),
     ("bad.json", json.dumps({"instruction": "a", "output": "b"}), r"bad\.json: expected a list of entries, got a JSON dict"),
     ("bad.json", "[]", r"bad\.json: the data set has no entries"),
-    ("bad.jsonl", "\n\n", r"bad\.jsonl: the data set has no entries"),
+    ("bad.jsonl", "\n\n", r"bad\.jsonl: the file is empty \(nothing but whitespace\)"),
+    ("bad.json", "", r"bad\.json: the file is empty$"),
+    ("bad.jsonl", "", r"bad\.jsonl: the file is empty$"),
+    ("bad.jsonl", "[]", r"bad\.jsonl: the data set has no entries"),
+    ("bad.jsonl", '[\n  {"instruction": "a", "output": "b"},\n', r"bad\.jsonl: not valid JSON: "),  # an array: no "line 1"
     ("bad.json", json.dumps([{"instruction": "a", "output": "b"}, "text"]), r"bad\.json: entry 1: expected an object, got str"),
     ("bad.json", json.dumps([{"instruction": "a", "output": "b"}, {"output": "b"}]), r"bad\.json: entry 1: missing 'instruction'"),
     ("bad.json", json.dumps([{"instruction": "a", "input": "b"}]), r"bad\.json: entry 0: missing 'output'"),
@@ -118,6 +125,48 @@ def test_json_lines_are_recognised_by_content_whatever_the_name(tmp_path):
     for name in ("DATA.JSONL", "data", "data.json"):
         (tmp_path / name).write_text("\n".join(json.dumps(e) for e in entries) + "\n", encoding="utf-8")
         assert data.load_instruction_data(str(tmp_path / name)) == [{"input": "", **e} for e in entries]
+
+
+def test_a_json_array_is_an_array_whatever_the_name(tmp_path):
+    entries = make_entries(3)
+    loaded = [{"input": "", **e} for e in entries]
+    (tmp_path / "pretty.jsonl").write_text(json.dumps(entries, indent=2), encoding="utf-8")
+    (tmp_path / "one-line.jsonl").write_text(json.dumps(entries) + "\n", encoding="utf-8")
+    (tmp_path / "one-entry.jsonl").write_text(json.dumps(entries[0]) + "\n", encoding="utf-8")
+    assert data.load_instruction_data(str(tmp_path / "pretty.jsonl")) == loaded
+    assert data.load_instruction_data(str(tmp_path / "one-line.jsonl")) == loaded
+    assert data.load_instruction_data(str(tmp_path / "one-entry.jsonl")) == loaded[:1]
+
+
+def test_txt_in_any_case_is_raw_text_and_an_empty_one_says_so(tmp_path):
+    (tmp_path / "verdict.TXT").write_text("It was the best of times, it was the worst of times. " * 40)
+    splits = data.prepare_data(str(tmp_path / "verdict.TXT"), context_length=32)
+    assert splits.kind == "text" and len(splits.train) > 0 and splits.fingerprint["entries"] is None
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match=f"^{tmp_path}/empty.txt: the file is empty$"):
+        data.prepare_data(str(tmp_path / "empty.txt"))
+
+
+def test_counts_in_messages_are_singular_for_one(tmp_path):
+    splits = data.prepare_data(write_json(tmp_path, make_entries(2)), test_frac=0.0)  # 1 train, 1 validation
+    with pytest.raises(ValueError, match=r"the train split has 1 example, fewer than the batch size of 2;"):
+        data.check_batchable(splits, 2)
+    other = {"sha256": "0" * 64, "entries": 1}
+    with pytest.raises(ValueError, match=r"\(sha256 [0-9a-f]{12}\.\.\. with 2 entries, not 000000000000\.\.\. "
+                                         r"with 1 entry\)$"):
+        data.check_same_data(splits, other, "elsewhere.json")
+
+
+def test_help_describes_every_flag_with_its_default():
+    proc = subprocess.run([sys.executable, "data.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    text = " ".join(proc.stdout.split())
+    assert proc.returncode == 0
+    for flag, said in (("--data DATA", "instruction data (a JSON array or JSON Lines, whatever the name)"),
+                       ("--prompt-style {alpaca,phi3,none}", "prompt template (default: alpaca)"),
+                       ("--context-length CONTEXT_LENGTH", "(default: 1024)"),
+                       ("--batch-size BATCH_SIZE", "for the padding figures (default: 8)"),
+                       ("--mask-instructions", "count only response tokens in the loss")):
+        assert f"{flag} " in text and said in text.split(flag, 1)[1], flag
 
 
 def test_missing_and_non_utf8_files(tmp_path):

@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch.nn.functional as F
 
 from common import download
 from model import GPT, KVCache, PRESETS, build_model, config_for, from_pretrained, hf_folder
+from model import main as model_main
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf-tiny-gpt2")
 REFERENCE = json.load(open(os.path.join(FIXTURE, "reference.json")))
@@ -199,3 +202,30 @@ def test_hub_names_use_the_cache_and_download_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="could not download .*absent.bin .*; check the network"):
         download((tmp_path / "absent.bin").as_uri(), str(tmp_path / "dl" / "absent.bin"))
     assert os.listdir(tmp_path / "dl") == ["file.bin"]
+
+
+def test_command_line_lists_presets_and_loads_a_name_or_folder(tmp_path, monkeypatch, capsys):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "model.py"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.splitlines() == [
+        "gpt2         12 layers, 12 heads, width  768, context 1024: 124.4M parameters",
+        "gpt2-medium  24 layers, 16 heads, width 1024, context 1024: 354.8M parameters",
+        "gpt2-large   36 layers, 20 heads, width 1280, context 1024: 774.0M parameters",
+        "gpt2-xl      48 layers, 25 heads, width 1600, context 1024: 1,557.6M parameters",
+        "tiny          2 layers,  4 heads, width   64, context 1024: 3.4M parameters (random weights only)"]
+    with pytest.raises(SystemExit) as stopped:
+        model_main(["--help"])
+    assert stopped.value.code == 0 and "usage: " in capsys.readouterr().out
+    # a preset name: its weights from the cache folder (fetched there once; here put there by the test)
+    cached = tmp_path / "gpt2"
+    cached.mkdir()
+    for file in ("config.json", "model.safetensors"):
+        (cached / file).write_bytes(open(os.path.join(FIXTURE, "bare", file), "rb").read())
+    monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path))
+    model_main(["gpt2"])
+    assert capsys.readouterr().out == ("gpt2: 0.2M parameters, 2 layers, 4 heads, width 64, context 64, vocabulary "
+                                       f"1024; loaded from {cached}\n")
+    folder = os.path.join(FIXTURE, "prefixed")
+    model_main([folder])
+    assert capsys.readouterr().out.endswith(f"vocabulary 1024; loaded from {folder}\n")

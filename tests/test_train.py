@@ -1,11 +1,14 @@
 """train.py on the tiny model (random weights, GPT-2 vocabulary) and small data made here.
 Runs are in-process (train.main) where that saves the cost of starting Python and torch;
 the command-line behaviour (exit codes, Ctrl-C, torchrun) runs in subprocesses."""
+import argparse
 import glob
 import importlib.util
+import io
 import json
 import shutil
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -235,7 +238,7 @@ def test_mask_instructions_trains_on_responses_only_and_survives_resume(data, tm
     # its tokens seen are the same padded inputs.
     assert metrics(tmp_path / "plain")[0]["tokens_seen"] == metrics(tmp_path / "masked")[0]["tokens_seen"]
     assert load_checkpoint(tmp_path / "masked" / "ckpt.pt")["mask_instructions"] is True
-    capsys.readouterr()
+    assert "; 1 optimizer step (20 per epoch)" in capsys.readouterr().out
     run("--resume", "--out", tmp_path / "masked", "--max-steps", 2)
     assert "instructions masked in the loss" in capsys.readouterr().out
 
@@ -264,6 +267,83 @@ def test_compile_says_so_before_its_silent_minute(data, tmp_path, capsys, monkey
     run(*FAST, "--data", data, "--out", tmp_path / "out", "--max-steps", 1, "--compile")
     assert len(compiled) == 1
     assert "compiling the model with torch.compile: the first steps take a minute or so" in capsys.readouterr().out
+
+
+def test_max_steps_alone_decides_and_with_epochs_the_run_says_which_ends(data, tmp_path, capsys):
+    common = [*FAST, "--batch-size", 8, "--data", data, "--eval-every", 100]  # 40 examples: 5 steps an epoch
+    run(*common, "--out", tmp_path / "steps", "--max-steps", 12)  # not cut at the default 2 epochs (10 steps)
+    printed = capsys.readouterr().out
+    assert "; 12 optimizer steps (5 per epoch)\n" in printed and "ends the run" not in printed
+    assert load_checkpoint(tmp_path / "steps" / "ckpt.pt")["step"] == 12
+    run(*common, "--out", tmp_path / "both", "--max-steps", 12, "--epochs", 1)
+    assert "; 5 optimizer steps (5 per epoch)\n--epochs 1 ends the run at step 5, before --max-steps 12\n" in \
+        capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "both" / "ckpt.pt")["step"] == 5
+    assert train.which_limit(3, 12, 5) == "--max-steps 12 ends the run, before the end of --epochs 3 (step 15)"
+    assert train.which_limit(2, 10, 5) == "--epochs 2 and --max-steps 10 both end the run at step 10"
+
+
+def test_a_resumed_run_may_change_the_optimizer_settings_and_says_which(data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    run(*FAST, "--data", data, "--out", out, "--max-steps", 2, "--lr", "1e-3")
+    capsys.readouterr()
+    clip, clipped = torch.nn.utils.clip_grad_norm_, []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, norm: clipped.append(norm) or clip(params, norm))
+    # what the advice after a NaN asks for: a lower (here: another) --lr, --grad-clip 1
+    run("--resume", "--out", out, "--max-steps", 4, "--lr", "1e-2", "--warmup-steps", 8, "--lr-schedule", "cosine",
+        "--weight-decay", 0, "--grad-clip", 0.5)
+    printed = capsys.readouterr().out
+    assert ("changed since the checkpoint: --grad-clip 0.5 (was 0.0), --lr 0.01 (was 0.001), --lr-schedule cosine "
+            "(was constant), --max-steps 4 (was 2), --warmup-steps 8 (was 0), --weight-decay 0.0 (was 0.1)\n") in printed
+    assert clipped == [0.5, 0.5]  # steps 3 and 4
+    assert metrics(out)[-1]["step"] == 4 and metrics(out)[-1]["lr"] == pytest.approx(1e-2 * 4 / 8)  # warming up
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert [group["weight_decay"] for group in ckpt["optimizer"]["param_groups"]] == [0.0]
+    assert (ckpt["args"]["lr"], ckpt["args"]["grad_clip"], ckpt["args"]["lr_schedule"]) == (1e-2, 0.5, "cosine")
+    # the end says what this process did, and what the whole run did
+    assert re.search(r"^done: 2 steps in \d+s \(the run: 4 steps in \d+s\); best val loss ", printed, re.M), printed
+
+
+def test_progress_lines_between_evaluations_in_a_log_and_on_a_terminal(data, tmp_path, capsys, monkeypatch):
+    step_losses, train_step = [], train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: step_losses.append(train_step(*a, **k)) or step_losses[-1])
+    monkeypatch.setitem(train.PROGRESS_EVERY, "log", 0)  # a line at every step that does not evaluate
+    run(*FAST, "--data", data, "--out", tmp_path / "log", "--max-steps", 4, "--eval-every", 3)  # evaluates at 1, 4
+    lines = capsys.readouterr().out.splitlines()
+    progress = [line for line in lines if line.startswith("step ")]
+    assert [line.split(" | ")[:2] for line in progress] == [["step 2/4", f"loss {step_losses[1]:.3f}"],
+                                                              ["step 3/4", f"loss {step_losses[2]:.3f}"]]
+    assert all(re.fullmatch(r"step \d/4 \| loss \d+\.\d{3} \| [\d,]+ tokens/s \| \d+s left", line) for line in progress)
+    assert lines.index(progress[0]) == lines.index(progress[1]) - 1 and lines[lines.index(progress[1]) + 1].startswith(
+        "epoch 1 step 4/4 | train loss ")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setitem(train.PROGRESS_EVERY, "terminal", 0)
+    step_losses.clear()
+    run(*FAST, "--data", data, "--out", tmp_path / "terminal", "--max-steps", 4, "--eval-every", 3)
+    # one line rewritten in place (\r, then erase the rest of the line), erased before the next evaluation
+    assert re.search(rf"left\n\rstep 2/4 \| loss {step_losses[1]:.3f} \| [^\n]*\x1b\[K"
+                     rf"\rstep 3/4 \| loss {step_losses[2]:.3f} \| [^\n]*\x1b\[K\r\x1b\[Kepoch 1 step 4/4 \| ",
+                     terminal.getvalue()), terminal.getvalue()
+
+
+def test_time_left_counts_the_evaluations_and_saves_still_due(tmp_path):
+    # the schedule of test_checkpoints_are_saved_every_save_every_steps_and_at_epoch_ends: 20 steps an epoch,
+    # evaluations at 1, 6, 11, 16, 21, 22, saves at 8, 16, 20, 22
+    args = argparse.Namespace(eval_every=5, save_every=8, out=str(tmp_path))
+    run = train.Run(args, None, 0, 1, None, None, total_steps=22, steps_per_epoch=20, steps_run=2,
+                    eval_seconds=6.0, evals_run=2, save_seconds=2.0, saves_run=1, started=time.time() - 10)
+    run.state["step"] = 2
+    # 1 s a training step (10 s - 6 s evaluating - 2 s saving, over 2 steps) x 20 steps, 3 s x 5 evaluations,
+    # 2 s x 4 saves
+    assert train.time_left(run) == pytest.approx(20 + 15 + 8, abs=0.2)
+    run.state["step"] = 21
+    assert train.time_left(run) == pytest.approx(1 + 3 + 2, abs=0.2)
 
 
 def test_lr_schedules():
@@ -337,7 +417,70 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(data, tmp_path):
     assert_same_weights(out, tmp_path / "full")
 
 
+def test_a_second_ctrl_c_stops_at_once_with_one_line_and_130(data, tmp_path):
+    out = tmp_path / "out"
+    # train.py with a save that takes long after the first one: the second Ctrl-C comes during it
+    code = ("import sys, time, train\n"
+            "from common import run_main\n"
+            "save_run, saves = train.save_run, []\n"
+            "def slow_save(run):\n"
+            "    saves.append(1)\n"
+            "    if len(saves) > 1:\n"
+            "        print('saving', flush=True)\n"
+            "        time.sleep(60)\n"
+            "    save_run(run)\n"
+            "train.save_run = slow_save\n"
+            "run_main(lambda: train.main(sys.argv[1:]))\n")
+    proc = script("-c", code, *FAST, "--data", data, "--out", out, "--epochs", 1000, "--save-every", 2,
+                  "--eval-every", 1000)
+    deadline = time.time() + 60
+    while not os.path.exists(out / "ckpt.pt") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # the loop stops at the next step, and saves (slowly)...
+    while proc.poll() is None and proc.stdout.readline() != "saving\n":
+        pass
+    proc.send_signal(signal.SIGINT)  # ... and this one stops it at once
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr == "", stderr
+    assert stdout.endswith(f"interrupted: {out / 'ckpt.pt'} holds the last completed save; continue with --resume "
+                           f"--out {out}\n")
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 2 and glob.glob(str(out / "*.tmp")) == []
+
+
 # ----------------------------------------------------------------------------- mistakes
+
+
+def test_an_unwritable_out_is_found_before_the_data_and_the_model(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "prepare_data", lambda *a, **k: pytest.fail("loaded the data first"))
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("built the model first"))
+    (tmp_path / "a-file").write_text("notes")
+    for out, message in ((tmp_path / "a-file", f"{tmp_path / 'a-file'} is a file, not a folder to write results in"),
+                         (tmp_path / "a-file" / "run", f"cannot create the folder {tmp_path / 'a-file' / 'run'}: "
+                                                       f"{tmp_path / 'a-file'} is a file")):
+        with pytest.raises(SystemExit) as stopped:
+            run_cli(*FAST, "--data", data, "--out", out)
+        assert stopped.value.code == f"error: {message}"
+    assert (tmp_path / "a-file").read_text() == "notes"
+
+
+def test_the_next_run_removes_the_temporary_files_a_killed_save_left(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(*FAST, "--data", data, "--out", out, "--max-steps", 2)
+    (out / "best.pt.tmp").write_bytes(b"\0" * (2 * 2**20))  # as a kill -9 during a save leaves it
+    (out / "ckpt.pt.tmp").write_bytes(b"half")
+    theirs = {"notes.tmp": "mine", "ckpt.pt.old": "a copy", "metrics.jsonl.bak": "kept"}
+    for name, text in theirs.items():
+        (out / name).write_text(text)
+    with pytest.raises(SystemExit):  # a refused run touches nothing: the folder may be a running run's
+        run_cli(*FAST, "--data", data, "--out", out)
+    assert os.path.exists(out / "best.pt.tmp") and os.path.exists(out / "ckpt.pt.tmp")
+    capsys.readouterr()
+    run("--resume", "--out", out, "--max-steps", 3)
+    assert (f"removed ckpt.pt.tmp, best.pt.tmp (2 MiB) from {out}: left by a save that was killed before it "
+            "finished\n") in capsys.readouterr().out
+    assert glob.glob(str(out / "*.pt.tmp")) == [] and load_checkpoint(out / "ckpt.pt")["step"] == 3
+    assert all((out / name).read_text() == text for name, text in theirs.items())
+
 
 
 def test_bad_argument_from_the_command_line_is_one_line_and_exit_1(tmp_path):
@@ -392,8 +535,8 @@ def test_setting_mistakes_are_one_sentence(data, tmp_path):
         "(nothing was overwritten)")
     assert error("--out", out, "--resume", "--batch-size", 4).startswith(
         "error: --batch-size 4 differs from the checkpoint's 2; a resumed run keeps its settings")
-    assert error("--out", out, "--resume", "--max-steps", 3, "--warmup-steps", 2).startswith(
-        "error: --warmup-steps 2 differs from the checkpoint's 0; a resumed run keeps its settings")
+    assert error("--out", out, "--resume", "--max-steps", 3, "--seed", 5).startswith(
+        "error: --seed 5 differs from the checkpoint's 123; a resumed run keeps its settings")
     assert (out / "ckpt.pt").read_bytes() == before
 
     (out / "ckpt.pt").write_bytes(before[: len(before) // 2])  # a truncated file
@@ -402,6 +545,43 @@ def test_setting_mistakes_are_one_sentence(data, tmp_path):
     save_checkpoint({"model": {}, "config": {}}, str(out / "ckpt.pt"))  # weights only, no training state
     assert error("--out", out, "--resume").endswith("holds no training state (optimizer, data position); "
                                                     "it cannot be resumed")
+
+
+def test_plot_draws_a_finished_run_later(data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        run_cli("--plot", "--out", out)
+    assert stopped.value.code == (f"error: nothing to plot: {out / 'metrics.jsonl'} does not exist (train.py writes "
+                                  "it at every evaluation)")
+    with pytest.raises(SystemExit) as stopped:
+        run("--plot", "--out", out, "--lr", "1e-3")
+    assert stopped.value.code == 2 and "--plot goes with --out only" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # trained without matplotlib...
+    run(*FAST, "--data", data, "--out", out, "--max-steps", 1)
+    assert (f"no {out / 'loss.png'}: matplotlib is not installed (pip install matplotlib), then draw it with "
+            f"python train.py --plot --out {out}\n") in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stopped:
+        run_cli("--plot", "--out", out)
+    assert stopped.value.code == "error: matplotlib is not installed; pip install matplotlib, then run this again"
+    assert not os.path.exists(out / "loss.png")
+    if HAVE_MATPLOTLIB:  # ... then installed
+        monkeypatch.undo()
+        run("--plot", "--out", out)
+        assert capsys.readouterr().out == f"wrote {out / 'loss.png'}\n" and os.path.getsize(out / "loss.png") > 0
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is optional")
+def test_loss_plot_marks_the_points_when_there_are_few(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+    drawn, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig) or savefig(fig, *a, **k))
+    for n in (1, 60):
+        with open(tmp_path / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(dict(step=s, tokens_seen=10 * s, train_loss=3.0, val_loss=3.5)) + "\n"
+                         for s in range(1, n + 1))
+        train.plot_losses(tmp_path / "metrics.jsonl", str(tmp_path / "loss.png"))
+    few, many = ([line.get_marker() for line in fig.axes[0].lines] for fig in drawn)
+    assert few == ["o", "o"] and many == ["None", "None"]
 
 
 def test_help_shows_every_default(capsys):
