@@ -182,7 +182,8 @@ def _parse_json_lines(path: str, text: str) -> list:
 
 
 def load_instruction_data(path: str) -> list[dict]:
-    """Entries with `instruction`, `output` and an optional `input` (Alpaca layout).
+    """Entries with `instruction`, `output` and an optional `input` (Alpaca layout); a
+    preference entry may lack `output`, which is then its `chosen` response.
 
     Reads a JSON array or a JSON Lines (.jsonl) file. Every problem is a ValueError
     naming the file and the entry; nothing is dropped. A missing `input` becomes "".
@@ -195,6 +196,8 @@ def load_instruction_data(path: str) -> list[dict]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise ValueError(f"{path}: entry {i}: expected an object, got {type(entry).__name__}")
+        if "output" not in entry and isinstance(entry.get("chosen"), str):
+            entry["output"] = entry["chosen"]  # a preference entry (dpo.py): its preferred response is the output
         for key in ("instruction", "output"):
             if key not in entry:
                 raise ValueError(f"{path}: entry {i}: missing {key!r}")

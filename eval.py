@@ -5,6 +5,7 @@
     python eval.py --model gpt2 --data data/instruction-data.json --out out/gpt2-base
     python eval.py --ckpt out/ckpt.pt --judge llama3          # then score them with Llama 3 (Ollama)
     python eval.py --judge-only out/test-responses.json --judge llama3   # score a file, no model
+    python eval.py --ckpt out/dpo/best.pt --reference out/sft/best.pt     # preference data: DPO metrics too
 
 Rebuilds the split, prompt style, context length and loss masking the checkpoint was trained
 with (--data, --prompt-style and --mask-instructions override theirs), reports the test and
@@ -16,6 +17,9 @@ validation loss over all their batches, then writes to OUT (the checkpoint's fol
 With --judge MODEL an LLM judge (judge.py) then scores every response from 0 to 100, as the
 chapter does: each record of test-responses.json gets its judge_score and judge_model, and
 eval.json a "judge" summary. --judge-only FILE does only that, for FILE and the eval.json beside it.
+On preference data (entries with "chosen" and "rejected") eval.json also gets "pairs": the share of
+test pairs whose chosen response is the more likely, and with --reference CKPT (the model DPO
+started from) their DPO loss, rewards, reward margin and reward accuracy.
 """
 import argparse
 import json
@@ -30,8 +34,10 @@ from collections import Counter
 
 from torch.utils.data import DataLoader
 
+from checkpoint import load_model_file
 from common import AT_LEAST_1, POSITIVE, checked, duration, resolve_device, run_main, writable_folder, write_json
 from data import batch_indices, check_same_data, decode, get_prompt_style, prepare_data, read_text
+from dpo import check_preference_entries, test_pair_report
 from model import calc_loss_loader
 from generate import add_inference_args, decoding_settings, generate, hit_limit, load_for_inference
 from judge import DEFAULT_TIMEOUT, DEFAULT_URL, check_server, check_url, judge_file, load_responses
@@ -229,6 +235,26 @@ def judge_only(args, url):
 # ----------------------------------------------------------------------------- main
 
 
+def preference_report(model, splits, entries, style, context_length, ckpt, args, device):
+    """eval.json's "pairs" on preference data (dpo.test_pair_report; beta and the log-prob mode of
+    the DPO run evaluated, else the defaults), printed; None on other data."""
+    if args.reference is None and not any("chosen" in entry for entry in splits.test_entries):
+        return None
+    check_preference_entries(splits.path, splits.train_entries + splits.test_entries + splits.val_entries)
+    reference = None
+    if args.reference is not None:
+        reference = load_model_file(args.reference, context_length)[0].to(device).eval()
+    run_args = ckpt.get("args", {}) if ckpt.get("args", {}).get("dpo") else {}
+    report = test_pair_report(model, entries, style, context_length, args.batch_size, device, reference,
+                              run_args.get("beta", 0.1), run_args.get("dpo_logprobs", "sum"))
+    line = f"test pairs: chosen response more likely in {report['chosen_more_likely']:.1%}"
+    if reference is not None:
+        line += (f"; against {args.reference}: DPO loss {report['loss']:.4f}, reward margin "
+                 f"{report['reward_margin']:.4f}, reward accuracy {report['reward_accuracy']:.1%}")
+    print(line)
+    return report
+
+
 def finite_or_none(x):
     return x if math.isfinite(x) else None  # a loss with no counted target is NaN, which JSON lacks
 
@@ -242,6 +268,8 @@ def main(argv=None):
     p.add_argument("--out", help="folder for test-responses.json and eval.json; default: the checkpoint's folder")
     p.add_argument("--limit", type=AT_LEAST_1, help="evaluate only the first N test entries (loss and responses)")
     p.add_argument("--batch-size", type=AT_LEAST_1, default=16, help="for the losses and for generation")
+    p.add_argument("--reference", metavar="CKPT", help="preference data: the model DPO started from (a checkpoint "
+                   "or model file), for the test pairs' DPO loss, reward margin and reward accuracy")
     p.add_argument("--judge", metavar="MODEL", type=checked(str, str.strip, "a model name"),
                    help="then score every response from 0 to 100 with this model on an LLM server, e.g. llama3")
     p.add_argument("--judge-url", metavar="URL", help=f"the judge's server: Ollama's address (default {DEFAULT_URL}), "
@@ -276,6 +304,7 @@ def main(argv=None):
     val_loss, _ = split_loss(model, splits.val, splits.collate_fn, args.batch_size, device)
     print(f"test loss {test_loss:.4f} (perplexity {math.exp(test_loss):.2f}) over {n_targets} targets, "
           f"val loss {val_loss:.4f}")
+    pairs = preference_report(model, splits, entries, style, context_length, ckpt, args, device)
 
     # the dataset tokenized prompt and response apart, so its first prompt_length ids are the prompt
     prompts = [ids[:n] for ids, n in zip(splits.test.token_ids, splits.test.prompt_lengths[:len(entries)])]
@@ -309,7 +338,7 @@ def main(argv=None):
                        "batch_size": args.batch_size, "seed": args.seed},
         "tokens_per_second": round(n_tokens / seconds, 1),
         "no_end_of_text": sum(no_eot), "truncated_prompts": n_truncated,
-        **scores,
+        **scores, **({"pairs": pairs} if pairs else {}),
     }
     summary = f"exact match {scores['exact_match']:.1%}, F1 {scores['f1']:.1%}"
     if "labels" in scores:

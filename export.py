@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_model_file
 from common import run_main, write_json
 from data import EOT_ID, check_vocab, get_prompt_style, get_tokenizer
 from model import transposed_in_hf
@@ -191,9 +191,8 @@ def export(ckpt_path, out, force=False):
     gets the model files only, and a ValueError saying so once they are in place."""
     from safetensors.torch import save_file
 
-    ckpt = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(ckpt, ckpt_path)
-    cfg, style = model.config, ckpt.get("prompt_style", "alpaca")
+    model, style = load_model_file(ckpt_path)  # a train.py checkpoint, the book's .pth or nanoGPT's ckpt.pt
+    cfg, style = model.config, style or "alpaca"
     get_prompt_style(style)  # an unknown style fails before anything is written
     out = os.path.abspath(out)
     check_out(out, ckpt_path, force)
@@ -241,7 +240,8 @@ def export(ckpt_path, out, force=False):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
+    p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py (or the book's .pth state dict, "
+                   "or nanoGPT's ckpt.pt)")
     p.add_argument("--out", required=True, help="the folder to write (new or empty, unless --force)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists (once the new folder is complete)")
     args = p.parse_args()

@@ -150,7 +150,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, reduction="mean"):
         """idx (B, T) -> logits (B, T, vocab). With targets (B, T): the cross-entropy over
         targets != -100 instead, "mean" per counted target or "sum" (divide it by the count
-        yourself to average over several batches). A batch with no counted target gives 0,
+        yourself to average over several batches), or "none": that of each counted target, in
+        row-major order (dpo.py sums them per row). A batch with no counted target gives 0,
         not NaN."""
         B, T = idx.shape
         if T > self.config.context_length:
@@ -162,6 +163,8 @@ class GPT(nn.Module):
         # instructions that skips a large share of the biggest matmul of the model.
         keep = targets != IGNORE_INDEX
         logits = self.wte.logits(x[keep])
+        if reduction == "none":
+            return F.cross_entropy(logits.float(), targets[keep], reduction="none")
         loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return loss / keep.sum().clamp(min=1) if reduction == "mean" else loss
 
