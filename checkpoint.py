@@ -171,12 +171,14 @@ def book_state_dict(book, path):
     trf_blocks.N.att.W_query/W_key/W_value/out_proj, ff.layers.0/2, norm1/2 (scale, shift),
     final_norm, out_head. Its config comes from the tensor shapes; its attention masks are skipped."""
     vocab_size, emb_dim = book["tok_emb.weight"].shape
-    if not torch.equal(book.get("out_head.weight", book["tok_emb.weight"]), book["tok_emb.weight"]):
-        raise ValueError(f"{path}: its output head differs from its token embedding (the book's GPTModel keeps "
-                         "them apart); this GPT-2 ties them, so these weights cannot be loaded exactly")
+    # The book's GPTModel keeps out_head apart from tok_emb; loaded from GPT-2 they start equal,
+    # and fine-tuning moves them apart (gpt2-medium355M-sft.pth): then the head stays its own.
+    tied = torch.equal(book.get("out_head.weight", book["tok_emb.weight"]), book["tok_emb.weight"])
     n_layers = len({key.split(".")[1] for key in book if key.startswith("trf_blocks.")})
     state = {"wte.weight": book["tok_emb.weight"].t(), "wpe.weight": book["pos_emb.weight"],
              "ln_f.weight": book["final_norm.scale"], "ln_f.bias": book["final_norm.shift"]}
+    if not tied:
+        state["wte.head"] = book["out_head.weight"].t()
     try:
         for n in range(n_layers):
             b, h = f"trf_blocks.{n}.", f"h.{n}."
@@ -190,7 +192,8 @@ def book_state_dict(book, path):
     except KeyError as e:
         raise ValueError(f"{path}: the book's GPTModel state dict lacks {e}") from None
     config = dict(vocab_size=vocab_size, context_length=book["pos_emb.weight"].shape[0], emb_dim=emb_dim,
-                  n_layers=n_layers, n_heads=heads_for_width(emb_dim, path), qkv_bias="h.0.attn.c_attn.bias" in state)
+                  n_layers=n_layers, n_heads=heads_for_width(emb_dim, path), qkv_bias="h.0.attn.c_attn.bias" in state,
+                  tied_head=tied)
     return state, config
 
 

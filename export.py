@@ -31,9 +31,9 @@ EOT = "<|endoftext|>"
 def hf_state_dict(model):
     """The model's tensors under the names and in the layouts save_pretrained writes for
     GPT2LMHeadModel: a "transformer." prefix, Conv1D weights [in, out], wte [vocab, emb_dim],
-    no lm_head (tied to wte) and no attention-mask buffers."""
-    return {"transformer." + key: (tensor.t() if transposed_in_hf(key) else tensor).contiguous()
-            for key, tensor in model.state_dict().items()}
+    no lm_head unless the model has a head of its own, and no attention-mask buffers."""
+    return {("lm_head.weight" if key == "wte.head" else "transformer." + key):
+            (tensor.t() if transposed_in_hf(key) else tensor).contiguous() for key, tensor in model.state_dict().items()}
 
 
 def config_json(cfg, dtype):
@@ -46,7 +46,7 @@ def config_json(cfg, dtype):
         "n_positions": cfg.context_length, "pad_token_id": None, "reorder_and_upcast_attn": False,
         "resid_pdrop": cfg.drop_rate, "scale_attn_by_inverse_layer_idx": False, "scale_attn_weights": True,
         "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
-        "summary_type": "cls_index", "summary_use_proj": True, "tie_word_embeddings": True, "use_cache": True,
+        "summary_type": "cls_index", "summary_use_proj": True, "tie_word_embeddings": cfg.tied_head, "use_cache": True,
         "vocab_size": cfg.vocab_size,
     }
 

@@ -1,12 +1,14 @@
 """Our checkpoint format (checkpoint.py); LoRA checkpoints are tested in test_lora.py."""
+import json
 import os
 
 import pytest
 import torch
 
 from checkpoint import load_checkpoint, load_model_file, model_file_settings, model_from_checkpoint, save_checkpoint
+from export import export
 from generate import load_for_inference
-from model import GPT, config_for
+from model import GPT, config_for, from_pretrained
 from test_model import tiny
 
 
@@ -110,11 +112,18 @@ def test_the_books_state_dict_loads_exactly(tmp_path):
     assert torch.allclose(model.eval()(idx), book(idx), atol=1e-5)
     assert model_file_settings(path) == {"prompt_style": None, "context_length": 64}
     assert load_model_file(path, context_length=32)[0].wpe.weight.shape == (32, 64)
+    assert model.config.tied_head and "wte.head" not in model.state_dict()
+
+    # fine-tuned as the book does, the head moves apart from the embedding: it stays its own
     with torch.no_grad():
-        book.out_head.weight.add_(0.01)
+        book.out_head.weight.add_(0.01 * torch.randn_like(book.out_head.weight))
     torch.save(book.state_dict(), path)
-    with pytest.raises(ValueError, match="its output head differs from its token embedding"):
-        load_model_file(path)
+    model, _ = load_model_file(path)
+    assert not model.config.tied_head and torch.allclose(model.eval()(idx), book(idx), atol=1e-5)
+    export(path, str(tmp_path / "hf"))  # and so does a Hugging Face export of it (lm_head, not tied)
+    with open(tmp_path / "hf" / "config.json") as f:
+        assert json.load(f)["tie_word_embeddings"] is False
+    assert torch.allclose(from_pretrained(str(tmp_path / "hf")).eval()(idx), book(idx), atol=1e-5)
 
 
 @pytest.mark.parametrize("bias, compiled", [(True, False), (False, True)])
