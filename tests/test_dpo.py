@@ -3,6 +3,8 @@ on the tiny model (random weights) with small preference data made here."""
 import json
 import math
 import os
+import signal
+import time
 
 import pytest
 import torch
@@ -252,3 +254,43 @@ def test_preference_entries_may_lack_output_and_sft_trains_on_chosen(tmp_path):
     path.write_text(json.dumps(entries * 20))
     splits = prepare_data(str(path), "alpaca", 64)
     assert splits.train_entries[0]["output"] == "Hello!"
+
+
+def test_a_nan_dpo_loss_stops_the_run_as_for_fine_tuning(pairs, tmp_path, monkeypatch):
+    forward, training_calls = GPT.forward, []
+
+    def forward_going_nan(self, idx, targets=None, reduction="mean"):
+        out = forward(self, idx, targets, reduction)
+        if self.training and reduction == "none":
+            training_calls.append(1)
+            if len(training_calls) == 3:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(GPT, "forward", forward_going_nan)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(*DPO_RUN, "--data", pairs, "--out", out, "--max-steps", 6, "--save-every", 2)
+    assert stopped.value.code == (f"error: the training loss became nan at step 3; stopped, {out / 'ckpt.pt'} holds "
+                                  "the last good state, from step 2; try a lower --lr, or --grad-clip 1")
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["step"] == 2 and torch.isfinite(ckpt["dpo_reference"]["train"]).all()
+
+
+def test_ctrl_c_keeps_the_dpo_run_and_its_reference(pairs, tmp_path):
+    common = [*DPO_RUN, "--data", pairs, "--eval-every", 1, "--save-every", 2, "--epochs", 1000]
+    out = tmp_path / "stopped"
+    proc = script("train.py", *common, "--out", out)
+    deadline = time.time() + 90
+    while not os.path.exists(out / "ckpt.pt") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    stopped_at = load_checkpoint(out / "ckpt.pt")["step"]
+    assert f"interrupted at step {stopped_at}: saved {out / 'ckpt.pt'}; continue with --resume" in stdout
+    run("--resume", "--out", out, "--max-steps", stopped_at + 2)
+    run(*common, "--out", tmp_path / "full", "--max-steps", stopped_at + 2)
+    assert losses(out) == losses(tmp_path / "full")
+    assert_same_weights(out, tmp_path / "full")
