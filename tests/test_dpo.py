@@ -3,8 +3,6 @@ on the tiny model (random weights) with small preference data made here."""
 import json
 import math
 import os
-import signal
-import time
 
 import pytest
 import torch
@@ -15,10 +13,8 @@ from data import EOT_ID, prepare_data
 from dpo import (DPO, PreferenceDataset, check_preference_entries, collate_pairs, dpo_metrics, preference_splits,
                  reference_logprobs)
 from model import GPT, IGNORE_INDEX, config_for
-from test_train import (LORA, TINY, base_folder, losses, metrics, run, run_cli, script,  # noqa: F401 (fixture)
-                        assert_same_weights)
-
-WORDS = "apple river stone cloud green quiet music window bread silver paper garden".split()
+from test_train import (LORA, TINY, WORDS, base_folder, losses, metrics, run, run_cli, script,  # noqa: F401
+                        assert_same_weights, stop_with_ctrl_c)
 
 
 def make_pairs(folder, n=48, name="pairs.json"):
@@ -280,16 +276,8 @@ def test_a_nan_dpo_loss_stops_the_run_as_for_fine_tuning(pairs, tmp_path, monkey
 def test_ctrl_c_keeps_the_dpo_run_and_its_reference(pairs, tmp_path):
     common = [*DPO_RUN, "--data", pairs, "--eval-every", 1, "--save-every", 2, "--epochs", 1000]
     out = tmp_path / "stopped"
-    proc = script("train.py", *common, "--out", out)
-    deadline = time.time() + 90
-    while not os.path.exists(out / "ckpt.pt") and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
-    stopped_at = load_checkpoint(out / "ckpt.pt")["step"]
-    assert f"interrupted at step {stopped_at}: saved {out / 'ckpt.pt'}; continue with --resume" in stdout
+    stopped_at = stop_with_ctrl_c(common, out, timeout=90)
+    assert torch.isfinite(load_checkpoint(out / "ckpt.pt")["dpo_reference"]["train"]).all()
     run("--resume", "--out", out, "--max-steps", stopped_at + 2)
     run(*common, "--out", tmp_path / "full", "--max-steps", stopped_at + 2)
     assert losses(out) == losses(tmp_path / "full")
