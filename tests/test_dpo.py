@@ -282,3 +282,12 @@ def test_ctrl_c_keeps_the_dpo_run_and_its_reference(pairs, tmp_path):
     run(*common, "--out", tmp_path / "full", "--max-steps", stopped_at + 2)
     assert losses(out) == losses(tmp_path / "full")
     assert_same_weights(out, tmp_path / "full")
+
+
+def test_help_shows_the_dpo_defaults(capsys):
+    with pytest.raises(SystemExit):
+        run("--help")
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("AdamW learning rate; 5e-6 under --dpo (default: 5e-05)", "0.01 under --dpo (default: 0.1)",
+                  "1 under --dpo (default: 2)", "(default: sum)", "--beta BETA"):
+        assert shown in text
