@@ -175,25 +175,28 @@ def book_state_dict(book, path):
     # and fine-tuning moves them apart (gpt2-medium355M-sft.pth): then the head stays its own.
     tied = torch.equal(book.get("out_head.weight", book["tok_emb.weight"]), book["tok_emb.weight"])
     n_layers = len({key.split(".")[1] for key in book if key.startswith("trf_blocks.")})
-    state = {"wte.weight": book["tok_emb.weight"].t(), "wpe.weight": book["pos_emb.weight"],
-             "ln_f.weight": book["final_norm.scale"], "ln_f.bias": book["final_norm.shift"]}
-    if not tied:
-        state["wte.head"] = book["out_head.weight"].t()
+    renamed = {"ln_f.weight": "final_norm.scale", "ln_f.bias": "final_norm.shift"}
+    for n in range(n_layers):
+        for ours, theirs in (("attn.c_proj", "att.out_proj"), ("mlp.c_fc", "ff.layers.0"),
+                             ("mlp.c_proj", "ff.layers.2"), ("ln_1", "norm1"), ("ln_2", "norm2")):
+            norm = ours.startswith("ln")
+            renamed[f"h.{n}.{ours}.weight"] = f"trf_blocks.{n}.{theirs}.{'scale' if norm else 'weight'}"
+            renamed[f"h.{n}.{ours}.bias"] = f"trf_blocks.{n}.{theirs}.{'shift' if norm else 'bias'}"
     try:
-        for n in range(n_layers):
-            b, h = f"trf_blocks.{n}.", f"h.{n}."
-            state[h + "attn.c_attn.weight"] = torch.cat([book[b + f"att.W_{x}.weight"] for x in ("query", "key", "value")])
-            if b + "att.W_query.bias" in book:
-                state[h + "attn.c_attn.bias"] = torch.cat([book[b + f"att.W_{x}.bias"] for x in ("query", "key", "value")])
-            for ours, theirs in (("attn.c_proj", "att.out_proj"), ("mlp.c_fc", "ff.layers.0"), ("mlp.c_proj", "ff.layers.2")):
-                state[h + ours + ".weight"], state[h + ours + ".bias"] = book[b + theirs + ".weight"], book[b + theirs + ".bias"]
-            for ours, theirs in (("ln_1", "norm1"), ("ln_2", "norm2")):
-                state[h + ours + ".weight"], state[h + ours + ".bias"] = book[b + theirs + ".scale"], book[b + theirs + ".shift"]
+        state = {ours: book[theirs] for ours, theirs in renamed.items()}
+        state.update({"wte.weight": book["tok_emb.weight"].t(), "wpe.weight": book["pos_emb.weight"]})
+        for n in range(n_layers):  # query, key and value: one matrix here
+            qkv = [f"trf_blocks.{n}.att.W_{x}." for x in ("query", "key", "value")]
+            state[f"h.{n}.attn.c_attn.weight"] = torch.cat([book[w + "weight"] for w in qkv])
+            if qkv[0] + "bias" in book:
+                state[f"h.{n}.attn.c_attn.bias"] = torch.cat([book[w + "bias"] for w in qkv])
     except KeyError as e:
         raise ValueError(f"{path}: the book's GPTModel state dict lacks {e}") from None
+    if not tied:
+        state["wte.head"] = book["out_head.weight"].t()
     config = dict(vocab_size=vocab_size, context_length=book["pos_emb.weight"].shape[0], emb_dim=emb_dim,
-                  n_layers=n_layers, n_heads=heads_for_width(emb_dim, path), qkv_bias="h.0.attn.c_attn.bias" in state,
-                  tied_head=tied)
+                  n_layers=n_layers, n_heads=heads_for_width(emb_dim, path),
+                  qkv_bias="h.0.attn.c_attn.bias" in state, tied_head=tied)
     return state, config
 
 

@@ -33,7 +33,8 @@ def hf_state_dict(model):
     GPT2LMHeadModel: a "transformer." prefix, Conv1D weights [in, out], wte [vocab, emb_dim],
     no lm_head unless the model has a head of its own, and no attention-mask buffers."""
     return {("lm_head.weight" if key == "wte.head" else "transformer." + key):
-            (tensor.t() if transposed_in_hf(key) else tensor).contiguous() for key, tensor in model.state_dict().items()}
+            (tensor.t() if transposed_in_hf(key) else tensor).contiguous()
+            for key, tensor in model.state_dict().items()}
 
 
 def config_json(cfg, dtype):

@@ -41,7 +41,8 @@ def test_checkpoint_round_trip_and_damage(tmp_path):
 class BookLayerNorm(torch.nn.Module):
     def __init__(self, dim):
         super().__init__()
-        self.eps, self.scale, self.shift = 1e-5, torch.nn.Parameter(torch.ones(dim)), torch.nn.Parameter(torch.zeros(dim))
+        self.eps = 1e-5
+        self.scale, self.shift = torch.nn.Parameter(torch.ones(dim)), torch.nn.Parameter(torch.zeros(dim))
 
     def forward(self, x):
         mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)

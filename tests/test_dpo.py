@@ -130,7 +130,8 @@ def test_before_any_step_the_loss_is_log_2_and_the_rewards_0(tmp_path):
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=collate_fn)
     values, n = dpo_metrics(model, loader, "cpu", DPO(0.1, "sum"))
     assert n == 5 and values["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert values["chosen_reward"] == pytest.approx(0, abs=1e-6) and values["reward_margin"] == pytest.approx(0, abs=1e-6)
+    assert values["chosen_reward"] == pytest.approx(0, abs=1e-6)
+    assert values["reward_margin"] == pytest.approx(0, abs=1e-6)
     assert values["reward_accuracy"] == 0.0  # no chosen reward is (strictly) the higher
 
 
