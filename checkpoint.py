@@ -1,13 +1,15 @@
 """Our checkpoint format (train.py writes it; generate.py, eval.py and export.py read it): save and
 load, the model of a checkpoint, and for a LoRA checkpoint, which holds only the adapters, what it
-records of its base so that loading rebuilds the base, checks it, and merges the adapters."""
+records of its base so that loading rebuilds the base, checks it, and merges the adapters. Also the
+model files readers already have, as --model: the book's GPTModel state dict and nanoGPT's ckpt.pt."""
+import dataclasses
 import os
 
 import torch
 
 from common import atomic_write
 from lora import add_lora, base_fingerprint, load_lora_state_dict, lora_settings, lora_state_dict, merge_lora
-from model import GPT, PRESETS, GPTConfig, build_model, default_cache_dir
+from model import GPT, PRESETS, GPTConfig, build_model, default_cache_dir, with_context_length
 
 
 def save_checkpoint(obj, path):
@@ -51,8 +53,8 @@ def build_base(name_or_path, pretrained, seed, context_length=None, drop_rate=0.
     seed and the fingerprint. lora_model_from_checkpoint rebuilds the same model from these."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_model(name_or_path, pretrained, context_length, drop_rate)
-    folder = os.path.isdir(name_or_path) if pretrained else name_or_path not in PRESETS  # as build_model decides
+        model = build_start_model(name_or_path, pretrained, context_length, drop_rate)
+    folder = os.path.exists(name_or_path) if pretrained else name_or_path not in PRESETS  # as build_model decides
     return model, {"base": os.path.abspath(name_or_path) if folder else name_or_path,
                    "init": "pretrained" if pretrained else "random", "seed": seed,
                    "fingerprint": base_fingerprint(model)}
@@ -74,7 +76,7 @@ def lora_model_from_checkpoint(ckpt, path="checkpoint"):
         context_length, drop_rate = config["context_length"], config.get("drop_rate", 0.0)
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path} is corrupt: its LoRA settings lack {e}") from None
-    if os.path.isabs(base) and not os.path.isdir(base):
+    if os.path.isabs(base) and not os.path.exists(base):
         raise FileNotFoundError(f"the base model folder {base} of the LoRA checkpoint {path} does not exist; "
                                 "put the folder back there or pass its new place with --base FOLDER (the "
                                 "checkpoint holds only the adapters)")
@@ -108,3 +110,141 @@ def with_base(ckpt, folder, path="checkpoint"):
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path} is corrupt: its LoRA settings lack {e}") from None
     return {**ckpt, "lora": {**ckpt["lora"], "base": identity}}
+
+
+# ----------------------------------------------------------------------------- model files as --model
+
+
+def build_start_model(name_or_path, pretrained=True, context_length=None, drop_rate=0.0):
+    """build_model, and for a file (load_model_file) its weights, or random ones of its shape."""
+    if not os.path.isfile(name_or_path):
+        return build_model(name_or_path, pretrained, context_length, drop_rate)
+    model, _ = load_model_file(name_or_path, context_length, drop_rate)
+    return model if pretrained else GPT(model.config)
+
+
+def load_model_file(path, context_length=None, drop_rate=0.0, base=None):
+    """(model, prompt style or None) of a model file: a train.py checkpoint (best.pt or ckpt.pt;
+    LoRA merged, its base looked for in the folder `base` if given), the state dict the book
+    saves (gpt2-medium355M-sft.pth) or nanoGPT's ckpt.pt, with dropout drop_rate and, if given,
+    a shorter context (the first position embeddings)."""
+    obj, kind = read_model_file(path)
+    if base is not None:
+        obj = with_base(obj, base, path)
+    style = None
+    if kind == "nanogpt":
+        state, config = nanogpt_state_dict(obj, path)
+    elif kind == "train.py":
+        model = model_from_checkpoint(obj, path)
+        state, config, style = model.state_dict(), dataclasses.asdict(model.config), obj.get("prompt_style")
+    else:
+        state, config = book_state_dict(obj, path)
+    cfg = with_context_length(GPTConfig(**{**config, "drop_rate": drop_rate}), context_length)
+    state["wpe.weight"] = state["wpe.weight"][:cfg.context_length]
+    model = GPT(cfg)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = str(e).strip().splitlines()[-1].strip()
+        raise ValueError(f"{path}: its weights do not fit a GPT-2 of their own shapes ({detail})") from None
+    return model, style
+
+
+def read_model_file(path):
+    """(contents, kind) of a model file, kind "train.py", "book" or "nanogpt"; one sentence if it is none."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} is a directory, not a checkpoint file" if os.path.isdir(path)
+                                else f"checkpoint {path} does not exist")
+    try:  # mmap: reading what a file holds costs no copy of its weights
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # as load_checkpoint: any failure means "not a model file"
+        raise ValueError(f"checkpoint {path} is corrupt or not a train.py checkpoint (nor another model file; "
+                         f"{type(e).__name__})") from None
+    if isinstance(obj, dict) and "model_args" in obj and "model" in obj:  # first: it has a "config" too
+        return obj, "nanogpt"
+    if isinstance(obj, dict) and "model" in obj and "config" in obj:
+        return obj, "train.py"
+    if isinstance(obj, dict) and "tok_emb.weight" in obj and "pos_emb.weight" in obj:
+        return obj, "book"
+    raise ValueError(f"{path} is neither a train.py checkpoint, the book's GPTModel state dict (.pth) "
+                     "nor nanoGPT's ckpt.pt")
+
+
+def model_file_settings(path):
+    """{"prompt_style", "context_length"} a model file was trained with (the style None if it
+    does not say), without building the model."""
+    obj, kind = read_model_file(path)
+    try:
+        if kind == "nanogpt":
+            return {"prompt_style": None, "context_length": obj["model_args"]["block_size"]}
+        if kind == "train.py":
+            return {"prompt_style": obj.get("prompt_style"), "context_length": obj["config"]["context_length"]}
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path} is corrupt: its config lacks {e}") from None
+    return {"prompt_style": None, "context_length": obj["pos_emb.weight"].shape[0]}
+
+
+def heads_for_width(emb_dim, path):
+    """The attention heads of a GPT-2 of width emb_dim (its preset's): a state dict does not say."""
+    for preset in PRESETS.values():
+        if preset["emb_dim"] == emb_dim:
+            return preset["n_heads"]
+    raise ValueError(f"{path}: a model of width {emb_dim} is none of GPT-2's sizes, so its number of attention "
+                     "heads is unknown")
+
+
+def book_state_dict(book, path):
+    """(our state dict, config) of the book's GPTModel state dict: tok_emb, pos_emb,
+    trf_blocks.N.att.W_query/W_key/W_value/out_proj, ff.layers.0/2, norm1/2 (scale, shift),
+    final_norm, out_head. Its config comes from the tensor shapes; its attention masks are skipped."""
+    vocab_size, emb_dim = book["tok_emb.weight"].shape
+    # The book's GPTModel keeps out_head apart from tok_emb; loaded from GPT-2 they start equal,
+    # and fine-tuning moves them apart (gpt2-medium355M-sft.pth): then the head stays its own.
+    tied = torch.equal(book.get("out_head.weight", book["tok_emb.weight"]), book["tok_emb.weight"])
+    n_layers = len({key.split(".")[1] for key in book if key.startswith("trf_blocks.")})
+    renamed = {"ln_f.weight": "final_norm.scale", "ln_f.bias": "final_norm.shift"}
+    for n in range(n_layers):
+        for ours, theirs in (("attn.c_proj", "att.out_proj"), ("mlp.c_fc", "ff.layers.0"),
+                             ("mlp.c_proj", "ff.layers.2"), ("ln_1", "norm1"), ("ln_2", "norm2")):
+            norm = ours.startswith("ln")
+            renamed[f"h.{n}.{ours}.weight"] = f"trf_blocks.{n}.{theirs}.{'scale' if norm else 'weight'}"
+            renamed[f"h.{n}.{ours}.bias"] = f"trf_blocks.{n}.{theirs}.{'shift' if norm else 'bias'}"
+    try:
+        state = {ours: book[theirs] for ours, theirs in renamed.items()}
+        state.update({"wte.weight": book["tok_emb.weight"].t(), "wpe.weight": book["pos_emb.weight"]})
+        for n in range(n_layers):  # query, key and value: one matrix here
+            qkv = [f"trf_blocks.{n}.att.W_{x}." for x in ("query", "key", "value")]
+            state[f"h.{n}.attn.c_attn.weight"] = torch.cat([book[w + "weight"] for w in qkv])
+            if qkv[0] + "bias" in book:
+                state[f"h.{n}.attn.c_attn.bias"] = torch.cat([book[w + "bias"] for w in qkv])
+    except KeyError as e:
+        raise ValueError(f"{path}: the book's GPTModel state dict lacks {e}") from None
+    if not tied:
+        state["wte.head"] = book["out_head.weight"].t()
+    config = dict(vocab_size=vocab_size, context_length=book["pos_emb.weight"].shape[0], emb_dim=emb_dim,
+                  n_layers=n_layers, n_heads=heads_for_width(emb_dim, path),
+                  qkv_bias="h.0.attn.c_attn.bias" in state, tied_head=tied)
+    return state, config
+
+
+def nanogpt_state_dict(ckpt, path):
+    """(our state dict, config) of nanoGPT's ckpt.pt (model_args and model): the same names under
+    "transformer.", nn.Linear layouts; its lm_head is tied to wte, and a model trained with
+    bias=False gets zero biases, which compute the same."""
+    try:
+        args = ckpt["model_args"]
+        config = dict(vocab_size=args["vocab_size"], context_length=args["block_size"], emb_dim=args["n_embd"],
+                      n_layers=args["n_layer"], n_heads=args["n_head"], qkv_bias=True)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: nanoGPT's model_args lack {e}") from None
+    state = {}
+    for key, tensor in ckpt["model"].items():
+        key = key.removeprefix("_orig_mod.").removeprefix("transformer.")  # _orig_mod.: saved under torch.compile
+        if key.endswith(".attn.bias") or key == "lm_head.weight":
+            continue  # the causal mask (without flash attention); the head is wte
+        state[key] = tensor.t() if key == "wte.weight" else tensor
+    if not args.get("bias", True):
+        for key, tensor in list(state.items()):
+            if key.endswith(".weight") and key not in ("wte.weight", "wpe.weight"):
+                state[key.removesuffix("weight") + "bias"] = torch.zeros(tensor.shape[0], dtype=tensor.dtype)
+    return state, config

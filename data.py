@@ -297,6 +297,7 @@ def load_instruction_data(path: str) -> list[dict]:
     """Alpaca entries (`instruction`, `output` and an optional `input`) or conversations
     (`messages` as OpenAI and TRL write them, or ShareGPT's `conversations`, read into
     `messages`); one file holds one kind, recognised from its first entry.
+    An Alpaca preference entry (dpo.py) may lack `output`, which is then its `chosen` response.
 
     Reads a JSON array or a JSON Lines (.jsonl) file. Every problem is a ValueError
     naming the file and the entry; nothing is dropped. A missing `input` becomes "".
@@ -313,6 +314,8 @@ def load_instruction_data(path: str) -> list[dict]:
         if conversations:
             entries[i] = read_conversation(path, i, entry)
             continue
+        if "output" not in entry and isinstance(entry.get("chosen"), str):
+            entry["output"] = entry["chosen"]  # a preference entry (dpo.py): its preferred response is the output
         for key in ("instruction", "output"):
             if key not in entry:
                 detail = " (the first entry is an Alpaca entry, so all are)" if CONVERSATION_KEYS & set(entry) else ""

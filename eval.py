@@ -5,6 +5,7 @@
     python eval.py --model gpt2 --data data/instruction-data.json --out out/gpt2-base
     python eval.py --ckpt out/ckpt.pt --judge llama3          # then score them with Llama 3 (Ollama)
     python eval.py --judge-only out/test-responses.json --judge llama3   # score a file, no model
+    python eval.py --ckpt out/dpo/best.pt --reference out/sft/best.pt     # preference data: DPO metrics too
 
 Rebuilds the split, prompt style, context length and loss masking the checkpoint was trained
 with (--data, --prompt-style and --mask-instructions override theirs), reports the test and
@@ -25,6 +26,9 @@ With --judge MODEL an LLM judge (judge.py) then scores every response from 0 to 
 chapter does: each record gets judge_scores {MODEL: score}, the scores of every judge model side
 by side, and eval.json a "judge" summary per model. --judge-only FILE does only that, for FILE
 and the eval.json beside it.
+On preference data (entries with "chosen" and "rejected") eval.json also gets "pairs": the share of
+test pairs whose chosen response is the more likely, and with --reference CKPT (the model DPO
+started from) their DPO loss, rewards, reward margin and reward accuracy.
 """
 import argparse
 import json
@@ -40,10 +44,12 @@ from collections import Counter
 
 from torch.utils.data import DataLoader
 
+from checkpoint import load_model_file
 from common import (AT_LEAST_1, POSITIVE, Progress, checked, plural, resolve_device, run_main, writable_folder,
     write_json)
 from data import batch_indices, check_same_data, decode, entry_output, get_prompt_style, prepare_data, read_text
 from lora import base_fingerprint
+from dpo import check_preference_entries, test_pair_report
 from model import calc_loss_loader
 from generate import add_inference_args, decoding_settings, generate, hit_limit, load_for_inference
 from judge import DEFAULT_TIMEOUT, DEFAULT_URL, check_server, check_url, judge_file, load_responses
@@ -317,6 +323,26 @@ def earlier_results(eval_path, responses_path, identity, entries):
 # ----------------------------------------------------------------------------- main
 
 
+def preference_report(model, splits, entries, style, context_length, ckpt, args, device):
+    """eval.json's "pairs" on preference data (dpo.test_pair_report; beta and the log-prob mode of
+    the DPO run evaluated, else the defaults), printed; None on other data."""
+    if args.reference is None and not any("chosen" in entry for entry in splits.test_entries):
+        return None
+    check_preference_entries(splits.path, splits.train_entries + splits.test_entries + splits.val_entries)
+    reference = None
+    if args.reference is not None:
+        reference = load_model_file(args.reference, context_length)[0].to(device).eval()
+    run_args = ckpt.get("args", {}) if ckpt.get("args", {}).get("dpo") else {}
+    report = test_pair_report(model, entries, style, context_length, args.batch_size, device, reference,
+                              run_args.get("beta", 0.1), run_args.get("dpo_logprobs", "sum"))
+    line = f"test pairs: chosen response more likely in {report['chosen_more_likely']:.1%}"
+    if reference is not None:
+        line += (f"; against {args.reference}: DPO loss {report['loss']:.4f}, reward margin "
+                 f"{report['reward_margin']:.4f}, reward accuracy {report['reward_accuracy']:.1%}")
+    print(line)
+    return report
+
+
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM, with what was kept and how to go on."""
 
@@ -341,6 +367,8 @@ def main(argv=None):
                    help="replace the results of another evaluation in --out (else refused), or start this one over")
     p.add_argument("--limit", type=AT_LEAST_1, help="evaluate only the first N test entries (loss and responses)")
     p.add_argument("--batch-size", type=AT_LEAST_1, default=16, help="for the losses and for generation")
+    p.add_argument("--reference", metavar="CKPT", help="preference data: the model DPO started from (a checkpoint "
+                   "or model file), for the test pairs' DPO loss, reward margin and reward accuracy")
     p.add_argument("--judge", metavar="MODEL", type=checked(str, str.strip, "a model name"),
                    help="then score every response from 0 to 100 with this model on an LLM server, e.g. llama3")
     p.add_argument("--judge-url", metavar="URL", help=f"the judge's server: Ollama's address (default {DEFAULT_URL}), "
@@ -394,6 +422,8 @@ def evaluate(p, args, judge_url):
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
         "top_p": args.top_p, "num_beams": args.num_beams, "length_penalty": args.length_penalty,
         "quantize": args.quantize, "batch_size": args.batch_size, "seed": args.seed})
+    if args.reference is not None:  # the DPO metrics of the test pairs are against it
+        identity["reference"] = args.reference
     earlier, records = ({}, None) if args.force else earlier_results(eval_path, responses_path, identity, entries)
     records = records or [{**entry, "model_response": None} for entry in entries]
     made = sum(r["model_response"] is not None for r in records)
@@ -401,7 +431,7 @@ def evaluate(p, args, judge_url):
         print(f"continuing the evaluation in {out_dir}: {made} of {plural(len(records), 'response')} were made before")
 
     if all(key in earlier for key in ("test_loss", "test_perplexity", "val_loss")):
-        losses = {key: earlier[key] for key in ("test_loss", "test_perplexity", "val_loss")}
+        losses = {key: earlier[key] for key in ("test_loss", "test_perplexity", "val_loss", "pairs") if key in earlier}
         print(f"{loss_text('test', losses['test_loss'])}, {loss_text('val', losses['val_loss'])}: "
               "from the earlier run")
     else:
@@ -409,6 +439,7 @@ def evaluate(p, args, judge_url):
             test_loss, n_targets = split_loss(model, splits.test, splits.collate_fn, args.batch_size, device,
                                               len(entries), "test loss")
             val_loss, _ = split_loss(model, splits.val, splits.collate_fn, args.batch_size, device, what="val loss")
+            pairs = preference_report(model, splits, entries, style, context_length, ckpt, args, device)
         except KeyboardInterrupt:
             kept = f"{responses_path} keeps the {plural(made, 'response')} made before" if made else \
                 "nothing was written"
@@ -416,7 +447,7 @@ def evaluate(p, args, judge_url):
         print(f"{loss_text('test', finite_or_none(test_loss))} over {plural(n_targets, 'target')}, "
               f"{loss_text('val', finite_or_none(val_loss))}")
         losses = {"test_loss": finite_or_none(test_loss), "test_perplexity": finite_or_none(math.exp(test_loss)),
-                  "val_loss": finite_or_none(val_loss)}
+                  "val_loss": finite_or_none(val_loss), **({"pairs": pairs} if pairs else {})}
 
     # the dataset tokenized prompt and response apart, so its first prompt_length ids are the prompt
     prompts = [ids[:n] for ids, n in zip(splits.test.token_ids, splits.test.prompt_lengths[:len(entries)])]

@@ -20,7 +20,7 @@ import os
 import shutil
 import signal
 
-from checkpoint import load_checkpoint, model_from_checkpoint, with_base
+from checkpoint import load_model_file
 from common import run_main, stop_on_interrupt, writable_folder, write_json
 from data import EOT_ID, check_vocab, get_prompt_style, get_tokenizer
 from model import transposed_in_hf
@@ -37,8 +37,9 @@ EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "m
 def hf_state_dict(model):
     """The model's tensors under the names and in the layouts save_pretrained writes for
     GPT2LMHeadModel: a "transformer." prefix, Conv1D weights [in, out], wte [vocab, emb_dim],
-    no lm_head (tied to wte) and no attention-mask buffers."""
-    return {"transformer." + key: (tensor.t() if transposed_in_hf(key) else tensor).contiguous()
+    no lm_head unless the model has a head of its own, and no attention-mask buffers."""
+    return {("lm_head.weight" if key == "wte.head" else "transformer." + key):
+            (tensor.t() if transposed_in_hf(key) else tensor).contiguous()
             for key, tensor in model.state_dict().items()}
 
 
@@ -54,7 +55,7 @@ def config_json(cfg, dtype):
         "n_positions": cfg.context_length, "pad_token_id": None, "reorder_and_upcast_attn": False,
         "resid_pdrop": cfg.drop_rate, "scale_attn_by_inverse_layer_idx": False, "scale_attn_weights": True,
         "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
-        "summary_type": "cls_index", "summary_use_proj": True, "tie_word_embeddings": True, "use_cache": True,
+        "summary_type": "cls_index", "summary_use_proj": True, "tie_word_embeddings": cfg.tied_head, "use_cache": True,
         "vocab_size": cfg.vocab_size,
     }
 
@@ -230,11 +231,9 @@ def export(ckpt_path, out, force=False, base=None):
     out = os.path.realpath(out)  # a link to a folder: the export replaces the folder, the link stays
     check_out(out, force)  # before any loading
     remove_stale_tmp(out)
-    ckpt = load_checkpoint(ckpt_path)
-    if base is not None:
-        ckpt = with_base(ckpt, base, ckpt_path)
-    model = model_from_checkpoint(ckpt, ckpt_path)
-    cfg, style = model.config, ckpt.get("prompt_style", "alpaca")
+    # a train.py checkpoint, the book's .pth or nanoGPT's ckpt.pt
+    model, style = load_model_file(ckpt_path, base=base)
+    cfg, style = model.config, style or "alpaca"
     get_prompt_style(style)  # an unknown style fails before anything is written
     try:
         check_vocab(cfg.vocab_size, ckpt_path)
@@ -315,7 +314,8 @@ def move_into_place(tmp, out):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
+    p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py (or the book's .pth state dict, "
+                   "or nanoGPT's ckpt.pt)")
     p.add_argument("--out", required=True, help="the folder to write (new or empty, unless --force)")
     p.add_argument("--force", action="store_true",
                    help="replace an earlier export in --out (once the new folder is complete); a folder holding "

@@ -9,12 +9,13 @@ import collections
 import hashlib
 import itertools
 import math
+import os
 import signal
 import sys
 
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint, with_base
+from checkpoint import load_checkpoint, load_model_file, model_from_checkpoint, with_base
 from common import AT_LEAST_1, NON_NEGATIVE, SEED, checked, plural, resolve_device, run_main, stop_on_interrupt
 from data import EOT_ID, PROMPT_STYLES, check_vocab, decode, encode, encode_conversation, format_prompt, prompt_ids
 from model import HF_REPOS, KVCache, PRESETS, build_model
@@ -225,8 +226,9 @@ def add_finished(hyps, num_beams, score, tokens):
 def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, device="cpu", quantize=None, base=None):
     """(model in eval mode on device, checkpoint dict or None, prompt style): a fine-tuned
     checkpoint from train.py (its prompt style unless overridden; a LoRA checkpoint's base
-    looked for in the folder `base` if given) or a base GPT-2, with quantize="int8" its block
-    linears in int8 (quantize.quantize_int8)."""
+    looked for in the folder `base` if given), a base GPT-2 or a model file
+    (checkpoint.load_model_file: as --model, the checkpoint dict is None), with
+    quantize="int8" its block linears in int8 (quantize.quantize_int8)."""
     if (ckpt_path is None) == (model_name is None):
         raise ValueError("give exactly one of --ckpt (a train.py checkpoint) or --model (a GPT-2 name or folder)")
     if base is not None and ckpt_path is None:
@@ -239,6 +241,9 @@ def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, devic
         if base is not None:
             ckpt = with_base(ckpt, base, ckpt_path)
         model, style = model_from_checkpoint(ckpt, ckpt_path), prompt_style or ckpt.get("prompt_style", "alpaca")
+    elif os.path.isfile(model_name):
+        model, file_style = load_model_file(model_name)
+        ckpt, style = None, prompt_style or file_style or "alpaca"
     else:
         ckpt, model, style = None, build_model(model_name), prompt_style or "alpaca"
     if style not in PROMPT_STYLES:
@@ -265,7 +270,8 @@ def respond(model, entries, prompt_style, max_new_tokens, **sampling):
 def add_inference_args(p):
     """The flags generate.py and eval.py share: which model, its prompt style, sampling, device."""
     p.add_argument("--ckpt", help="a checkpoint written by train.py")
-    p.add_argument("--model", help="instead of --ckpt: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local HF folder")
+    p.add_argument("--model", help="instead of --ckpt: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a local HF folder, "
+                   "or a model file (the book's .pth state dict, nanoGPT's ckpt.pt)")
     p.add_argument("--base", metavar="FOLDER", help="a LoRA --ckpt: the folder its base model moved to "
                    "(checked against the checkpoint's fingerprint)")
     p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), help="default: the checkpoint's, else alpaca")

@@ -29,6 +29,7 @@ class GPTConfig:
     n_heads: int = 12
     drop_rate: float = 0.0
     qkv_bias: bool = True
+    tied_head: bool = True  # False: an output head of its own (the book's GPTModel after fine-tuning)
 
 
 PRESETS = {
@@ -102,18 +103,23 @@ class Block(nn.Module):
 class TiedEmbedding(nn.Module):
     """The token embedding, which is also the output head (weight tying, as in GPT-2). Stored
     [emb_dim, vocab], the head's [in, out]: on the CPU the head's matmul for one new token
-    (generation) reads that layout some 1.5x faster than nn.Embedding's [vocab, emb_dim]."""
+    (generation) reads that layout some 1.5x faster than nn.Embedding's [vocab, emb_dim].
+    tied=False gives the head weights of its own, `head`, in the same layout."""
 
-    def __init__(self, vocab_size, emb_dim):
+    def __init__(self, vocab_size, emb_dim, tied=True):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(emb_dim, vocab_size))
+        self.head = None if tied else nn.Parameter(torch.empty(emb_dim, vocab_size))
         self.int8_head = None  # an Int8Linear copy of the head after quantize_int8(model, head=True)
 
     def forward(self, idx):
         return F.embedding(idx, self.weight.t())
 
+    def head_weight(self):
+        return self.weight if self.head is None else self.head
+
     def logits(self, x):
-        return x @ self.weight if self.int8_head is None else self.int8_head(x)
+        return x @ self.head_weight() if self.int8_head is None else self.int8_head(x)
 
 
 class GPT(nn.Module):
@@ -122,7 +128,7 @@ class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        self.wte = TiedEmbedding(cfg.vocab_size, cfg.emb_dim)
+        self.wte = TiedEmbedding(cfg.vocab_size, cfg.emb_dim, cfg.tied_head)
         self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop = nn.Dropout(cfg.drop_rate)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -136,6 +142,8 @@ class GPT(nn.Module):
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding, TiedEmbedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, TiedEmbedding) and module.head is not None:
+            nn.init.normal_(module.head, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
@@ -156,7 +164,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, reduction="mean"):
         """idx (B, T) -> logits (B, T, vocab). With targets (B, T): the cross-entropy over
         targets != -100 instead, "mean" per counted target or "sum" (divide it by the count
-        yourself to average over several batches). A batch with no counted target gives 0,
+        yourself to average over several batches), or "none": that of each counted target, in
+        row-major order (dpo.py sums them per row). A batch with no counted target gives 0,
         not NaN."""
         B, T = idx.shape
         if T > self.config.context_length:
@@ -168,6 +177,8 @@ class GPT(nn.Module):
         # instructions that skips a large share of the biggest matmul of the model.
         keep = targets != IGNORE_INDEX
         logits = self.wte.logits(x[keep])
+        if reduction == "none":
+            return F.cross_entropy(logits.float(), targets[keep], reduction="none")
         loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return loss / keep.sum().clamp(min=1) if reduction == "mean" else loss
 
@@ -293,7 +304,8 @@ def hf_config(folder, context_length=None, drop_rate=0.0):
         with open(os.path.join(folder, "config.json")) as f:
             hf = json.load(f)
         cfg = GPTConfig(vocab_size=hf["vocab_size"], context_length=hf["n_positions"], emb_dim=hf["n_embd"],
-                        n_layers=hf["n_layer"], n_heads=hf["n_head"], drop_rate=drop_rate, qkv_bias=True)
+                        n_layers=hf["n_layer"], n_heads=hf["n_head"], drop_rate=drop_rate, qkv_bias=True,
+                        tied_head=hf.get("tie_word_embeddings", True))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{folder}/config.json is not a GPT-2 config ({e!r})") from None
     return with_context_length(cfg, context_length)
@@ -309,9 +321,9 @@ def with_context_length(cfg, context_length):
 
 def transposed_in_hf(key):
     """Whether Hugging Face stores our tensor `key` transposed: its Conv1D weights are [in, out]
-    where nn.Linear's are [out, in], and its wte is [vocab, emb_dim] where our TiedEmbedding is
-    [emb_dim, vocab]."""
-    return key == "wte.weight" or key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+    where nn.Linear's are [out, in], and its wte (and an untied lm_head) is [vocab, emb_dim] where
+    our TiedEmbedding is [emb_dim, vocab]."""
+    return key in ("wte.weight", "wte.head") or key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
 
 
 def from_pretrained(name_or_path, context_length=None, drop_rate=0.0, cache_dir=None):
@@ -331,8 +343,10 @@ def from_pretrained(name_or_path, context_length=None, drop_rate=0.0, cache_dir=
     loaded = set()
     for key, tensor in hf_state.items():
         key = key.removeprefix("transformer.")
-        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+        if key.endswith((".attn.bias", ".attn.masked_bias")) or (key == "lm_head.weight" and cfg.tied_head):
             continue  # causal-mask buffers; lm_head is tied to wte
+        if key == "lm_head.weight":
+            key = "wte.head"
         if key not in state:
             raise ValueError(f"{folder}/model.safetensors has an unexpected tensor '{key}'; is it a GPT-2 checkpoint?")
         if transposed_in_hf(key):

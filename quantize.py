@@ -86,5 +86,5 @@ def quantize_int8(model, head=False):
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, Int8Linear(child.weight, child.bias))
     if head:
-        model.wte.int8_head = Int8Linear(model.wte.weight.t())
+        model.wte.int8_head = Int8Linear(model.wte.head_weight().t())
     return model.eval()

@@ -5,6 +5,7 @@
     python train.py --resume --out out                           # continue a stopped run
     python train.py --plot --out out                             # draw out/loss.png from out/metrics.jsonl
     torchrun --nproc_per_node=2 train.py ...                     # DistributedDataParallel
+    python train.py --dpo --model out/best.pt --data instruction-data-with-preference.json --out out/dpo
 
 Writes OUT/metrics.jsonl (a line per evaluation) and, with matplotlib, OUT/loss.png at every
 evaluation; OUT/ckpt.pt (the whole training state, resumable) every --save-every steps, at the
@@ -27,14 +28,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from checkpoint import (build_base, load_checkpoint, lora_checkpoint, lora_model_from_checkpoint,
-    model_from_checkpoint, save_checkpoint, with_base)
+from checkpoint import (build_base, build_start_model, load_checkpoint, lora_checkpoint, lora_model_from_checkpoint,
+    model_file_settings, model_from_checkpoint, save_checkpoint, with_base)
 from common import (AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, atomic_write, check_writable_folder,
     StatusLine, checked, duration, plural, remove_stale_temporaries, resolve_device, run_main)
 from data import (PROMPT_STYLES, batch_indices, check_batchable, check_same_data, check_vocab, decode,
     prepare_data, prompt_ids, summarize_data)
+from dpo import DPO, LOGPROB_MODES, dpo_metrics, preference_splits, reference_logprobs, summarize_pairs
 from lora import LORA_TARGETS, add_lora, parameter_counts
-from model import IGNORE_INDEX, PRESETS, build_model, calc_loss_loader
+from model import IGNORE_INDEX, PRESETS, calc_loss_loader
 from generate import generate, respond
 
 TRAIN_FRAC, TEST_FRAC = 0.85, 0.10  # the chapter's split; eval.py reads them from the checkpoint
@@ -49,6 +51,8 @@ INFERENCE_KEYS = ("config", "prompt_style", "mask_instructions", "context_length
 OUTPUTS = ("ckpt.pt", "best.pt", "metrics.jsonl", "loss.png")  # what a run writes in OUT
 # Seconds between progress lines: rewritten in place on a terminal, appended to a log (kept short).
 PROGRESS_EVERY = {"terminal": 2.0, "log": 10.0}
+# The book's DPO settings (ch07/04), the defaults of these flags under --dpo.
+DPO_DEFAULTS = {"lr": 5e-6, "weight_decay": 0.01, "epochs": 1}
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -60,7 +64,9 @@ def parse_args(argv=None):
         pass
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
-    p.add_argument("--model", default="gpt2", help=f"{', '.join(PRESETS)}, or a local Hugging Face GPT-2 folder")
+    p.add_argument("--model", default="gpt2", help=f"{', '.join(PRESETS)}, a local Hugging Face GPT-2 folder, or "
+                   "a model file: a train.py checkpoint (with its prompt style and context length unless given), "
+                   "the book's GPTModel state dict (.pth) or nanoGPT's ckpt.pt")
     p.add_argument("--init", choices=["pretrained", "random"], default="pretrained",
                    help="start from GPT-2's weights or from random ones")
     p.add_argument("--data", default=None, help="instruction data (.json or .jsonl, Alpaca layout) or raw "
@@ -72,12 +78,12 @@ def parse_args(argv=None):
     p.add_argument("--mask-instructions", action="store_true", help="compute the loss on response tokens only")
     p.add_argument("--batch-size", type=AT_LEAST_1, default=8, help="examples per batch (per process)")
     p.add_argument("--grad-accum", type=AT_LEAST_1, default=1, help="batches per optimizer step")
-    p.add_argument("--epochs", type=AT_LEAST_1, default=2, help="passes over the training split; "
+    p.add_argument("--epochs", type=AT_LEAST_1, default=2, help="passes over the training split; 1 under --dpo; "
                    "--max-steps without --epochs: as many as --max-steps takes")
     p.add_argument("--max-steps", type=AT_LEAST_1, default=None, help="stop after this many optimizer steps "
                    "(with --epochs too: at whichever comes first)")
-    p.add_argument("--lr", type=POSITIVE, default=5e-5, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.1, help="AdamW weight decay")
+    p.add_argument("--lr", type=POSITIVE, default=5e-5, help="AdamW learning rate; 5e-6 under --dpo")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.1, help="AdamW weight decay; 0.01 under --dpo")
     p.add_argument("--warmup-steps", type=AT_LEAST_0, default=0, help="steps of linear learning-rate warm-up")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
                    help="after warm-up: constant, or cosine decay to a tenth of --lr at the last step")
@@ -95,6 +101,12 @@ def parse_args(argv=None):
                                 f"comma-separated names among {', '.join(LORA_TARGETS)}"),
                    help="LoRA: the linears of each block to adapt (attention's qkv and output projections, the "
                    "MLP's in and out)")
+    p.add_argument("--dpo", action="store_true", help="preference tuning (DPO) on data with 'chosen' and 'rejected' "
+                   "responses, from --model (say, an SFT checkpoint) as the reference; the prompt is always masked")
+    p.add_argument("--beta", type=POSITIVE, default=0.1, help="DPO: how far the policy may move from the reference "
+                   "(the loss is -log sigmoid(beta * (chosen log-ratio - rejected log-ratio)))")
+    p.add_argument("--dpo-logprobs", choices=LOGPROB_MODES, default="sum", help="DPO: a response's log-probability "
+                   "is the sum over its tokens (the paper, TRL) or their mean (the book's notebook)")
     p.add_argument("--eval-every", type=AT_LEAST_1, default=5, help="evaluate every this many optimizer steps")
     p.add_argument("--eval-batches", type=AT_LEAST_1, default=5,
                    help="batches (of batch size x processes) of each split that an evaluation averages over")
@@ -131,7 +143,25 @@ def parse_args(argv=None):
         p.error(f"--{lora_flags[0].replace('_', '-')} goes with --lora-rank R (R > 0)")
     if args.base is not None and not args.resume:
         p.error("--base goes with --resume (the folder a LoRA run's base moved to); a new run's base is --model")
+    dpo_flags = sorted(given & {"beta", "dpo_logprobs"})
+    if dpo_flags and not args.dpo and not args.resume:
+        p.error(f"--{dpo_flags[0].replace('_', '-')} goes with --dpo")
+    if args.dpo:
+        args.mask_instructions = True  # the log-probability of a response given its prompt
+        for name, value in DPO_DEFAULTS.items():
+            if name not in given:
+                setattr(args, name, value)
     return args, given
+
+
+def model_file_arguments(args, given):
+    """A new run from a model file (--model out/sft/best.pt) takes its prompt style and context
+    length, unless given."""
+    settings = model_file_settings(args.model)
+    for name in ("prompt_style", "context_length"):
+        if name not in given and settings[name] is not None:
+            setattr(args, name, settings[name])
+    return args
 
 
 def resume_arguments(args, given, ckpt):
@@ -210,11 +240,22 @@ def autocast_for(device, dtype):
 # ----------------------------------------------------------------------------- one optimizer step
 
 
-def count_tokens(micro_batches, device, world_size=1, stop=False):
-    """(targets counted in the loss, padded input tokens, stop requested) of one optimizer step,
-    summed over all processes: the one small collective of a step when distributed."""
-    counts = torch.tensor([sum((targets != IGNORE_INDEX).sum().item() for _, targets in micro_batches),
-                           sum(inputs.numel() for inputs, _ in micro_batches), int(stop)])
+def sft_units(batch):
+    """What the SFT loss is averaged over: the targets it counts."""
+    return (batch[1] != IGNORE_INDEX).sum().item()
+
+
+def sft_loss(model, batch):
+    inputs, targets = batch
+    return model(inputs, targets, reduction="sum")
+
+
+def count_tokens(micro_batches, device, world_size=1, stop=False, units=sft_units):
+    """(units the loss averages over: targets counted, or DPO pairs; padded input tokens; stop
+    requested) of one optimizer step, summed over all processes: the one small collective of a
+    step when distributed."""
+    counts = torch.tensor([sum(units(batch) for batch in micro_batches),
+                           sum(batch[0].numel() for batch in micro_batches), int(stop)])
     if world_size > 1:
         counts = counts.to(device)
         dist.all_reduce(counts)
@@ -222,21 +263,22 @@ def count_tokens(micro_batches, device, world_size=1, stop=False):
 
 
 def train_step(model, optimizer, micro_batches, n_targets, world_size=1, autocast=contextlib.nullcontext,
-               scaler=None, grad_clip=0.0):
+               scaler=None, grad_clip=0.0, batch_loss=sft_loss):
     """One optimizer step on the mean loss per counted target over micro_batches, a list of
     (inputs, targets), and over all processes: n_targets is their count over all of them. So
     gradient accumulation and N processes with batch B give the update of one batch N * B.
+    batch_loss(model, batch) is the summed loss of a batch: DPO's (per pair) instead of SFT's.
     Returns this process's share of that mean loss (the mean loss itself on one process)."""
     device = next(model.parameters()).device
     scale = world_size / max(n_targets, 1)  # DDP averages gradients over processes: undo that
     total = 0.0
-    for i, (inputs, targets) in enumerate(micro_batches):
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    for i, batch in enumerate(micro_batches):
+        batch = [t.to(device, non_blocking=True) for t in batch]
         last = i == len(micro_batches) - 1
         # Under DDP, gradients are all-reduced only on the last micro-batch of the step.
         with (model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()):
             with autocast():
-                loss = model(inputs, targets, reduction="sum") * scale
+                loss = batch_loss(model, batch) * scale
             (scaler.scale(loss) if scaler else loss).backward()
         total += loss.item()
     total /= world_size
@@ -306,7 +348,8 @@ def sample_text(model, splits, prompt_style, max_new_tokens=50):
 
 def plot_losses(metrics_path, png_path):
     """OUT/loss.png: train and validation loss against steps, with tokens seen on a second
-    x-axis, as the chapter's plot_losses. False when matplotlib is not installed."""
+    x-axis, as the chapter's plot_losses (for DPO beside the reward margins, as the book's
+    second plot). False when matplotlib is not installed."""
     try:
         import matplotlib
         from matplotlib.figure import Figure  # no pyplot: no global state, no window
@@ -316,17 +359,21 @@ def plot_losses(metrics_path, png_path):
         rows = [json.loads(line) for line in f]
     steps, tokens = [r["step"] for r in rows], [r["tokens_seen"] for r in rows]
     train, val = [r["train_loss"] for r in rows], [r["val_loss"] for r in rows]
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
+    panels = [("loss", train, val)]
+    if "train_reward_margin" in rows[0]:  # a DPO run
+        panels.append(("reward margin", [r["train_reward_margin"] for r in rows],
+                       [r["val_reward_margin"] for r in rows]))
     points = {"marker": "o", "markersize": 3} if len(rows) < 50 else {}  # one evaluation is a point, not a line
-    ax.plot(steps, train, label="training loss", **points)
-    ax.plot(steps, val, linestyle="-.", label="validation loss", **points)
-    ax.set_xlabel("optimizer steps")
-    ax.set_ylabel("loss")
-    ax.legend(loc="upper right")
-    top = ax.twiny()  # a second x-axis for tokens seen, aligned by an invisible plot
-    top.plot(tokens, train, alpha=0)
-    top.set_xlabel("tokens seen")
+    fig = Figure(figsize=(6 * len(panels), 4))
+    for ax, (what, train, val) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        ax.plot(steps, train, label=f"training {what}", **points)
+        ax.plot(steps, val, linestyle="-.", label=f"validation {what}", **points)
+        ax.set_xlabel("optimizer steps")
+        ax.set_ylabel(what)
+        ax.legend(loc="upper right" if what == "loss" else "upper left")
+        top = ax.twiny()  # a second x-axis for tokens seen, aligned by an invisible plot
+        top.plot(tokens, train, alpha=0)
+        top.set_xlabel("tokens seen")
     fig.tight_layout()
     with atomic_write(png_path) as tmp:
         fig.savefig(tmp, format="png")
@@ -385,6 +432,7 @@ class Run:
     plot_cost: float = 0.0  # seconds the last loss plot took, and when it was drawn
     plotted_at: float = 0.0
     lora_base: dict = None  # a LoRA run: the identity of its frozen base (model.build_base)
+    dpo: DPO = None  # a DPO run: its objective
 
     def path(self, name):
         return os.path.join(self.args.out, name)
@@ -422,6 +470,8 @@ def load_splits(args, ckpt, world_size):
                           TRAIN_FRAC, TEST_FRAC)
     if ckpt is not None:
         check_same_data(splits, ckpt.get("data_fingerprint"), ckpt.get("data"))
+    if args.dpo:
+        splits = preference_splits(splits, args.context_length)
     check_batchable(splits, args.batch_size * world_size)
     if splits.kind == "text" and args.mask_instructions:
         raise ValueError("--mask-instructions needs instruction data; raw text has no instructions to mask")
@@ -457,6 +507,27 @@ def build_training(run, ckpt):
         run.model = torch.compile(run.raw_model)
     if run.world_size > 1:
         run.model = DDP(run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+
+
+def set_reference(run, ckpt, log):
+    """The reference log-probs of every training and validation pair: the checkpoint's on resume,
+    else computed once with the starting model (for LoRA, the base), before the first step."""
+    splits = run.splits
+    if ckpt is not None:
+        saved = ckpt.get("dpo_reference") or {}
+        for name, dataset in (("train", splits.train), ("val", splits.val)):
+            if saved.get(name) is None or len(saved[name]) != len(dataset):
+                raise ValueError(f"{run.path('ckpt.pt')} is corrupt: it lacks the reference log-probs of the "
+                                 f"{name} pairs; start the DPO run again")
+            dataset.reference = saved[name]
+        return
+    started = time.time()
+    for dataset in (splits.train, splits.val):
+        dataset.reference = reference_logprobs(run.raw_model, dataset, splits.collate_fn, run.args.batch_size,
+                                               run.device, run.args.dpo_logprobs, run.autocast, run.rank,
+                                               run.world_size)
+    log(f"reference log-probs of {len(splits.train)} train and {len(splits.val)} validation pairs, computed once: "
+        f"{duration(time.time() - started)}")
 
 
 # ----------------------------------------------------------------------------- one evaluation, one save
@@ -497,6 +568,9 @@ def save_run(run):
         **info, **weights(run), "optimizer": run.optimizer.state_dict(),
         "scheduler": {"schedule": args.lr_schedule, "warmup_steps": args.warmup_steps, "total_steps": run.total_steps},
         "scaler": run.scaler.state_dict() if run.scaler else None,
+        # a DPO run: the reference log-probs, so neither training nor --resume needs the reference model again
+        **({"dpo_reference": {"train": run.splits.train.reference, "val": run.splits.val.reference}}
+           if run.dpo else {}),
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else []},
         **state,
@@ -513,21 +587,32 @@ def evaluate(run, epoch, lr):
     tokens_per_s = (state["tokens_seen"] - run.last_eval[1]) / max(now - run.last_eval[0], 1e-9)
     eval_loaders = [make_loader(split, run.splits, batch_size=args.batch_size)
                     for split in (run.splits.train, run.splits.val)]
-    with run.autocast():
-        (train_loss, n_train), (val_loss, n_val) = (
-            calc_loss_loader(run.raw_model, loader, run.device, args.eval_batches * run.world_size)
-            for loader in eval_loaders)
+    n_batches = args.eval_batches * run.world_size
+    if run.dpo:  # the DPO loss, rewards, margin and accuracy of the pairs
+        (train_dpo, n_train), (val_dpo, n_val) = (
+            dpo_metrics(run.raw_model, loader, run.device, run.dpo, n_batches, run.autocast) for loader in eval_loaders)
+        train_loss, val_loss = train_dpo.get("loss", math.nan), val_dpo.get("loss", math.nan)
+    else:
+        with run.autocast():
+            (train_loss, n_train), (val_loss, n_val) = (
+                calc_loss_loader(run.raw_model, loader, run.device, n_batches) for loader in eval_loaders)
     for what, value, count in (("training", train_loss, n_train), ("validation", val_loss, n_val)):
         if count and not math.isfinite(value):  # no count: nothing to evaluate (all masked), not divergence
             raise diverged(run, what, value, state["step"])
     run.evals_run, run.eval_seconds = run.evals_run + 1, run.eval_seconds + time.time() - now
     left, rest_started = time_left(run), time.time()  # the time left counts this evaluation's losses already
     run.progress.clear()
+    rewards, logged = "", {}
+    if run.dpo:
+        rewards = (f" | reward margin {train_dpo['reward_margin']:.3f} / {val_dpo['reward_margin']:.3f}, "
+                   f"accuracy {train_dpo['reward_accuracy']:.0%} / {val_dpo['reward_accuracy']:.0%}")
+        logged = {f"{split}_{name}": value for split, values in (("train", train_dpo), ("val", val_dpo))
+                  for name, value in values.items() if name != "loss"}
     print(f"epoch {epoch} step {state['step']}/{run.total_steps} | train loss {train_loss:.3f} | "
-          f"val loss {val_loss:.3f} | {state['tokens_seen']:,} tokens seen | "
+          f"val loss {val_loss:.3f}{rewards} | {state['tokens_seen']:,} tokens seen | "
           f"{tokens_per_s:,.0f} tokens/s | {duration(left)} left", flush=True)
     with open(run.path("metrics.jsonl"), "a") as f:
-        f.write(json.dumps(dict(step=state["step"], epoch=epoch, train_loss=train_loss, val_loss=val_loss,
+        f.write(json.dumps(dict(step=state["step"], epoch=epoch, train_loss=train_loss, val_loss=val_loss, **logged,
                                 tokens_seen=state["tokens_seen"], lr=lr,
                                 elapsed=round(run.start_elapsed + now - run.started, 3))) + "\n")
     # Redraw the plot unless the last drawing was recent compared to its cost: at most a tenth
@@ -609,14 +694,15 @@ def train_epochs(run, stop_requested):
             if len(micro_batches) < args.grad_accum and i < len(epoch_batches):
                 continue
             # the processes agree on a stop in the step's one all-reduce, so all stop at this boundary
-            n_targets, n_tokens, stop = count_tokens(micro_batches, run.device, run.world_size, stop_requested())
+            n_targets, n_tokens, stop = count_tokens(micro_batches, run.device, run.world_size, stop_requested(),
+                                                     run.dpo.units if run.dpo else sft_units)
             if stop:
                 return True
             lr = lr_at(state["step"], args, run.total_steps)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             loss = train_step(run.model, run.optimizer, micro_batches, n_targets, run.world_size, run.autocast,
-                              run.scaler, args.grad_clip)
+                              run.scaler, args.grad_clip, run.dpo.loss if run.dpo else sft_loss)
             micro_batches = []
             epoch = state["epoch"] + 1  # 1-based, for people
             if not math.isfinite(loss):
@@ -659,6 +745,8 @@ def main(argv=None):
     first_process = os.environ.get("RANK", "0") == "0"
     check_writable_folder(args.out)  # before the data, the model and any download
     args, ckpt = open_run(args, given, world_size)  # mistakes show up before torchrun's processes meet
+    if ckpt is None and os.path.isfile(args.model):
+        args = model_file_arguments(args, given)
     if first_process and os.path.isdir(args.out):  # only now: OUT is this run's (open_run refuses another's)
         if removed := remove_stale_temporaries(args.out, OUTPUTS):
             print(removed)
@@ -688,6 +776,8 @@ def interrupted_unsaved(out, first_process):
 def train(args, ckpt, splits, device, autocast, rank, world_size):
     log = print if rank == 0 else (lambda *a, **k: None)
     log(summarize_data(splits, args.batch_size, args.context_length))
+    if args.dpo:
+        log(summarize_pairs(splits, args.context_length))
     torch.manual_seed(args.seed)
     run = Run(args, device, rank, world_size, splits, raw_model=None, autocast=autocast)
     if ckpt is None and args.lora_rank:
@@ -698,8 +788,8 @@ def train(args, ckpt, splits, device, autocast, rank, world_size):
                                                   args.context_length, args.dropout)
         add_lora(run.raw_model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
     elif ckpt is None:
-        run.raw_model = build_model(args.model, pretrained=args.init == "pretrained",
-                                    context_length=args.context_length, drop_rate=args.dropout)
+        run.raw_model = build_start_model(args.model, pretrained=args.init == "pretrained",
+                                          context_length=args.context_length, drop_rate=args.dropout)
     run.batches_per_epoch = len(batch_indices(splits.train.lengths, args.batch_size, shuffle=True, seed=args.seed,
                                               drop_last=True, rank=rank, world_size=world_size))
     run.steps_per_epoch = math.ceil(run.batches_per_epoch / args.grad_accum)  # a short last step ends an epoch
@@ -724,6 +814,9 @@ def train(args, ckpt, splits, device, autocast, rank, world_size):
         log(f"nothing to do: the run is at step {run.state['step']} of {run.total_steps}; "
             "raise --epochs or --max-steps")
         return
+    if args.dpo:
+        run.dpo = DPO(args.beta, args.dpo_logprobs)
+        set_reference(run, ckpt, log)
 
     # outputs: on resume keep the metrics up to the checkpoint's step, drop any written after it
     if rank == 0:

@@ -1,7 +1,7 @@
 """Speed benchmarks, one line per figure (a script, not collected by pytest).
 
     python tests/bench.py                    # everything (about 20 minutes on 2 cores)
-    python tests/bench.py --only generation  # or training, eval, judge, lora, int8, beams
+    python tests/bench.py --only generation  # or training, eval, judge, lora, int8, beams, dpo
 
 On the gpt2 (124M) config with random weights (lora: gpt2-medium), on the CPU. Targets are
 ratios within one run, since absolute times on a shared machine are noisy; see README.md.
@@ -358,8 +358,47 @@ def bench_beams(repeats=3):
           f"= {rates['5 beams'] / rates['greedy']:.2f}x greedy ({rates['greedy']:.1f} tokens/s)")
 
 
+def bench_dpo(steps=8, reference_pairs=160):
+    """A DPO optimizer step on 8 pairs against an SFT step on the same 16 sequences (the same
+    inputs and targets: the responses and their end-of-text), gpt2 random weights, on `steps`
+    batches spread over an epoch of the book's preference data, the two taking turns (medians);
+    and the one-time reference pass, timed on every few training pairs and scaled by padded
+    tokens to the training and validation pairs."""
+    from dpo import DPO, PreferenceDataset, preference_splits, reference_logprobs
+    from data import batch_indices
+    from train import count_tokens, make_optimizer, sft_loss, sft_units, train_step
+
+    path = os.path.join(SHARED, "data", "instruction-data-with-preference.json")
+    splits = preference_splits(prepare_data(path, mask_instructions=True), 1024)
+    model = gpt2_random().train()
+    optimizer, dpo = make_optimizer(model, 5e-6, 0.01), DPO(0.1, "sum")
+    order = batch_indices(splits.train.lengths, 8, shuffle=True, seed=123, drop_last=True)
+    batches = [splits.collate_fn([splits.train[i] for i in order[k]])
+               for k in range(0, len(order), len(order) // steps)][:steps + 1]
+    seconds = {"dpo": [], "sft": []}
+    for i, batch in enumerate(batches):  # the first round warms up
+        for name, loss, units, b in (("dpo", dpo.loss, dpo.units, batch), ("sft", sft_loss, sft_units, batch[:2])):
+            start = time.perf_counter()
+            train_step(model, optimizer, [b], count_tokens([b], "cpu", units=units)[0], batch_loss=loss)
+            if i:
+                seconds[name].append(time.perf_counter() - start)
+    dpo_s, sft_s = (sorted(seconds[name])[len(seconds[name]) // 2] for name in ("dpo", "sft"))
+    print(f"dpo, optimizer step on 8 pairs vs SFT on the same 16 sequences, gpt2 random weights (median of {steps}): "
+          f"{dpo_s:.2f} vs {sft_s:.2f} s = {dpo_s / sft_s:.2f}x (target <= 1.1x)")
+
+    every = len(splits.train) // reference_pairs
+    sample = PreferenceDataset(splits.train.entries[::every])
+    start = time.perf_counter()
+    reference_logprobs(model, sample, splits.collate_fn, 8, "cpu")
+    tokens = lambda d: sum(d.chosen.lengths) + sum(d.rejected.lengths)  # noqa: E731 (unpadded)
+    reference_s = (time.perf_counter() - start) * (tokens(splits.train) + tokens(splits.val)) / tokens(sample)
+    print(f"dpo, the one-time reference pass over {len(splits.train)} train and {len(splits.val)} validation pairs "
+          f"(timed on {len(sample)}): {reference_s:.0f} s = {reference_s / dpo_s:.0f} DPO steps "
+          f"({len(order)} in an epoch)")
+
+
 BENCHES = {"generation": bench_generation, "eval": bench_eval, "training": bench_training, "judge": bench_judge,
-           "lora": bench_lora, "int8": bench_int8, "beams": bench_beams}
+           "lora": bench_lora, "int8": bench_int8, "beams": bench_beams, "dpo": bench_dpo}
 
 
 def main():

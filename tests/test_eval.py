@@ -489,3 +489,39 @@ def test_empty_responses_are_warned_about_with_their_cause(capsys):
         "the model wrote"]
     ev.report_responses(records[2:] * 5 + records[:1], 8, "r.json")  # one in six is not many
     assert capsys.readouterr().out == ""
+
+
+# ----------------------------------------------------------------------------- preference data
+
+
+def test_preference_data_gets_the_test_pairs_dpo_metrics_against_the_reference(tmp_path, capsys):
+    from dpo import PreferenceDataset, collate_pairs
+    from test_dpo import direct_logprobs
+
+    entries = [{**e, "chosen": f"Sure: {e['output']}", "rejected": f"No. {e['output']}" * (1 + i % 2)}
+               for i, e in enumerate(make_entries())]
+    data = write_data(tmp_path, entries)
+    policy, reference = tiny_model(seed=1), tiny_model(seed=2)
+    ckpt = save_ckpt(tmp_path / "dpo" / "best.pt", policy, data=data,
+                     args={"dpo": True, "beta": 0.5, "dpo_logprobs": "mean"})
+    ref = save_ckpt(tmp_path / "sft" / "best.pt", reference, data=data)
+    report, _ = run_eval("--ckpt", ckpt, "--reference", ref, "--max-new-tokens", 2, "--batch-size", 4)
+    inputs, targets, _ = collate_pairs(list(PreferenceDataset(entries[10:16])), allowed_max_length=128)
+    with torch.no_grad():
+        p, r = (direct_logprobs(m, inputs, targets, "mean").view(2, -1).t() for m in (policy, reference))
+    rewards = 0.5 * (p - r)
+    losses = -F.logsigmoid(rewards[:, 0] - rewards[:, 1])
+    pairs = report["pairs"]
+    assert (pairs["pairs"], pairs["beta"], pairs["logprobs"]) == (6, 0.5, "mean")
+    assert pairs["loss"] == pytest.approx(losses.mean().item(), abs=1e-5)
+    assert pairs["reward_margin"] == pytest.approx((rewards[:, 0] - rewards[:, 1]).mean().item(), abs=1e-5)
+    assert pairs["reward_accuracy"] == pytest.approx((rewards[:, 0] > rewards[:, 1]).float().mean().item())
+    assert pairs["chosen_more_likely"] == pytest.approx((p[:, 0] > p[:, 1]).float().mean().item())
+    assert f"against {ref}: DPO loss {pairs['loss']:.4f}" in capsys.readouterr().out
+
+    report, _ = run_eval("--ckpt", ref, "--out", tmp_path / "base", "--max-new-tokens", 2)  # no reference
+    assert set(report["pairs"]) == {"pairs", "logprobs", "chosen_more_likely"} and report["pairs"]["logprobs"] == "sum"
+    plain = save_ckpt(tmp_path / "plain" / "best.pt", policy, data=write_data(tmp_path, make_entries(), "plain.json"))
+    assert "pairs" not in run_eval("--ckpt", plain, "--max-new-tokens", 2)[0]
+    with pytest.raises(ValueError, match="entry 0 has no 'chosen' response; preference data"):
+        run_eval("--ckpt", plain, "--reference", ref, "--max-new-tokens", 2)

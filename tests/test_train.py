@@ -394,11 +394,11 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_pat
     assert "stopped, no checkpoint was written yet (the first is due at step 20);" in stopped.value.code
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(data, tmp_path):
-    common = [*FAST, "--data", data, "--lr", "1e-3", "--eval-every", 1, "--epochs", 1000]
-    out = tmp_path / "stopped"
+def stop_with_ctrl_c(common, out, timeout=60):
+    """Start `python train.py *common --out out`, press Ctrl-C once ckpt.pt is there; the step
+    the run says it saved, checked against ckpt.pt."""
     proc = script("train.py", *common, "--out", out)
-    deadline = time.time() + 60
+    deadline = time.time() + timeout
     while not os.path.exists(out / "ckpt.pt") and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()
@@ -409,6 +409,13 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(data, tmp_path):
     stopped_at = ckpt["step"]
     assert f"interrupted at step {stopped_at}: saved {out / 'ckpt.pt'}; continue with --resume" in stdout
     assert glob.glob(str(out / "*.tmp")) == []
+    return stopped_at
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(data, tmp_path):
+    common = [*FAST, "--data", data, "--lr", "1e-3", "--eval-every", 1, "--epochs", 1000]
+    out = tmp_path / "stopped"
+    stopped_at = stop_with_ctrl_c(common, out)
 
     run("--resume", "--out", out, "--max-steps", stopped_at + 2)
     run(*common, "--out", tmp_path / "full", "--max-steps", stopped_at + 2)
