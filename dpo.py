@@ -52,7 +52,7 @@ class PreferenceDataset(Dataset):
             InstructionDataset([{**entry, "output": entry[key]} for entry in entries], prompt_style,
                                mask_instructions=True) for key in PAIR_KEYS)
         self.lengths = [max(a, b) for a, b in zip(self.chosen.lengths, self.rejected.lengths)]
-        self.prompt_lengths = self.chosen.prompt_lengths
+        self.prompt_lengths, self.learned = self.chosen.prompt_lengths, self.chosen.learned  # for summarize_data
         self.reference = None
 
     def __len__(self):

@@ -78,8 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--mask-instructions", action="store_true", help="compute the loss on response tokens only")
     p.add_argument("--batch-size", type=AT_LEAST_1, default=8, help="examples per batch (per process)")
     p.add_argument("--grad-accum", type=AT_LEAST_1, default=1, help="batches per optimizer step")
-    p.add_argument("--epochs", type=AT_LEAST_1, default=2, help="passes over the training split; 1 under --dpo; "
-                   "--max-steps without --epochs: as many as --max-steps takes")
+    p.add_argument("--epochs", type=AT_LEAST_1, default=2, help="passes over the training split (--max-steps "
+                   "without --epochs: as many as --max-steps takes); 1 under --dpo")
     p.add_argument("--max-steps", type=AT_LEAST_1, default=None, help="stop after this many optimizer steps "
                    "(with --epochs too: at whichever comes first)")
     p.add_argument("--lr", type=POSITIVE, default=5e-5, help="AdamW learning rate; 5e-6 under --dpo")
