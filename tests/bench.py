@@ -1,7 +1,7 @@
 """Speed benchmarks, one line per figure (a script, not collected by pytest).
 
     python tests/bench.py                    # everything (about 20 minutes on 2 cores)
-    python tests/bench.py --only generation  # or training, eval, judge, lora, int8, beams
+    python tests/bench.py --only generation  # or training, eval, judge, lora, int8, beams, serve
 
 On the gpt2 (124M) config with random weights (lora: gpt2-medium), on the CPU. Targets are
 ratios within one run, since absolute times on a shared machine are noisy; see README.md.
@@ -196,6 +196,60 @@ def bench_judge(n=40, delay=0.05, repeats=3):
           f"--judge-workers 4 {four:.2f} s = {four / one:.2f}x (target <= 0.4x)")
 
 
+def bench_serve(clients=8, new_tokens=64):
+    """serve.py: `clients` chat requests of `new_tokens` each, streamed, all at once (continuous
+    batching) vs one after another; total tokens/s and the median time to the first token."""
+    import http.client
+    import json
+    import statistics
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve import Engine, make_server
+
+    engine = Engine(gpt2_random(), max_batch=clients).start()
+    server = make_server(engine, "alpaca", "gpt2-random", port=0, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    instructions = [entry["instruction"] for entry in prepare_data(default_data_path()).test_entries[:clients]]
+
+    def ask(instruction):
+        """(seconds to the first token, seconds to the end, tokens) of one streamed request."""
+        start = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=600)
+        conn.request("POST", "/v1/chat/completions", json.dumps({
+            "messages": [{"role": "user", "content": instruction}], "max_tokens": new_tokens, "stream": True,
+            "stream_options": {"include_usage": True}}))
+        response, first, tokens = conn.getresponse(), None, None
+        for line in response:
+            if line.startswith(b"data: {"):
+                event = json.loads(line[6:])
+                if first is None and event["choices"] and event["choices"][0]["delta"].get("content"):
+                    first = time.perf_counter() - start
+                tokens = event.get("usage", {}).get("completion_tokens", tokens)
+        conn.close()
+        return first, time.perf_counter() - start, tokens
+
+    try:
+        ask(instructions[0])  # warm-up
+        start = time.perf_counter()
+        one_by_one = [ask(instruction) for instruction in instructions]
+        sequential = time.perf_counter() - start
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            together = list(pool.map(ask, instructions))
+        concurrent = time.perf_counter() - start
+    finally:
+        server.shutdown()
+        server.server_close()
+        engine.stop()
+    rates = [sum(r[2] for r in runs) / seconds for runs, seconds in ((one_by_one, sequential), (together, concurrent))]
+    ttft = [statistics.median(r[0] for r in runs) for runs in (one_by_one, together)]
+    print(f"serve.py, {clients} clients x {new_tokens} tokens ({sum(r[2] for r in together)} made): "
+          f"one after another {rates[0]:.1f} tokens/s, first token after {ttft[0] * 1000:.0f} ms (median); "
+          f"all at once {rates[1]:.1f} tokens/s = {rates[1] / rates[0]:.2f}x (target >= 3x), first token after "
+          f"{ttft[1] * 1000:.0f} ms (median), {max(r[0] for r in together) * 1000:.0f} ms (slowest)")
+
+
 def tensor_bytes(obj):
     """Bytes of the tensors in a (nested) checkpoint dict: its size on disk, without writing it."""
     if isinstance(obj, torch.Tensor):
@@ -359,7 +413,7 @@ def bench_beams(repeats=3):
 
 
 BENCHES = {"generation": bench_generation, "eval": bench_eval, "training": bench_training, "judge": bench_judge,
-           "lora": bench_lora, "int8": bench_int8, "beams": bench_beams}
+           "lora": bench_lora, "int8": bench_int8, "beams": bench_beams, "serve": bench_serve}
 
 
 def main():
