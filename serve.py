@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from common import AT_LEAST_1, POSITIVE, resolve_device, run_main
+from common import AT_LEAST_1, POSITIVE, checked, resolve_device, run_main
 from data import EOT_ID, PROMPT_STYLES, ROLES, decode, encode, encode_conversation
 from generate import load_for_inference, prefill, sample_next
 from model import KVCache
@@ -93,8 +93,8 @@ class Engine:
     """Continuous batching: one thread runs the model over the batch of running requests, one
     token each per step. The requests that arrived since the last step are prefilled together
     (generate.prefill) and merged into the batch's KV cache, every row re-padded on the left to
-    the longest; a finished or abandoned one leaves the cache. Each row keeps its own positions and sees only
-    its own keys (KVCache's pad_lens), so its tokens are the ones it would get alone."""
+    the longest; a finished or abandoned one leaves the cache. Each row keeps its own positions
+    and sees only its own keys (KVCache's pad_lens), so its tokens are the ones it would get alone."""
 
     def __init__(self, model, max_batch=8, max_queue=64):
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
@@ -114,6 +114,7 @@ class Engine:
         with self.wake:
             if self.stopping:
                 raise APIError(503, "the server is shutting down", kind="server_error")
+            self.waiting = deque(r for r in self.waiting if not r.cancelled.is_set())  # their clients left
             if len(self.waiting) >= self.max_queue:
                 raise APIError(429, f"the server is busy: {len(self.waiting)} requests are waiting already; "
                                "try again later", kind="rate_limit_error", code="rate_limit_exceeded")
@@ -280,7 +281,7 @@ class Handler(BaseHTTPRequestHandler):
         routes = {("GET", "/"): self.page, ("GET", "/health"): self.health, ("GET", "/v1/models"): self.models,
                   ("POST", "/v1/chat/completions"): self.chat, ("POST", "/v1/completions"): self.completion}
         try:
-            body = self.read_body() if method == "POST" else None
+            data = self.read_body() if method == "POST" else None  # read even when refused: keep-alive
             if (method, path) not in routes:
                 raise APIError(404, f"no route {method} {path}: this server has POST /v1/chat/completions, "
                                "POST /v1/completions, GET /v1/models, GET /health and GET /")
@@ -288,30 +289,29 @@ class Handler(BaseHTTPRequestHandler):
             if path.startswith("/v1/") and key and self.headers.get("Authorization") != f"Bearer {key}":
                 raise APIError(401, "a valid API key is needed: send the header 'Authorization: Bearer KEY'",
                                code="invalid_api_key")
+            try:
+                body = None if data is None else json.loads(data)
+            except ValueError as e:  # UnicodeDecodeError is one
+                raise APIError(400, f"the request body is not valid JSON ({e})") from None
             routes[method, path](body)
         except APIError as e:
             self.send_json(e.status, e.body)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client left or went silent
+        except OSError:  # the client left, or went silent for the timeout
             self.close_connection = True
 
     def read_body(self):
-        """The JSON of a POST body: 413 over MAX_BODY bytes, 400 when it is not JSON."""
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
+        """The bytes of a POST body: 411 without a length, 413 over MAX_BODY bytes."""
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit():
             self.close_connection = True
-            raise APIError(411, "a POST needs a Content-Length header") from None
-        if length > MAX_BODY:
+            raise APIError(411, "a POST needs a Content-Length header (a number of bytes)")
+        if int(length) > MAX_BODY:
             self.close_connection = True  # its body stays unread
             raise APIError(413, f"the request body is {length} bytes, over the limit of {MAX_BODY}")
-        data = self.rfile.read(length)
-        if len(data) < length:
-            self.close_connection = True
-            raise TimeoutError
-        try:
-            return json.loads(data)
-        except ValueError as e:  # UnicodeDecodeError is one
-            raise APIError(400, f"the request body is not valid JSON ({e})") from None
+        data = self.rfile.read(int(length))
+        if len(data) < int(length):
+            raise ConnectionResetError  # the client closed its end before the whole body
+        return data
 
     def page(self, body):
         self.send_bytes(200, self.server.page, "text/html; charset=utf-8")
@@ -437,7 +437,7 @@ class Server(ThreadingHTTPServer):
 
 
 def make_server(engine, style, model_name, host="127.0.0.1", port=8000, api_key=None, timeout=60.0, quiet=False):
-    """A Server (not yet serving) in front of a started engine; port 0 picks a free one."""
+    """A Server (not yet serving) in front of an engine; port 0 picks a free one."""
     # the socket timeout: a client silent (or not reading) for this long is dropped
     server = Server((host, port), type("TimedHandler", (Handler,), {"timeout": timeout}))
     server.engine, server.style, server.model_name, server.api_key, server.quiet = \
@@ -456,7 +456,8 @@ def main():
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--quantize", choices=["int8"], help="int8 weights for the block linears: faster decoding on the CPU")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on; 0.0.0.0 opens it to the network")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--port", type=checked(int, lambda v: 0 <= v < 65536, "a port number from 0 to 65535"),
+                   default=8000, help="0 picks a free port")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
     p.add_argument("--max-batch", type=AT_LEAST_1, default=8, help="requests decoded together at most")
     p.add_argument("--max-queue", type=AT_LEAST_1, default=64, help="requests waiting for a place at most; more get 429")
@@ -466,11 +467,12 @@ def main():
     device = resolve_device(args.device)
     model, _, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize)
     name = os.path.basename(os.path.normpath(args.ckpt or args.model))
-    engine = Engine(model, args.max_batch, args.max_queue).start()
+    engine = Engine(model, args.max_batch, args.max_queue)
     try:
         server = make_server(engine, style, name, args.host, args.port, args.api_key, args.timeout)
     except OSError as e:
         raise OSError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
+    engine.start()
     host, port = server.server_address[:2]
     print(f"serving {name} (prompt style {style}, up to {args.max_batch} requests at once) on "
           f"http://{host}:{port}/ ; Ctrl-C stops", flush=True)

@@ -277,11 +277,13 @@ def test_unknown_routes_too_large_bodies_and_bad_completions(server):
     assert call(server, "GET", "/v1/chat/completions")[0] == 404
     assert call(server, "POST", "/v1/completions", {"prompt": ["a", "b"]})[1]["error"]["message"] == \
         "'prompt' must be a non-empty string (one prompt per request)"
-    # a body over the limit is refused from its Content-Length, unread
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (serve.MAX_BODY + 1))
-        head = b"".join(iter(lambda: s.recv(65536), b"")).decode()  # to the end: the server closes
-    assert head.startswith("HTTP/1.1 413 ") and f"over the limit of {serve.MAX_BODY}" in head, head
+    # a body over the limit is refused from its Content-Length, unread; a length that is no number too
+    for length, status, message in [(serve.MAX_BODY + 1, 413, f"over the limit of {serve.MAX_BODY}"),
+                                    (-5, 411, "a POST needs a Content-Length header")]:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % length)
+            reply = b"".join(iter(lambda: s.recv(65536), b"")).decode()  # to the end: the server closes
+        assert reply.startswith(f"HTTP/1.1 {status} ") and message in reply, reply
 
 
 def test_more_waiting_requests_than_max_queue_get_429(model):
@@ -336,6 +338,7 @@ def test_api_key_is_required_on_the_api(model):
             status, reply = call(server, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1}, headers)
             assert status == 401 and reply["error"]["code"] == "invalid_api_key"
         assert call(server, "GET", "/v1/models")[0] == 401
+        assert call(server, "POST", "/v1/chat/completions", raw=b"{not json")[0] == 401  # the key comes first
         good = {"Authorization": "Bearer sesame"}
         assert call(server, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1}, good)[0] == 200
         assert call(server, "GET", "/v1/models", headers=good)[0] == 200
@@ -389,3 +392,14 @@ def test_cli_errors_are_one_line(tmp_path):
     assert result.returncode == 1 and result.stderr == f"error: checkpoint {tmp_path / 'missing.pt'} does not exist\n"
     result = run("--model", "tiny")
     assert result.returncode == 1 and "'tiny' is a preset without pretrained weights" in result.stderr
+    result = run("--model", "gpt2", "--port", "70000")
+    assert result.returncode == 2 and "argument --port: must be a port number from 0 to 65535, got 70000" in result.stderr
+    ckpt = str(tmp_path / "ckpt.pt")
+    model = lively_tiny()
+    save_checkpoint({"model": model.state_dict(), "config": vars(model.config), "prompt_style": "alpaca"}, ckpt)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("--ckpt", ckpt, "--port", str(port), "--device", "cpu")
+    assert result.returncode == 1 and result.stderr == f"error: cannot listen on 127.0.0.1:{port} (Address already in use)\n"
