@@ -182,6 +182,9 @@ class Engine:
         for j, ((c, i), pad) in enumerate(zip(caches, new_pads)):
             merged.k[:, j, :, pad:pos] = c.k[:, i, :, c.pos - lengths[j]:c.pos]
             merged.v[:, j, :, pad:pos] = c.v[:, i, :, c.pos - lengths[j]:c.pos]
+            # padding is never attended to, but its weight 0 times a NaN left in fresh memory is NaN
+            merged.k[:, j, :, :pad] = 0
+            merged.v[:, j, :, :pad] = 0
         merged.pos = pos
         self.rows, self.cache, self.logits = rows, merged, torch.cat([self.logits, logits])
 
@@ -432,14 +435,10 @@ def client_gone(sock):
         return True
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-
 def make_server(engine, style, model_name, host="127.0.0.1", port=8000, api_key=None, timeout=60.0, quiet=False):
-    """A Server (not yet serving) in front of an engine; port 0 picks a free one."""
+    """An HTTP server (not yet serving; a thread per connection) in front of an engine; port 0 picks a free one."""
     # the socket timeout: a client silent (or not reading) for this long is dropped
-    server = Server((host, port), type("TimedHandler", (Handler,), {"timeout": timeout}))
+    server = ThreadingHTTPServer((host, port), type("TimedHandler", (Handler,), {"timeout": timeout}))
     server.engine, server.style, server.model_name, server.api_key, server.quiet = \
         engine, style, model_name, api_key, quiet
     server.created = int(time.time())

@@ -196,9 +196,10 @@ def bench_judge(n=40, delay=0.05, repeats=3):
           f"--judge-workers 4 {four:.2f} s = {four / one:.2f}x (target <= 0.4x)")
 
 
-def bench_serve(clients=8, new_tokens=64):
-    """serve.py: `clients` chat requests of `new_tokens` each, streamed, all at once (continuous
-    batching) vs one after another; total tokens/s and the median time to the first token."""
+def bench_serve(clients=8, new_tokens=64, repeats=2):
+    """serve.py: `clients` chat requests of `new_tokens` each, streamed, one after another and
+    all at once (continuous batching), taking turns `repeats` times; total tokens/s and the
+    median time to the first token of each turn."""
     import http.client
     import json
     import statistics
@@ -213,7 +214,7 @@ def bench_serve(clients=8, new_tokens=64):
     instructions = [entry["instruction"] for entry in prepare_data(default_data_path()).test_entries[:clients]]
 
     def ask(instruction):
-        """(seconds to the first token, seconds to the end, tokens) of one streamed request."""
+        """(seconds to the first token, tokens) of one streamed request."""
         start = time.perf_counter()
         conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=600)
         conn.request("POST", "/v1/chat/completions", json.dumps({
@@ -227,27 +228,32 @@ def bench_serve(clients=8, new_tokens=64):
                     first = time.perf_counter() - start
                 tokens = event.get("usage", {}).get("completion_tokens", tokens)
         conn.close()
-        return first, time.perf_counter() - start, tokens
+        return first, tokens
+
+    def one_after_another():
+        return [ask(instruction) for instruction in instructions]
+
+    def all_at_once():
+        with ThreadPoolExecutor(clients) as pool:
+            return list(pool.map(ask, instructions))
 
     try:
         ask(instructions[0])  # warm-up
-        start = time.perf_counter()
-        one_by_one = [ask(instruction) for instruction in instructions]
-        sequential = time.perf_counter() - start
-        start = time.perf_counter()
-        with ThreadPoolExecutor(clients) as pool:
-            together = list(pool.map(ask, instructions))
-        concurrent = time.perf_counter() - start
+        for _ in range(repeats):
+            rates, ttfts = [], []
+            for run in (one_after_another, all_at_once):
+                start = time.perf_counter()
+                results = run()
+                rates.append(sum(tokens for _, tokens in results) / (time.perf_counter() - start))
+                ttfts.append(statistics.median(first for first, _ in results))
+            print(f"serve.py, {clients} clients x {new_tokens} tokens: one after another {rates[0]:.1f} tokens/s, "
+                  f"first token after {ttfts[0] * 1000:.0f} ms (median); all at once {rates[1]:.1f} tokens/s = "
+                  f"{rates[1] / rates[0]:.2f}x (target >= 3x), first token after {ttfts[1] * 1000:.0f} ms (median), "
+                  f"{max(first for first, _ in results) * 1000:.0f} ms (slowest)", flush=True)
     finally:
         server.shutdown()
         server.server_close()
         engine.stop()
-    rates = [sum(r[2] for r in runs) / seconds for runs, seconds in ((one_by_one, sequential), (together, concurrent))]
-    ttft = [statistics.median(r[0] for r in runs) for runs in (one_by_one, together)]
-    print(f"serve.py, {clients} clients x {new_tokens} tokens ({sum(r[2] for r in together)} made): "
-          f"one after another {rates[0]:.1f} tokens/s, first token after {ttft[0] * 1000:.0f} ms (median); "
-          f"all at once {rates[1]:.1f} tokens/s = {rates[1] / rates[0]:.2f}x (target >= 3x), first token after "
-          f"{ttft[1] * 1000:.0f} ms (median), {max(r[0] for r in together) * 1000:.0f} ms (slowest)")
 
 
 def tensor_bytes(obj):

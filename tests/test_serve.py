@@ -195,9 +195,11 @@ def test_concurrent_requests_get_what_generate_gives_each_alone(server, model, m
     assert max(batch_at_join) >= 2, f"no request joined a running batch of two or more: {batch_at_join}"
 
 
-def test_engine_merges_requests_of_any_length_at_any_step(model):
+def test_engine_merges_requests_of_any_length_at_any_step(model, monkeypatch):
     """Driven by hand, step by step: rows join a batch shorter and longer than themselves, alone
-    and two at once, and leave at different steps; each gets generate()'s tokens alone."""
+    and two at once, and leave at different steps; each gets generate()'s tokens alone. Fresh
+    cache memory is NaN here, as it may be: padding must not leak it into the rows."""
+    monkeypatch.setattr(torch, "empty", lambda shape, **kw: torch.full(shape, float("nan"), **kw))
     texts = ["Hello there", "x", "A much longer prompt, with several more tokens in it than any other.",
              "Say hi.", "Once upon a time there was a prompt of middling length"]
     budgets = [30, 12, 9, 25, 6]
