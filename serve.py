@@ -231,14 +231,18 @@ def check_messages(messages):
         previous = checked[-1]["role"] if checked else None
         expected = {None: ("system", "user"), "system": ("user",), "user": ("assistant",), "assistant": ("user",)}
         if m["role"] not in expected[previous]:
-            raise APIError(400, f"messages[{i}] is a {m['role']} message after "
-                           f"{'a ' + previous + ' one' if previous else 'nothing'}: the model takes an optional "
+            raise APIError(400, f"messages[{i}] is {article(m['role'])} message after "
+                           f"{article(previous) + ' one' if previous else 'nothing'}: the model takes an optional "
                            "system message, then user and assistant messages in turn", "messages")
         checked.append({"role": m["role"], "content": m["content"]})
     if checked[-1]["role"] != "user":
         raise APIError(400, "the last message must be the user's: the reply is the next assistant message",
                        "messages")
     return checked
+
+
+def article(role):
+    return ("an " if role == "assistant" else "a ") + role
 
 
 def parse_request(body, chat, style, context_length, device):
