@@ -263,12 +263,13 @@ def parse_request(body, chat, style, context_length, device):
     stop = field(body, "stop", (str, list), lambda v: isinstance(v, str) or (
         len(v) <= 4 and all(isinstance(s, str) and s for s in v)), "a string or a list of up to 4 strings", [])
     max_tokens = field(body, "max_completion_tokens", int, lambda v: v >= 1, "an integer of at least 1")
-    return Request(prompt, field(body, "max_tokens", int, lambda v: v >= 1, "an integer of at least 1", max_tokens),
-                   field(body, "temperature", (int, float), lambda v: 0 <= v <= 2, "a number from 0 to 2", 0.0),
-                   field(body, "top_p", (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"),
-                   field(body, "seed", int, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1", DEFAULT_SEED),
-                   [stop] if isinstance(stop, str) else stop, device), \
-        field(body, "stream", bool, requirement="true or false", default=False)
+    max_tokens = field(body, "max_tokens", int, lambda v: v >= 1, "an integer of at least 1", max_tokens)
+    temperature = field(body, "temperature", (int, float), lambda v: 0 <= v <= 2, "a number from 0 to 2", 0.0)
+    top_p = field(body, "top_p", (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]")
+    seed = field(body, "seed", int, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1", DEFAULT_SEED)
+    stream = field(body, "stream", bool, requirement="true or false", default=False)
+    stop = [stop] if isinstance(stop, str) else stop
+    return Request(prompt, max_tokens, temperature, top_p, seed, stop, device), stream
 
 
 # ----------------------------------------------------------------------------- HTTP
