@@ -1,7 +1,7 @@
 """Speed benchmarks, one line per figure (a script, not collected by pytest).
 
     python tests/bench.py                    # everything (about 20 minutes on 2 cores)
-    python tests/bench.py --only generation  # or training, eval, judge, lora, int8, beams, dpo
+    python tests/bench.py --only generation  # or training, eval, judge, lora, int8, beams, dpo, serve
 
 On the gpt2 (124M) config with random weights (lora: gpt2-medium), on the CPU. Targets are
 ratios within one run, since absolute times on a shared machine are noisy; see README.md.
@@ -194,6 +194,66 @@ def bench_judge(n=40, delay=0.05, repeats=3):
     one, four = (sorted(s)[repeats // 2] for s in seconds.values())
     print(f"judge, {n} responses, server answering after {delay * 1000:.0f} ms: --judge-workers 1 {one:.2f} s, "
           f"--judge-workers 4 {four:.2f} s = {four / one:.2f}x (target <= 0.4x)")
+
+
+def bench_serve(clients=8, new_tokens=64, repeats=2):
+    """serve.py: `clients` chat requests of `new_tokens` each, streamed, one after another and
+    all at once (continuous batching), taking turns `repeats` times; total tokens/s and the
+    median time to the first token of each turn."""
+    import http.client
+    import json
+    import statistics
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve import Engine, make_server
+
+    engine = Engine(gpt2_random(), max_batch=clients).start()
+    server = make_server(engine, "alpaca", "gpt2-random", port=0, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    instructions = [entry["instruction"] for entry in prepare_data(default_data_path()).test_entries[:clients]]
+
+    def ask(instruction):
+        """(seconds to the first token, tokens) of one streamed request."""
+        start = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=600)
+        conn.request("POST", "/v1/chat/completions", json.dumps({
+            "messages": [{"role": "user", "content": instruction}], "max_tokens": new_tokens, "stream": True,
+            "stream_options": {"include_usage": True}}))
+        response, first, tokens = conn.getresponse(), None, None
+        for line in response:
+            if line.startswith(b"data: {"):
+                event = json.loads(line[6:])
+                if first is None and event["choices"] and event["choices"][0]["delta"].get("content"):
+                    first = time.perf_counter() - start
+                tokens = event.get("usage", {}).get("completion_tokens", tokens)
+        conn.close()
+        return first, tokens
+
+    def one_after_another():
+        return [ask(instruction) for instruction in instructions]
+
+    def all_at_once():
+        with ThreadPoolExecutor(clients) as pool:
+            return list(pool.map(ask, instructions))
+
+    try:
+        ask(instructions[0])  # warm-up
+        for _ in range(repeats):
+            rates, ttfts = [], []
+            for run in (one_after_another, all_at_once):
+                start = time.perf_counter()
+                results = run()
+                rates.append(sum(tokens for _, tokens in results) / (time.perf_counter() - start))
+                ttfts.append(statistics.median(first for first, _ in results))
+            print(f"serve.py, {clients} clients x {new_tokens} tokens: one after another {rates[0]:.1f} tokens/s, "
+                  f"first token after {ttfts[0] * 1000:.0f} ms (median); all at once {rates[1]:.1f} tokens/s = "
+                  f"{rates[1] / rates[0]:.2f}x (target >= 3x), first token after {ttfts[1] * 1000:.0f} ms (median), "
+                  f"{max(first for first, _ in results) * 1000:.0f} ms (slowest)", flush=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+        engine.stop()
 
 
 def tensor_bytes(obj):
@@ -398,7 +458,7 @@ def bench_dpo(steps=8, reference_pairs=160):
 
 
 BENCHES = {"generation": bench_generation, "eval": bench_eval, "training": bench_training, "judge": bench_judge,
-           "lora": bench_lora, "int8": bench_int8, "beams": bench_beams, "dpo": bench_dpo}
+           "lora": bench_lora, "int8": bench_int8, "beams": bench_beams, "dpo": bench_dpo, "serve": bench_serve}
 
 
 def main():

@@ -1,0 +1,408 @@
+"""serve.py: a real server on an ephemeral 127.0.0.1 port, spoken to with the standard library."""
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import judge
+import serve
+from checkpoint import save_checkpoint
+from data import decode, encode, encode_conversation
+from generate import generate
+from model import GPT, config_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def lively_tiny(seed=1, context_length=128):
+    """A random tiny model with GPT-2's vocabulary whose weights are scaled up so that greedy
+    replies vary from token to token (at GPT-2's init scale they repeat one token)."""
+    torch.manual_seed(seed)
+    model = GPT(config_for("tiny", context_length=context_length)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(6)
+    return model
+
+
+@contextlib.contextmanager
+def running(model, style="alpaca", max_batch=8, max_queue=64, **server_args):
+    """serve.py's engine and HTTP server for model, serving on 127.0.0.1:<free port>."""
+    engine = serve.Engine(model, max_batch, max_queue).start()
+    server = serve.make_server(engine, style, "tiny-test", "127.0.0.1", 0, quiet=True, **server_args)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    server.port = server.server_address[1]
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        engine.stop()
+        thread.join()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return lively_tiny()
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with running(model) as server:
+        yield server
+
+
+def call(server, method, path, body=None, headers=None, raw=None):
+    """(status, parsed JSON or text) of one request on a fresh connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    conn.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
+    response = conn.getresponse()
+    text = response.read().decode()
+    conn.close()
+    is_json = response.getheader("Content-Type", "").startswith("application/json")
+    return response.status, json.loads(text) if is_json else text
+
+
+def events(text):
+    """The data of each server-sent event of a streamed reply; the last must be [DONE]."""
+    datas = [block.removeprefix("data: ") for block in text.split("\n\n") if block]
+    assert datas[-1] == "[DONE]", f"the stream does not end with data: [DONE] but {datas[-1]!r}"
+    return [json.loads(d) for d in datas[:-1]]
+
+
+def first_event(response):
+    """Read a streamed reply's first server-sent event (its data line and the blank line after it)."""
+    data, blank = response.readline(), response.readline()
+    assert data.startswith(b"data: ") and blank == b"\n", (data, blank)
+    return json.loads(data[6:])
+
+
+def streamed_text(chunks, chat=True):
+    return "".join((c["choices"][0]["delta"].get("content", "") if chat else c["choices"][0]["text"])
+                   for c in chunks if c["choices"])
+
+
+def reference(model, prompt_ids, n, **sampling):
+    return decode(generate(model, [prompt_ids], n, **sampling)[0])
+
+
+COLORS = [{"role": "user", "content": "Name three primary colors."}]
+
+
+def test_chat_and_completion_replies_have_openais_shape_and_generates_text(server, model):
+    status, reply = call(server, "POST", "/v1/chat/completions", {"model": "x", "messages": COLORS, "max_tokens": 12})
+    assert status == 200, reply
+    prompt = encode_conversation(COLORS, "alpaca")[0]
+    assert reply["object"] == "chat.completion" and reply["id"].startswith("chatcmpl-") and reply["model"] == "tiny-test"
+    assert reply["choices"] == [{"index": 0, "message": {"role": "assistant", "content": reference(model, prompt, 12)},
+                                 "logprobs": None, "finish_reason": "length"}]
+    assert reply["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 12, "total_tokens": len(prompt) + 12}
+
+    status, reply = call(server, "POST", "/v1/completions", {"prompt": "Once upon a time", "max_completion_tokens": 7})
+    assert status == 200, reply
+    assert reply["object"] == "text_completion" and reply["id"].startswith("cmpl-")
+    assert reply["choices"] == [{"index": 0, "text": reference(model, encode("Once upon a time"), 7),
+                                 "logprobs": None, "finish_reason": "length"}]
+    assert reply["usage"]["prompt_tokens"] == len(encode("Once upon a time"))
+
+    assert call(server, "GET", "/v1/models")[1]["data"][0]["id"] == "tiny-test"
+    assert call(server, "GET", "/health") == (200, {"status": "ok", "model": "tiny-test", "running": 0, "waiting": 0})
+
+
+def test_multi_turn_messages_are_rendered_as_in_training(server, model):
+    messages = [{"role": "system", "content": "Answer briefly."}, *COLORS,
+                {"role": "assistant", "content": "Red, blue, yellow."}, {"role": "user", "content": "And two more?"}]
+    status, reply = call(server, "POST", "/v1/chat/completions", {"messages": messages, "max_tokens": 9})
+    assert status == 200, reply
+    expected = reference(model, encode_conversation(messages, "alpaca")[0], 9)
+    assert reply["choices"][0]["message"]["content"] == expected
+
+
+def test_streamed_chunks_join_to_the_unstreamed_reply(server):
+    body = {"messages": COLORS, "max_tokens": 10}
+    whole = call(server, "POST", "/v1/chat/completions", body)[1]
+    status, text = call(server, "POST", "/v1/chat/completions",
+                        {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert status == 200
+    chunks = events(text)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert streamed_text(chunks) == whole["choices"][0]["message"]["content"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None] * (len(chunks) - 2) + ["length"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+    body = {"prompt": "Once upon a time", "max_tokens": 8}
+    whole = call(server, "POST", "/v1/completions", body)[1]
+    chunks = events(call(server, "POST", "/v1/completions", {**body, "stream": True})[1])
+    assert streamed_text(chunks, chat=False) == whole["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and "usage" not in chunks[-1]
+
+
+def test_stop_strings_end_the_reply_before_them(server, model):
+    full = reference(model, encode("Once upon a time"), 20)
+    stop = full[9:12]  # three characters from inside the reply (stop strings need not be whole tokens)
+    cut = full[:full.find(stop)]
+    for stream in (False, True):
+        status, reply = call(server, "POST", "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 20,
+                                                                  "stop": ["never there", stop], "stream": stream})
+        assert status == 200
+        chunks = events(reply) if stream else None
+        assert (streamed_text(chunks, chat=False) if stream else reply["choices"][0]["text"]) == cut
+        assert (chunks[-1] if stream else reply)["choices"][0]["finish_reason"] == "stop"
+
+
+def test_concurrent_requests_get_what_generate_gives_each_alone(server, model, monkeypatch):
+    """Requests arriving at different times join and leave one batch: greedy replies equal
+    generate() alone, and sampled ones equal generate() with a generator seeded as the request."""
+    asks = [("Hello there", 44, {}), ("A much longer prompt, with several more tokens in it.", 16, {}),
+            ("x", 40, {"temperature": 0.8, "top_p": 0.9, "seed": 7}), ("Name three primary colors.", 31, {}),
+            ("Say hi.", 29, {"temperature": 1.2}), ("Once upon a time there was", 36, {})]
+    batch_at_join = []
+    join = server.engine.join
+    monkeypatch.setattr(server.engine, "join",
+                        lambda requests: (batch_at_join.append(len(server.engine.rows)), join(requests)))
+
+    def ask(i):
+        time.sleep(0.03 * i)  # staggered, so requests join a batch already under way
+        prompt, n, sampling = asks[i]
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": n, "stream": i % 2 == 1, **sampling}
+        status, reply = call(server, "POST", "/v1/chat/completions", body)
+        assert status == 200, reply
+        return streamed_text(events(reply)) if i % 2 else reply["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        replies = list(pool.map(ask, range(len(asks))))
+    for (prompt, n, sampling), reply in zip(asks, replies):
+        ids = encode_conversation([{"role": "user", "content": prompt}], "alpaca")[0]
+        if sampling:
+            seed = sampling.get("seed", serve.DEFAULT_SEED)
+            sampling = dict(temperature=sampling["temperature"], top_p=sampling.get("top_p"),
+                            generator=torch.Generator().manual_seed(seed))
+        assert reply == reference(model, ids, n, **sampling), prompt
+    assert max(batch_at_join) >= 2, f"no request joined a running batch of two or more: {batch_at_join}"
+
+
+def test_engine_merges_requests_of_any_length_at_any_step(model, monkeypatch):
+    """Driven by hand, step by step: rows join a batch shorter and longer than themselves, alone
+    and two at once, and leave at different steps; each gets generate()'s tokens alone. Fresh
+    cache memory is NaN here, as it may be: padding must not leak it into the rows."""
+    monkeypatch.setattr(torch, "empty", lambda shape, **kw: torch.full(shape, float("nan"), **kw))
+    texts = ["Hello there", "x", "A much longer prompt, with several more tokens in it than any other.",
+             "Say hi.", "Once upon a time there was a prompt of middling length"]
+    budgets = [30, 12, 9, 25, 6]
+    requests = [serve.Request(encode(t), n) for t, n in zip(texts, budgets)]
+    engine = serve.Engine(model)  # not started: the test runs its steps
+    with torch.inference_mode():
+        engine.join(requests[:2])
+        for _ in range(3):
+            engine.step()
+        engine.join(requests[2:3])  # longer than the batch: the running rows are padded further
+        engine.step()
+        engine.join(requests[3:5])  # shorter, two at once
+        steps = 0
+        while engine.rows:
+            engine.step()
+            steps += 1
+    assert steps == 30 - 4 and engine.cache is None  # the first request, 4 steps in, is the last to end
+    for request, text, n in zip(requests, texts, budgets):
+        assert request.tokens == generate(model, [encode(text)], n)[0], text
+        assert request.events.get_nowait() == ("text", decode(request.tokens[:1]))
+
+
+def test_a_late_request_streams_before_an_early_long_one_ends(model):
+    with running(model) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "Long", "max_tokens": 120, "stream": True}))
+        long_reply = conn.getresponse()
+        first = first_event(long_reply)  # the long reply is under way
+        status, reply = call(server, "POST", "/v1/completions", {"prompt": "Short", "max_tokens": 3})
+        assert status == 200 and reply["usage"]["completion_tokens"] == 3
+        assert serve_stats(server)["running"] == 1, "the long reply ended before the short one"
+        chunks = [first] + events(long_reply.read().decode())
+        conn.close()
+        assert streamed_text(chunks, chat=False) == reference(model, encode("Long"), 120)
+
+
+def serve_stats(server):
+    return call(server, "GET", "/health")[1]
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"{not json", "the request body is not valid JSON"),
+    ([1, 2], "the request body must be a JSON object"),
+    ({}, "'messages' must be a non-empty list"),
+    ({"messages": "hi"}, "'messages' must be a non-empty list"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0] must be an object with a 'role'"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0] must be an object with a 'role'"),
+    ({"messages": COLORS + [{"role": "system", "content": "x"}]}, "messages[1] is a system message after a user one"),
+    ({"messages": COLORS * 2}, "messages[1] is a user message after a user one"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages[0] is an assistant message after nothing"),
+    ({"messages": COLORS + [{"role": "assistant", "content": "hi"}]}, "the last message must be the user's"),
+    ({"messages": [{"role": "user", "content": "word " * 200}]}, "over the model's context length of 128"),
+    ({"messages": COLORS, "max_tokens": 0}, "'max_tokens' must be an integer of at least 1, got 0"),
+    ({"messages": COLORS, "max_tokens": "5"}, "'max_tokens' must be an integer of at least 1, got \"5\""),
+    ({"messages": COLORS, "max_completion_tokens": 1.5}, "'max_completion_tokens' must be an integer"),
+    ({"messages": COLORS, "temperature": True}, "'temperature' must be a number from 0 to 2, got true"),
+    ({"messages": COLORS, "top_p": 0}, "'top_p' must be a number in (0, 1]"),
+    ({"messages": COLORS, "n": 2}, "'n' must be 1 (one reply per request), got 2"),
+    ({"messages": COLORS, "stop": [""]}, "'stop' must be a string or a list of up to 4 strings"),
+    ({"messages": COLORS, "seed": -1}, "'seed' must be an integer from 0 to 2**63 - 1"),
+    ({"messages": COLORS, "stream": "yes"}, "'stream' must be true or false"),
+])
+def test_bad_chat_requests_get_a_400_error_object(server, model, body, message):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    status, reply = call(server, "POST", "/v1/chat/completions", raw=raw)
+    assert status == 400, reply
+    assert set(reply["error"]) == {"message", "type", "param", "code"} and reply["error"]["type"] == "invalid_request_error"
+    assert message in reply["error"]["message"], reply["error"]["message"]
+    # nothing else disturbed: the next request is answered as ever
+    status, reply = call(server, "POST", "/v1/chat/completions", {"messages": COLORS, "max_tokens": 3})
+    assert status == 200 and reply["choices"][0]["message"]["content"] == reference(
+        model, encode_conversation(COLORS, "alpaca")[0], 3)
+
+
+def test_unknown_routes_too_large_bodies_and_bad_completions(server):
+    status, reply = call(server, "GET", "/v1/nothing")
+    assert status == 404 and reply["error"]["message"].startswith("no route GET /v1/nothing")
+    assert call(server, "GET", "/v1/chat/completions")[0] == 404
+    assert call(server, "POST", "/v1/completions", {"prompt": ["a", "b"]})[1]["error"]["message"] == \
+        "'prompt' must be a non-empty string (one prompt per request)"
+    # a body over the limit is refused from its Content-Length, unread; a length that is no number too
+    for length, status, message in [(serve.MAX_BODY + 1, 413, f"over the limit of {serve.MAX_BODY}"),
+                                    (-5, 411, "a POST needs a Content-Length header")]:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % length)
+            reply = b"".join(iter(lambda: s.recv(65536), b"")).decode()  # to the end: the server closes
+        assert reply.startswith(f"HTTP/1.1 {status} ") and message in reply, reply
+
+
+def test_more_waiting_requests_than_max_queue_get_429(model):
+    with running(model, max_batch=1, max_queue=1) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "Long", "max_tokens": 100, "stream": True}))
+        first = conn.getresponse()
+        first_event(first)  # running: the one place in the batch is taken
+        waiting = ThreadPoolExecutor(1).submit(call, server, "POST", "/v1/completions", {"prompt": "Wait", "max_tokens": 2})
+        while serve_stats(server)["waiting"] < 1:
+            time.sleep(0.01)
+        status, reply = call(server, "POST", "/v1/completions", {"prompt": "One too many", "max_tokens": 2})
+        assert status == 429 and reply["error"]["code"] == "rate_limit_exceeded", reply
+        conn.close()  # the first client hangs up: its place goes to the waiting request
+        status, reply = waiting.result(timeout=60)
+        assert status == 200 and reply["usage"]["completion_tokens"] == 2
+
+
+def test_a_client_that_hangs_up_frees_its_row_at_once(model):
+    with running(model) as server:
+        submitted = []
+        submit = server.engine.submit
+        server.engine.submit = lambda request: (submitted.append(request), submit(request))
+        for k, stream in enumerate((True, False)):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            conn.request("POST", "/v1/completions", json.dumps({"prompt": "Long", "max_tokens": 120, "stream": stream}))
+            while len(submitted) <= k or not submitted[k].tokens:
+                time.sleep(0.01)
+            conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
+            deadline = time.monotonic() + 30
+            while serve_stats(server)["running"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            request = submitted[k]
+            assert request.cancelled.is_set() and len(request.tokens) < 120, \
+                f"stream={stream}: the row ran on for {len(request.tokens)} tokens after its client left"
+
+
+def test_a_silent_client_is_dropped_after_the_timeout(model):
+    with running(model, timeout=0.5) as server:
+        for sent in (b"", b"POST /v1/completions HTTP/1.1\r\nContent-Length: 50\r\n\r\n{\"prom"):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+                s.sendall(sent)
+                start = time.monotonic()
+                assert s.recv(100) == b"" and time.monotonic() - start < 20  # the server closed the connection
+        assert call(server, "GET", "/health")[0] == 200
+
+
+def test_api_key_is_required_on_the_api(model):
+    with running(model, api_key="sesame") as server:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
+            status, reply = call(server, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1}, headers)
+            assert status == 401 and reply["error"]["code"] == "invalid_api_key"
+        assert call(server, "GET", "/v1/models")[0] == 401
+        assert call(server, "POST", "/v1/chat/completions", raw=b"{not json")[0] == 401  # the key comes first
+        good = {"Authorization": "Bearer sesame"}
+        assert call(server, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1}, good)[0] == 200
+        assert call(server, "GET", "/v1/models", headers=good)[0] == 200
+        assert call(server, "GET", "/health")[0] == 200 and call(server, "GET", "/")[0] == 200
+
+
+def test_the_chat_page_is_served_and_self_contained(server):
+    status, page = call(server, "GET", "/")
+    with open(serve.CHAT_PAGE, encoding="utf-8") as f:
+        assert status == 200 and page == f.read()
+    assert "/v1/chat/completions" in page and "stream: true" in page
+    assert "http://" not in page and "https://" not in page and "<script src" not in page  # nothing from elsewhere
+
+
+def test_the_judge_scores_with_this_server(server, model, monkeypatch):
+    """judge.py's OpenAI request (eval.py --judge-url http://127.0.0.1:PORT/v1) is answered."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    prompt = "Score this: 42"
+    reply = judge.ask(f"http://127.0.0.1:{server.port}/v1", "any-name", prompt)
+    ids = encode_conversation([{"role": "user", "content": prompt}], "alpaca")[0]
+    assert judge.OPTIONS["temperature"] == 0 and reply == reference(model, ids, 128)  # greedy, to the end of the context
+
+
+def test_cli_serves_a_checkpoint_and_stops_on_sigterm(tmp_path):
+    model = lively_tiny(seed=2)
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_checkpoint({"model": model.state_dict(), "config": vars(model.config), "prompt_style": "phi3"}, ckpt)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--ckpt", ckpt, "--port", "0",
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving ckpt.pt (prompt style phi3, up to 8 requests at once) on http://127.0.0.1:"), \
+            line + proc.stderr.read()
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        status, reply = call(type("S", (), {"port": port}), "POST", "/v1/chat/completions",
+                             {"messages": COLORS, "max_tokens": 5})
+        assert status == 200
+        assert reply["choices"][0]["message"]["content"] == reference(model, encode_conversation(COLORS, "phi3")[0], 5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1] == ("stopped: 0 replies under way and 0 waiting were cut off; nothing is kept, "
+                                    "start serve.py again to go on")
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    run = lambda *args: subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), *args],  # noqa: E731
+                                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = run("--ckpt", str(tmp_path / "missing.pt"))
+    assert result.returncode == 1 and result.stderr == f"error: checkpoint {tmp_path / 'missing.pt'} does not exist\n"
+    result = run("--model", "tiny")
+    assert result.returncode == 1 and "'tiny' is a preset without pretrained weights" in result.stderr
+    result = run("--model", "gpt2", "--port", "70000")
+    assert result.returncode == 2 and "argument --port: must be a port number from 0 to 65535, got 70000" in result.stderr
+    ckpt = str(tmp_path / "ckpt.pt")
+    model = lively_tiny()
+    save_checkpoint({"model": model.state_dict(), "config": vars(model.config), "prompt_style": "alpaca"}, ckpt)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("--ckpt", ckpt, "--port", str(port), "--device", "cpu")
+    assert result.returncode == 1 and result.stderr == f"error: cannot listen on 127.0.0.1:{port} (Address already in use)\n"
