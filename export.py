@@ -319,7 +319,7 @@ def import_gguf():
 
 
 def gguf_tensors(model):
-    """(name, float32 array) of every tensor llama.cpp's gpt2 architecture reads, in the layouts
+    """(name, float32 tensor) of every tensor llama.cpp's gpt2 architecture reads, in the layouts
     its convert_hf_to_gguf.py writes for GPT-2: nn.Linear's [out, in] (c_attn's q, k and v stay
     fused as attn_qkv), token_embd [vocab, emb_dim], and no output head: llama.cpp ties it to
     token_embd when the file has none."""
@@ -330,7 +330,7 @@ def gguf_tensors(model):
         for ours, theirs in GGUF_BLOCK_NAMES.items():
             weight = state[f"h.{i}.{ours}.weight"]
             yield f"blk.{i}.{theirs}.weight", weight
-            # llama.cpp requires the qkv bias; a model built with qkv_bias=False has a zero one
+            # llama.cpp's gpt2 loader requires the qkv bias: a model built with qkv_bias=False gets a zero one
             yield f"blk.{i}.{theirs}.bias", state.get(f"h.{i}.{ours}.bias", weight.new_zeros(weight.shape[0]))
     yield "output_norm.weight", state["ln_f.weight"]
     yield "output_norm.bias", state["ln_f.bias"]
