@@ -76,7 +76,8 @@ def test_the_file_reads_back_with_the_models_metadata_names_shapes_and_values(tm
         result = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", ckpt, "--gguf", path],
                                 capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.startswith(f"exported {ckpt} to {path} (f16, ") and "ollama create NAME -f" in result.stdout
+        assert result.stdout.startswith(f"exported {ckpt} to {path} (f16, ")
+        assert result.stdout.endswith(f"for Ollama: ollama create NAME -f {tmp_path / 'Modelfile'}\n")
     else:
         export_gguf(ckpt, path, gguf_type)
     assert sorted(os.listdir(tmp_path)) == ["Modelfile", "model.gguf"]
@@ -305,8 +306,8 @@ def test_the_modelfile_template_renders_as_training_did(tmp_path, style):
                        jinja + "Red." + EOT + format_prompt({"instruction": "And green?"}, style)))
     env = {**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath"), "GO111MODULE": "off"}
     (tmp_path / "render.go").write_text(GO_RENDER)
-    result = subprocess.run(["go", "run", str(tmp_path / "render.go"), template], input=json.dumps([m for m, _ in cases]),
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(["go", "run", str(tmp_path / "render.go"), template], capture_output=True, text=True,
+                            input=json.dumps([messages for messages, _ in cases]), env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == [text for _, text in cases]
 
@@ -320,7 +321,8 @@ PROMPTS = [format_prompt(entry, "alpaca") for entry in ENTRIES] + [
 
 
 def llama_greedy(llm, prompt, max_new_tokens):
-    """llama.cpp's greedy decoding of the token ids prompt, stopping at <|endoftext|>."""
+    """llama.cpp's greedy decoding of the token ids prompt, stopping at <|endoftext|> (the argmax of
+    the logits llama-cpp-python keeps in scores, for every position with logits_all=True)."""
     llm.reset()
     llm.eval(prompt)
     new = []
@@ -333,23 +335,40 @@ def llama_greedy(llm, prompt, max_new_tokens):
     return new
 
 
+def load_llama(path, monkeypatch):
+    """llama.cpp's model of the GGUF file at path, through llama-cpp-python, without llama.cpp's
+    extra CPU buffer types: their AMX kernels for q8_0 die of SIGILL on machines that list AMX
+    but whose kernel (or sandbox) does not enable it, such as the one these tests first ran on."""
+    import llama_cpp.llama_cpp as low_level
+    from llama_cpp import Llama
+    default_params = low_level.llama_model_default_params
+
+    def without_extra_buffer_types():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+    monkeypatch.setattr(low_level, "llama_model_default_params", without_extra_buffer_types)
+    llm = Llama(model_path=path, n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    monkeypatch.undo()
+    return llm
+
+
 @needs_gguf
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                     reason="llama-cpp-python is not installed (it builds llama.cpp from source: minutes)")
-def test_llama_cpp_tokenizes_as_tiktoken_and_decodes_as_generate(tmp_path):
-    from llama_cpp import Llama
+def test_llama_cpp_tokenizes_as_tiktoken_and_decodes_as_generate(tmp_path, monkeypatch):
     ckpt = str(tmp_path / "ckpt.pt")
     model = save_tiny_checkpoint(ckpt, "alpaca")
     export_gguf(ckpt, str(tmp_path / "f32" / "model.gguf"), "f32")
     export_gguf(ckpt, str(tmp_path / "q8_0" / "model.gguf"), "q8_0")
-    llm = Llama(model_path=str(tmp_path / "f32" / "model.gguf"), n_ctx=128, n_threads=2, verbose=False)
+    llm = load_llama(str(tmp_path / "f32" / "model.gguf"), monkeypatch)
     for text in SAMPLES + PROMPTS:
         assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == encode(text), text
     expected = [generate(model, [encode(p)], 24, eos_id=EOT_ID)[0] for p in PROMPTS]
     assert all(expected)  # real continuations to compare
     assert [llama_greedy(llm, encode(p), 24) for p in PROMPTS] == expected
 
-    q8 = Llama(model_path=str(tmp_path / "q8_0" / "model.gguf"), n_ctx=128, n_threads=2, verbose=False)
+    q8 = load_llama(str(tmp_path / "q8_0" / "model.gguf"), monkeypatch)
     first = [llama_greedy(q8, encode(p), 1) for p in PROMPTS]
     agree = sum(f == e[:1] for f, e in zip(first, expected))
     assert agree >= 0.75 * len(PROMPTS), f"q8_0 agrees with generate.py on {agree} of {len(PROMPTS)} first tokens"
