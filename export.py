@@ -4,6 +4,7 @@ AutoModelForCausalLM and AutoTokenizer load with no other files.
     python export.py --ckpt out/ckpt.pt --out out/hf
     python export.py --ckpt out/best.pt --out out/hf --force    # replace an earlier export
     python export.py --ckpt out/best.pt --out out/hf --base models/gpt2-medium    # a LoRA base that moved
+    python export.py --ckpt out/best.pt --gguf out/model.gguf [--gguf-type f32|f16|q8_0]    # llama.cpp, Ollama
 
 The model: config.json (a GPT-2 config), model.safetensors (Hugging Face's names and layouts,
 as save_pretrained writes them), generation_config.json (greedy, stopping at <|endoftext|>).
@@ -11,6 +12,10 @@ The tokenizer: vocab.json and merges.txt rebuilt from tiktoken's gpt2 encoding, 
 tokenizer_config.json whose chat template is the checkpoint's prompt style, so that
 apply_chat_template gives the exact prompt the model was trained on. A LoRA checkpoint is
 exported merged (model_from_checkpoint merges it).
+
+With --gguf: one GGUF file for llama.cpp (its gpt2 architecture, GPT-2's tokenizer, the chat
+template), written with llama.cpp's own gguf package (pip install gguf), and beside it a
+Modelfile for `ollama create NAME -f Modelfile`.
 """
 import argparse
 import functools
@@ -21,7 +26,7 @@ import shutil
 import signal
 
 from checkpoint import load_model_file
-from common import run_main, stop_on_interrupt, writable_folder, write_json
+from common import atomic_write, run_main, stop_on_interrupt, writable_folder, write_json
 from data import EOT_ID, check_vocab, get_prompt_style, get_tokenizer
 from model import transposed_in_hf
 
@@ -312,20 +317,235 @@ def move_into_place(tmp, out):
             signal.signal(sig, handler)
 
 
+# ----------------------------------------------------------------------------- GGUF (llama.cpp, Ollama)
+
+GGUF_TYPES = ("f32", "f16", "q8_0")
+MODELFILE_HEADER = "# Ollama Modelfile written by export.py"  # how --force knows a Modelfile of ours
+# our module names in a block -> llama.cpp's gpt2 tensor names (gguf's TENSOR_NAMES)
+GGUF_BLOCK_NAMES = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+                    "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+
+
+def import_gguf():
+    """llama.cpp's gguf package, an optional dependency: one clear error when it is missing."""
+    try:
+        import gguf
+    except ImportError:
+        raise ValueError("--gguf needs llama.cpp's gguf package: pip install gguf") from None
+    return gguf
+
+
+def gguf_tensors(model):
+    """(name, float32 tensor) of every tensor llama.cpp's gpt2 architecture reads, in the layouts
+    its convert_hf_to_gguf.py writes for GPT-2: nn.Linear's [out, in] (c_attn's q, k and v stay
+    fused as attn_qkv), token_embd [vocab, emb_dim], and no output head: llama.cpp ties it to
+    token_embd when the file has none."""
+    state = {key: tensor.detach().float() for key, tensor in model.state_dict().items()}
+    yield "token_embd.weight", state["wte.weight"].t()
+    yield "position_embd.weight", state["wpe.weight"]
+    for i in range(model.config.n_layers):
+        for ours, theirs in GGUF_BLOCK_NAMES.items():
+            weight = state[f"h.{i}.{ours}.weight"]
+            yield f"blk.{i}.{theirs}.weight", weight
+            # llama.cpp's gpt2 loader requires the qkv bias: a model built with qkv_bias=False gets a zero one
+            yield f"blk.{i}.{theirs}.bias", state.get(f"h.{i}.{ours}.bias", weight.new_zeros(weight.shape[0]))
+    yield "output_norm.weight", state["ln_f.weight"]
+    yield "output_norm.bias", state["ln_f.bias"]
+
+
+def gguf_tensor_type(gguf, name, shape, gguf_type):
+    """The type a tensor is stored in, as convert_hf_to_gguf.py chooses it: 1-D tensors (norms,
+    biases) and the position embedding stay float32; the other weights are f16 or q8_0, and f16
+    where q8_0's blocks of 32 do not divide a row."""
+    if gguf_type == "f32" or len(shape) == 1 or name == "position_embd.weight":
+        return gguf.GGMLQuantizationType.F32
+    block_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+    if gguf_type == "q8_0" and shape[-1] % block_size == 0:
+        return gguf.GGMLQuantizationType.Q8_0
+    return gguf.GGMLQuantizationType.F16
+
+
+def gguf_vocab(gguf, vocab_size):
+    """(tokens, token types, merges) of GPT-2's tokenizer for a model of vocab_size tokens: the
+    tokens spelled as in vocab.json, <|endoftext|> a control token, and ids past GPT-2's 50257
+    (a vocabulary padded to a round size) unused [PADn] tokens, as convert_hf_to_gguf.py does."""
+    vocab, merges = gpt2_vocab_and_merges()
+    tokens = sorted(vocab, key=vocab.get)
+    types = [gguf.TokenType.CONTROL if token == EOT else gguf.TokenType.NORMAL for token in tokens]
+    padding = range(len(tokens), vocab_size)
+    return tokens + [f"[PAD{i}]" for i in padding], types + [gguf.TokenType.UNUSED] * len(padding), merges
+
+
+def write_gguf(model, style, path, gguf_type):
+    """Write the GGUF file of model (prompt style `style`) to path, tensors in gguf_type."""
+    gguf = import_gguf()
+    cfg = model.config
+    writer = gguf.GGUFWriter(path, "gpt2")
+    writer.add_context_length(cfg.context_length)
+    writer.add_embedding_length(cfg.emb_dim)
+    writer.add_feed_forward_length(4 * cfg.emb_dim)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_layer_norm_eps(model.ln_f.eps)
+    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    writer.add_file_type(file_types[gguf_type])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    tokens, types, merges = gguf_vocab(gguf, cfg.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # GPT-2's pre-tokenizer regex
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for add_id in (writer.add_bos_token_id, writer.add_eos_token_id, writer.add_unk_token_id):
+        add_id(EOT_ID)
+    writer.add_add_bos_token(False)  # prompts start with their text, as in training
+    writer.add_chat_template(chat_template(style))
+
+    for name, tensor in gguf_tensors(model):
+        qtype = gguf_tensor_type(gguf, name, tensor.shape, gguf_type)
+        writer.add_tensor(name, gguf.quants.quantize(tensor.contiguous().numpy(), qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def go_format(template, **values):
+    """Go template actions that print a str.format template of PROMPT_STYLES with each field
+    filled by a Go expression: go_format("Q: {instruction}", instruction=".Content"). Text is in
+    {{ "..." }} actions: Go reads JSON's string escapes, and text between actions would lose
+    its newlines to the {{- trimming."""
+    names = list(values)
+    pieces = template.format(**{name: f"\0{n}\0" for n, name in enumerate(names)}).split("\0")
+    return "".join(f"{{{{ {values[names[int(piece)]]} }}}}" if i % 2 else
+                   f"{{{{ {json.dumps(piece, ensure_ascii=False)} }}}}" if piece else "" for i, piece in enumerate(pieces))
+
+
+def ollama_template(style):
+    """The prompt style as an Ollama TEMPLATE (Go's text/template over .Messages), rendering what
+    chat_template renders, and so what training renders (data.render_text): a system message
+    first, a user message in the style's first-turn form (after a system message, its system
+    form), a user message right after another one as its optional input, a user message after
+    an answer in the style's later-turn form, an assistant message as the response header, its
+    content and <|endoftext|>. It ends with the response header when the last message is not
+    an answer."""
+    templates = get_prompt_style(style)
+    response = go_format(templates["response"])
+    return "\n".join([
+        '{{- $previous := "" }}{{- $system := "" }}{{- $has_system := false }}',
+        "{{- range .Messages }}",
+        '{{- if eq .Role "system" }}{{ $system = .Content }}{{ $has_system = true }}',
+        f'{{{{- else if eq .Role "assistant" }}}}{response}{{{{ .Content }}}}{{{{ {json.dumps(EOT)} }}}}',
+        f'{{{{- else if eq $previous "user" }}}}{{{{ if .Content }}}}{go_format(templates["input"], input=".Content")}'
+        "{{ end }}",
+        f'{{{{- else if eq $previous "assistant" }}}}{go_format(templates["turn"], instruction=".Content")}',
+        f'{{{{- else if $has_system }}}}{go_format(templates["system"], system="$system", instruction=".Content")}',
+        f'{{{{- else }}}}{go_format(templates["instruction"], instruction=".Content")}',
+        "{{- end }}",
+        '{{- if ne .Role "system" }}{{ $previous = .Role }}{{ end }}',
+        "{{- end }}",
+        f'{{{{- if ne $previous "assistant" }}}}{response}{{{{ end }}}}',
+    ])
+
+
+def turn_markers(style):
+    """The lines that open a user turn and a response in `style` ("### Instruction:" and
+    "### Response:" for alpaca): where a model that runs on past its <|endoftext|> would start
+    the next turn, so Ollama stops there too."""
+    templates = get_prompt_style(style)
+    openings = [templates["instruction"].format(instruction="\0").split("\0")[0], templates["response"]]
+    return [text.strip().splitlines()[-1] for text in openings if text.strip()]
+
+
+def modelfile_text(gguf_path, cfg, style, ckpt_path):
+    """The Modelfile of the GGUF file gguf_path: FROM the file beside it, the prompt style as its
+    TEMPLATE, stops at <|endoftext|> and the style's turn markers, and the model's context length
+    (Ollama's default is longer, past GPT-2's learned positions)."""
+    lines = [f"{MODELFILE_HEADER} from {ckpt_path}: ollama create NAME -f Modelfile",
+             f"FROM ./{os.path.basename(gguf_path)}",
+             f'TEMPLATE """{ollama_template(style)}"""',
+             *(f'PARAMETER stop "{stop}"' for stop in [EOT, *turn_markers(style)]),
+             f"PARAMETER num_ctx {cfg.context_length}"]
+    return "\n".join(lines) + "\n"
+
+
+def check_gguf_out(path, force):
+    """ValueError (or OSError) unless the GGUF file and the Modelfile beside it may be written: new
+    files, or with force an earlier export (a GGUF file, a Modelfile export.py wrote), in a
+    folder we can write in."""
+    modelfile = os.path.join(os.path.dirname(path), "Modelfile")
+    if os.path.basename(path) == "Modelfile":
+        raise ValueError(f"--gguf {path}: the Modelfile goes beside the GGUF file; give the file another name")
+    for target, ours, what in [(path, b"GGUF", "a GGUF file"),
+                               (modelfile, MODELFILE_HEADER.encode(), "a Modelfile export.py wrote")]:
+        if os.path.isdir(target):
+            raise ValueError(f"{target} is a folder; --gguf takes a file name")
+        if os.path.exists(target):
+            with open(target, "rb") as f:
+                if f.read(len(ours)) != ours:
+                    raise ValueError(f"{target} exists and is not {what}; --force replaces only an earlier export: "
+                                     "give another --gguf")
+            if not force:
+                raise ValueError(f"{target} holds an earlier export; pass --force to replace it")
+    try:
+        writable_folder(os.path.dirname(path))
+    except OSError as e:
+        raise OSError(f"--gguf {path}: {e}") from None
+    return modelfile
+
+
+def export_gguf(ckpt_path, path, gguf_type="f16", force=False, base=None):
+    """Write the GGUF file of the checkpoint at ckpt_path to path, and the Modelfile beside it
+    (a LoRA checkpoint merged; its base looked for in the folder `base` if given). Each is
+    written under a temporary name and renamed when complete. Returns the Modelfile's path."""
+    if gguf_type not in GGUF_TYPES:
+        raise ValueError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
+    import_gguf()  # a missing package is said before any loading
+    path = os.path.abspath(path)
+    modelfile = check_gguf_out(path, force)
+    model, style = load_model_file(ckpt_path, base=base)
+    style = style or "alpaca"
+    get_prompt_style(style)
+    check_vocab(model.config.vocab_size, ckpt_path)  # llama.cpp needs the tokenizer in the file
+    with atomic_write(path) as tmp:
+        write_gguf(model, style, tmp, gguf_type)
+    with atomic_write(modelfile) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(modelfile_text(path, model.config, style, ckpt_path))
+    return modelfile
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py (or the book's .pth state dict, "
                    "or nanoGPT's ckpt.pt)")
-    p.add_argument("--out", required=True, help="the folder to write (new or empty, unless --force)")
+    p.add_argument("--out", help="the Hugging Face folder to write (new or empty, unless --force)")
+    p.add_argument("--gguf", metavar="FILE", help="the GGUF file to write for llama.cpp and Ollama, with a "
+                   "Modelfile beside it (needs pip install gguf)")
+    p.add_argument("--gguf-type", choices=GGUF_TYPES,
+                   help="how --gguf stores the weights (norms, biases and positions stay f32) (default: f16)")
     p.add_argument("--force", action="store_true",
-                   help="replace an earlier export in --out (once the new folder is complete); a folder holding "
+                   help="replace an earlier export in --out (once the new folder is complete) or at --gguf; "
                    "anything else is never replaced")
     p.add_argument("--base", metavar="FOLDER", help="a LoRA checkpoint: the folder its base model moved to "
                    "(checked against the checkpoint's fingerprint)")
     args = p.parse_args()
-    with stop_on_interrupt(f"nothing was exported; --out {args.out} is as it was; run the command again"):
-        out = export(args.ckpt, args.out, args.force, args.base)
-    print(f"exported {args.ckpt} to {out}")
+    if args.out is None and args.gguf is None:
+        p.error("give --out FOLDER (Hugging Face), --gguf FILE (llama.cpp, Ollama) or both")
+    if args.gguf_type is not None and args.gguf is None:
+        p.error("--gguf-type goes with --gguf FILE")
+    if args.out is not None:
+        with stop_on_interrupt(f"nothing was exported; --out {args.out} is as it was; run the command again"):
+            out = export(args.ckpt, args.out, args.force, args.base)
+        print(f"exported {args.ckpt} to {out}")
+    if args.gguf is not None:
+        with stop_on_interrupt(f"no GGUF file was written; --gguf {args.gguf} and its Modelfile are as they were; "
+                               "run the command again"):
+            modelfile = export_gguf(args.ckpt, args.gguf, args.gguf_type or "f16", args.force, args.base)
+        size = os.path.getsize(args.gguf) / 2**20
+        print(f"exported {args.ckpt} to {args.gguf} ({args.gguf_type or 'f16'}, {size:.1f} MiB) and {modelfile}; "
+              f"for Ollama: ollama create NAME -f {modelfile}")
 
 
 if __name__ == "__main__":
