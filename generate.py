@@ -267,14 +267,22 @@ def respond(model, entries, prompt_style, max_new_tokens, **sampling):
     return [decode(ids).strip() for ids in generate(model, prompts, max_new_tokens, **sampling)]
 
 
-def add_inference_args(p):
-    """The flags generate.py and eval.py share: which model, its prompt style, sampling, device."""
+def add_model_args(p):
+    """The flags of every script that loads a model for inference: which model, its prompt
+    style, the device and int8 weights."""
     p.add_argument("--ckpt", help="a checkpoint written by train.py")
     p.add_argument("--model", help="instead of --ckpt: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a local HF folder, "
                    "or a model file (the book's .pth state dict, nanoGPT's ckpt.pt)")
     p.add_argument("--base", metavar="FOLDER", help="a LoRA --ckpt: the folder its base model moved to "
                    "(checked against the checkpoint's fingerprint)")
     p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), help="default: the checkpoint's, else alpaca")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weights for the block linears: faster decoding on the CPU")
+
+
+def add_inference_args(p):
+    """The flags generate.py and eval.py share: the model's (add_model_args) and decoding's."""
+    add_model_args(p)
     p.add_argument("--max-new-tokens", type=AT_LEAST_1, default=256)
     p.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 is greedy")
     p.add_argument("--top-k", type=AT_LEAST_1, default=None, help="sample among the k most likely tokens")
@@ -285,8 +293,6 @@ def add_inference_args(p):
                    help="beam search: a finished hypothesis scores its log-probability / length ** this")
     p.add_argument("--seed", type=SEED, default=123,
                    help="random seed for sampling; a prompt's answer does not depend on the other prompts")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--quantize", choices=["int8"], help="int8 weights for the block linears: faster decoding on the CPU")
 
 
 def decoding_settings(args):

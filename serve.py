@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 import torch
 
 from common import AT_LEAST_1, POSITIVE, checked, resolve_device, run_main
-from data import EOT_ID, PROMPT_STYLES, ROLES, decode, encode, encode_conversation
-from generate import load_for_inference, prefill, sample_next
+from data import EOT_ID, ROLES, decode, encode, encode_conversation
+from generate import add_model_args, load_for_inference, prefill, sample_next
 from model import KVCache
 
 DEFAULT_SEED = 123  # a request without "seed" samples as generate.py does by default: the same reply every time
@@ -454,11 +454,7 @@ def make_server(engine, style, model_name, host="127.0.0.1", port=8000, api_key=
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="a checkpoint written by train.py")
-    p.add_argument("--model", help="instead of --ckpt: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local HF folder")
-    p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), help="default: the checkpoint's, else alpaca")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--quantize", choices=["int8"], help="int8 weights for the block linears: faster decoding on the CPU")
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on; 0.0.0.0 opens it to the network")
     p.add_argument("--port", type=checked(int, lambda v: 0 <= v < 65536, "a port number from 0 to 65535"),
                    default=8000, help="0 picks a free port")
@@ -469,7 +465,7 @@ def main():
     args = p.parse_args()
 
     device = resolve_device(args.device)
-    model, _, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize)
+    model, _, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize, args.base)
     name = os.path.basename(os.path.normpath(args.ckpt or args.model))
     engine = Engine(model, args.max_batch, args.max_queue)
     try:
