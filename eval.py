@@ -409,6 +409,8 @@ def evaluate(p, args, judge_url):
     context_length = ckpt.get("context_length") or model.config.context_length
     mask = ckpt.get("mask_instructions", False) if args.mask_instructions is None else args.mask_instructions
     splits = load_data(args.data, ckpt, style, context_length, mask)
+    if args.reference is not None and splits.kind != "text":  # bad data before any comparison or work
+        check_preference_entries(splits.path, splits.train_entries + splits.test_entries + splits.val_entries)
     source = {"checkpoint": args.ckpt} if args.ckpt else {"model": args.model}
     identity = {"weights_sha256": base_fingerprint(model), "data_sha256": splits.fingerprint["sha256"],
                 "context_length": context_length}

@@ -27,7 +27,7 @@ import torch
 
 from common import AT_LEAST_1, POSITIVE, checked, resolve_device, run_main
 from data import EOT_ID, ROLES, decode, encode, encode_conversation
-from generate import add_model_args, load_for_inference, prefill, sample_next
+from generate import add_model_args, load_for_inference, prefill, row_generators, sample_next
 from model import KVCache
 
 DEFAULT_SEED = 123  # a request without "seed" samples as generate.py does by default: the same reply every time
@@ -56,7 +56,7 @@ class Request:
                  device="cpu"):
         self.prompt, self.max_tokens, self.temperature, self.top_p = prompt, max_tokens, temperature, top_p
         self.stop = list(stop)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.generator = row_generators([prompt], seed, device)[0]  # as generate() samples this prompt
         self.tokens, self.sent, self.budget = [], "", None
         self.events = queue.SimpleQueue()
         self.cancelled = threading.Event()  # set by the handler when its client goes away

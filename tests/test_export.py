@@ -348,7 +348,7 @@ def test_force_replaces_only_an_earlier_export(tmp_path):
 def test_an_unwritable_out_is_found_before_loading(tmp_path, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("the checkpoint was loaded before --out was checked")
-    monkeypatch.setattr(export_script, "load_checkpoint", no_loading)
+    monkeypatch.setattr(export_script, "load_model_file", no_loading)
     (tmp_path / "file").write_text("x")
     with pytest.raises(OSError) as raised:
         export(str(tmp_path / "ckpt.pt"), str(tmp_path / "file" / "hf"))

@@ -166,7 +166,7 @@ def test_stop_strings_end_the_reply_before_them(server, model):
 
 def test_concurrent_requests_get_what_generate_gives_each_alone(server, model, monkeypatch):
     """Requests arriving at different times join and leave one batch: greedy replies equal
-    generate() alone, and sampled ones equal generate() with a generator seeded as the request."""
+    generate() alone, and sampled ones equal generate() with the request's seed."""
     asks = [("Hello there", 44, {}), ("A much longer prompt, with several more tokens in it.", 16, {}),
             ("x", 40, {"temperature": 0.8, "top_p": 0.9, "seed": 7}), ("Name three primary colors.", 31, {}),
             ("Say hi.", 29, {"temperature": 1.2}), ("Once upon a time there was", 36, {})]
@@ -190,7 +190,7 @@ def test_concurrent_requests_get_what_generate_gives_each_alone(server, model, m
         if sampling:
             seed = sampling.get("seed", serve.DEFAULT_SEED)
             sampling = dict(temperature=sampling["temperature"], top_p=sampling.get("top_p"),
-                            generator=torch.Generator().manual_seed(seed))
+                            seed=seed)
         assert reply == reference(model, ids, n, **sampling), prompt
     assert max(batch_at_join) >= 2, f"no request joined a running batch of two or more: {batch_at_join}"
 

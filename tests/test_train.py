@@ -459,7 +459,7 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line_and_130(data, tmp_path):
 
 def test_an_unwritable_out_is_found_before_the_data_and_the_model(data, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "prepare_data", lambda *a, **k: pytest.fail("loaded the data first"))
-    monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("built the model first"))
+    monkeypatch.setattr(train, "build_start_model", lambda *a, **k: pytest.fail("built the model first"))
     (tmp_path / "a-file").write_text("notes")
     for out, message in ((tmp_path / "a-file", f"{tmp_path / 'a-file'} is a file, not a folder to write results in"),
                          (tmp_path / "a-file" / "run", f"cannot create the folder {tmp_path / 'a-file' / 'run'}: "
