@@ -469,3 +469,134 @@ def test_empty_responses_are_warned_about_with_their_cause(capsys):
         "the model wrote"]
     ev.report_responses(records[2:] * 5 + records[:1], 8, "r.json")  # one in six is not many
     assert capsys.readouterr().out == ""
+
+
+# ----------------------------------------------------------------------------- choices (classification)
+
+TOPICS = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+def topic_entries(n=20):
+    """News-like entries whose outputs are the four AG News topics."""
+    return [{"instruction": "Predict the category (World, Sports, Business, Sci/Tech) of the text.",
+             "input": f"Headline number {i}" + " with more words" * (i % 4), "output": TOPICS[i * 7 % 4]}
+            for i in range(n)]
+
+
+def test_choice_scores_on_a_hand_checked_case():
+    refs, preds = ["A", "A", "B", "C", "X"], ["A", "B", "B", "C", "A"]  # X is none of the choices
+    scores = ev.choice_scores(refs, preds, ["A", "B", "C", "D"])
+    # rows: the reference (then "not a choice"), columns: the prediction
+    assert scores["confusion_matrix"] == {"rows": ["A", "B", "C", "D", ev.NOT_A_CHOICE], "columns": ["A", "B", "C", "D"],
+                                          "counts": [[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0],
+                                                     [1, 0, 0, 0]]}
+    assert sum(map(sum, scores["confusion_matrix"]["counts"])) == len(refs)
+    assert scores["accuracy"] == 3 / 5
+    # A: 1 of 2 predictions right, 1 of 2 references found; B: 1 of 2, 1 of 1; C: 1 of 1, 1 of 1; D never seen
+    assert scores["labels"] == {"A": {"precision": 0.5, "recall": 0.5, "f1": 0.5, "count": 2},
+                                "B": {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "count": 1},
+                                "C": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "count": 1},
+                                "D": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "count": 0}}
+    assert scores["macro_f1"] == pytest.approx((0.5 + 2 / 3 + 1) / 3)  # D is neither a reference nor a prediction
+    # the prediction: the highest log-probability, or per character with norm
+    logprobs = {"Sports": -3.0, "Sci/Tech": -3.6}
+    assert ev.best_choice(logprobs, ["Sports", "Sci/Tech"], norm=False) == "Sports"  # -3 > -3.6
+    assert ev.best_choice(logprobs, ["Sports", "Sci/Tech"], norm=True) == "Sci/Tech"  # -3 / 6 < -3.6 / 8
+
+
+def test_choices_end_to_end_equal_a_plain_forward_pass(tmp_path, capsys):
+    from test_generate import plain_choice_logprob
+    entries = topic_entries()
+    model = tiny_model(seed=4)
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", model, data=write_data(tmp_path, entries))
+    report, records = run_eval("--ckpt", ckpt, "--choices", ",".join(TOPICS), "--batch-size", 4, "--out",
+                               tmp_path / "o")
+    for entry, record in zip(entries[10:16], records):
+        prompt = encode(format_prompt(entry))
+        expected = {topic: plain_choice_logprob(model, prompt, encode(topic)) for topic in TOPICS}
+        assert record["choice_logprobs"] == pytest.approx(expected, abs=1e-4)
+        assert record["model_response"] == max(TOPICS, key=expected.get)
+        assert {k: record[k] for k in entry} == entry
+    predictions = [r["model_response"] for r in records]
+    assert len(set(predictions)) > 1  # the seed gives varied predictions, so the scores below mean something
+    references = [e["output"] for e in entries[10:16]]
+    assert report["choice_scores"] == ev.choice_scores(references, predictions, TOPICS)
+    assert report["choice_scores"]["accuracy"] == report["exact_match"] == \
+        sum(p == r for p, r in zip(predictions, references)) / 6
+    assert sum(map(sum, report["choice_scores"]["confusion_matrix"]["counts"])) == 6
+    assert report["generation"]["choices"] == "World,Sports,Business,Sci/Tech" and "test_loss" in report
+    assert "choices: World, Sports, Business, Sci/Tech, ranked by log-probability\n" in capsys.readouterr().out
+
+    # per character: every choice divided by its length
+    _, normed = run_eval("--ckpt", ckpt, "--choices", ",".join(TOPICS), "--choice-norm", "--out", tmp_path / "n")
+    assert [r["model_response"] for r in normed] == \
+        [max(TOPICS, key=lambda t: r["choice_logprobs"][t] / len(t)) for r in records]
+    # auto: the training split's labels, in the order they first appear
+    auto, _ = run_eval("--ckpt", ckpt, "--choices", "auto", "--out", tmp_path / "a")
+    assert auto["generation"]["choices"] == ",".join(dict.fromkeys(e["output"] for e in entries[:10]))
+
+
+def test_a_choices_run_continues_and_is_told_from_other_evaluations(tmp_path, capsys, monkeypatch):
+    entries = topic_entries(40)  # 12 test entries
+    ckpt = save_ckpt(tmp_path / "run" / "ckpt.pt", tiny_model(seed=4), data=write_data(tmp_path, entries),
+                     train_frac=0.5, test_frac=0.3)
+    command = ["--ckpt", ckpt, "--choices", ",".join(TOPICS), "--batch-size", 4]
+    whole_report, whole = run_eval(*command, "--out", tmp_path / "whole")
+
+    real, calls = ev.choice_logprobs, []
+
+    def stop_at_the_second_batch(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(ev, "choice_logprobs", stop_at_the_second_batch)
+    with pytest.raises(SystemExit) as stopped:
+        ev.main([*map(str, command), "--device", "cpu"])
+    responses = tmp_path / "run" / "test-responses.json"
+    assert stopped.value.code == 130 and made(responses) == 4
+    assert capsys.readouterr().out.splitlines()[-1] == (f"interrupted: 4 of 12 responses are kept in {responses}; "
+                                                        "the same command continues from them")
+    monkeypatch.undo()
+    report, records = run_eval(*command)
+    assert "4 of 12 responses were made before" in capsys.readouterr().out
+    assert records == whole
+    assert {k: v for k, v in report.items() if k != "entries_per_second"} == \
+        {k: v for k, v in whole_report.items() if k != "entries_per_second"}
+
+    before = responses.read_text()
+    for argv, difference in [([], "--choices World,Sports,Business,Sci/Tech, not None"),
+                             (["--choices", "World,Sports"], "--choices World,Sports,Business,Sci/Tech, not World,Sports"),
+                             (["--choices", ",".join(TOPICS), "--choice-norm"], "--choice-norm False, not True")]:
+        with pytest.raises(ValueError) as refused:
+            ev.main(["--ckpt", ckpt, "--batch-size", "4", *argv, "--device", "cpu"])
+        assert f"holds 12 responses of {ckpt} from another evaluation ({difference}); give --out" in str(refused.value)
+        assert responses.read_text() == before
+
+
+@pytest.mark.parametrize("choices, message", [
+    ("World,,Sports", "argument --choices: answer 2 of 'World,,Sports' is empty; give the answers separated by "
+                      "commas, e.g. World,Sports,Business,Sci/Tech"),
+    ("World,Sports, World", "argument --choices: 'World' is given 2 times in 'World,Sports, World'; give each "
+                            "answer once"),
+    ("World", "argument --choices: 'World' is one answer; give at least two to choose among"),
+])
+def test_bad_choices_are_one_sentence(choices, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        ev.main(["--ckpt", "x.pt", "--choices", choices])
+    assert stopped.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f": error: {message}")
+
+
+def test_choice_flag_mistakes_are_one_sentence(tmp_path):
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", tiny_model(), data=write_data(tmp_path, make_entries()))
+    with pytest.raises(ValueError, match=r"^--choices auto: the training split's outputs are not labels \(10 distinct "
+                                         r"outputs; labels are at most 20 distinct values of 1 to 3 words, some "
+                                         r"repeated\); give the answers with --choices A,B,C$"):
+        ev.main(["--ckpt", ckpt, "--choices", "auto", "--device", "cpu"])
+    with pytest.raises(ValueError, match="^--choices scores fixed answers and generates nothing: drop "
+                                         "--max-new-tokens, --temperature$"):
+        ev.main(["--ckpt", ckpt, "--choices", "a,b", "--max-new-tokens", "5", "--temperature", "1"])
+    with pytest.raises(ValueError, match="^--choice-norm goes with --choices$"):
+        ev.main(["--ckpt", ckpt, "--choice-norm"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "data.json"]
