@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import eval as ev
 from checkpoint import save_checkpoint
-from data import EOT_ID, InstructionDataset, collate, decode, encode, format_prompt, prepare_data
+from data import EOT_ID, InstructionDataset, batch_indices, collate, decode, encode, format_prompt, prepare_data
 from model import GPT, IGNORE_INDEX, config_for
 from generate import generate, respond
 
@@ -600,3 +600,45 @@ def test_choice_flag_mistakes_are_one_sentence(tmp_path):
     with pytest.raises(ValueError, match="^--choice-norm goes with --choices$"):
         ev.main(["--ckpt", ckpt, "--choice-norm"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "data.json"]
+
+
+def test_split_overrides_the_checkpoints_fractions(tmp_path, capsys):
+    entries = make_entries()
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", tiny_model(), data=write_data(tmp_path, entries))  # 0.5, 0.3
+    report, records = run_eval("--ckpt", ckpt, "--split", "0.6,0.25", "--max-new-tokens", 1, "--out", tmp_path / "o")
+    assert [{k: r[k] for k in e} for e, r in zip(entries[12:17], records)] == entries[12:17] and len(records) == 5
+    assert report["n_test_entries"] == 5
+    assert ("warning: the checkpoint was trained on the split 0.5,0.3; the test entries of --split 0.6,0.25 may "
+            "include entries it was trained on") in capsys.readouterr().out
+
+
+def test_a_short_fine_tune_classifies_clearly_above_chance(tmp_path):
+    """A tiny model trained for 50 steps on a synthetic set whose label is a word of the input
+    (a color among filler words, a word a line) picks the right color far above chance (1/4)."""
+    colors, filler = ["red", "green", "blue", "yellow"], "cat dog car tree house road sky big small old".split()
+    rng = torch.Generator().manual_seed(0)
+
+    def pick(words):
+        return words[torch.randint(len(words), (1,), generator=rng).item()]
+
+    entries = []
+    for _ in range(500):
+        words, color = [pick(filler), pick(filler)], pick(colors)
+        words.insert(torch.randint(3, (1,), generator=rng).item(), color)
+        entries.append({"instruction": "Which color is named?", "input": "\n".join(words), "output": color})
+    splits = prepare_data(write_data(tmp_path, entries), "none", 128, mask_instructions=True, train_frac=0.8,
+                          test_frac=0.1)  # 400 train, 50 test
+    model = tiny_model().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for epoch in range(2):
+        for batch in batch_indices(splits.train.lengths, 16, shuffle=True, epoch=epoch, drop_last=True):
+            inputs, targets = splits.collate_fn([splits.train[i] for i in batch])
+            loss = model(inputs, targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    ckpt = save_ckpt(tmp_path / "run" / "ckpt.pt", model.eval(), data=splits.path, prompt_style="none",
+                     mask_instructions=True, train_frac=0.8, test_frac=0.1)
+    report, records = run_eval("--ckpt", ckpt, "--choices", "auto")
+    assert report["generation"]["choices"].split(",") == sorted(colors, key=[e["output"] for e in entries].index)
+    assert len(records) == 50 and report["choice_scores"]["accuracy"] >= 0.8, report["choice_scores"]
