@@ -5,10 +5,12 @@
     python eval.py --model gpt2 --data data/instruction-data.json --out out/gpt2-base
     python eval.py --ckpt out/ckpt.pt --judge llama3          # then score them with Llama 3 (Ollama)
     python eval.py --judge-only out/test-responses.json --judge llama3   # score a file, no model
+    python eval.py --ckpt out/ckpt.pt --choices World,Sports,Business,Sci/Tech   # classify: the likeliest answer
 
 Rebuilds the split, prompt style, context length and loss masking the checkpoint was trained
-with (--data, --prompt-style and --mask-instructions override theirs), reports the test and
-validation loss over all their batches, then writes to OUT (the checkpoint's folder unless --out):
+with (--data, --split, --prompt-style and --mask-instructions override theirs), reports the
+test and validation loss over all their batches, then writes to OUT (the checkpoint's folder
+unless --out):
   test-responses.json  the test entries in file order, each with its model_response (cleaned of
                        template lines the model went on with), as the chapter's
                        instruction-data-with-response.json, its raw_response (the text as
@@ -21,6 +23,9 @@ the responses made before (a Ctrl-C or a crash costs one batch); results of anot
 (other weights, data, --limit or decoding settings) are never replaced: eval.py refuses before
 any work unless --out points elsewhere or --force replaces them. A checkpoint trained on raw
 text (.txt) gets its validation loss and perplexity in eval.json, and no responses.
+With --choices A,B,... nothing is generated: each entry's response is the answer whose tokens
+and end-of-text are likeliest after its prompt; each record gets choice_logprobs, and eval.json
+choice_scores (accuracy, macro-F1, per-label precision, recall and F1, the confusion matrix).
 With --judge MODEL an LLM judge (judge.py) then scores every response from 0 to 100, as the
 chapter does: each record gets judge_scores {MODEL: score}, the scores of every judge model side
 by side, and eval.json a "judge" summary per model. --judge-only FILE does only that, for FILE
@@ -224,6 +229,16 @@ def parse_choices(text):
     return choices
 
 
+def check_choice_flags(p, args):
+    """ValueError when the flags of --choices do not go together."""
+    if args.choices is None and args.choice_norm:
+        raise ValueError("--choice-norm goes with --choices")
+    needless = changed_flags(p, args, ["judge", "max_new_tokens", "temperature", "top_k", "top_p", "num_beams",
+                                       "length_penalty", "seed"])
+    if args.choices is not None and needless:
+        raise ValueError(f"--choices scores fixed answers and generates nothing: drop {', '.join(needless)}")
+
+
 def resolve_choices(choices, train_outputs):
     """The answers of --choices; for "auto" the distinct outputs of the training split, in the
     order they first appear, when they are labels (see label_names)."""
@@ -330,16 +345,6 @@ def check_judge_flags(p, args):
         if others:
             raise ValueError("--judge-only scores an existing file and loads no model: drop " + ", ".join(others))
     return check_url(args.judge_url or DEFAULT_URL)
-
-
-def check_choice_flags(p, args):
-    """ValueError when the flags of --choices do not go together."""
-    if args.choices is None and args.choice_norm:
-        raise ValueError("--choice-norm goes with --choices")
-    needless = changed_flags(p, args, ["judge", "max_new_tokens", "temperature", "top_k", "top_p", "num_beams",
-                                       "length_penalty", "seed"])
-    if args.choices is not None and needless:
-        raise ValueError(f"--choices scores fixed answers and generates nothing: drop {', '.join(needless)}")
 
 
 def changed_flags(p, args, names):

@@ -205,9 +205,9 @@ def add_finished(hyps, num_beams, score, tokens):
 def choice_logprobs(model, prompts, choices, eos_id=EOT_ID):
     """The log-probability of each choice (a list of token ids) followed by eos_id after each
     prompt: a list of floats per prompt, exactly what one forward pass over prompt + choice +
-    eos gives. Each prompt goes through the model once; its row of the KV cache is then
-    repeated, one row per choice, and all choices continue from it in one step, right-padded
-    to the longest (causal attention: a choice's tokens never see the padding after them)."""
+    eos gives. The prompts go through the model once (prefill); every choice then continues all
+    of them from the KV cache, each written over the one before (the cache's position goes back
+    to the prompts' end), so nothing is copied and no choice is padded."""
     if not choices or min(map(len, choices)) == 0:
         raise ValueError("every choice needs at least one token")
     width = max(map(len, choices))  # tokens fed after the prompt: the last one's logits score the eos
@@ -216,15 +216,15 @@ def choice_logprobs(model, prompts, choices, eos_id=EOT_ID):
         raise ValueError(f"a prompt of {max(map(len, prompts))} tokens and a choice of {width} exceed the context "
                          f"length {ctx}; truncate the prompt first")
     logits, cache, _ = prefill(model, prompts, width + 1)
-    n, k, device = len(prompts), len(choices), logits.device
-    cache.reorder(torch.arange(n, device=device).repeat_interleave(k))  # row i * k + j: prompt i, choice j
-    padded = [c + [PAD_ID] * (width - len(c)) for c in choices]
-    later = model.forward_cached(torch.tensor(padded * n, device=device), cache, all_positions=True)
-    logits = torch.cat([logits.repeat_interleave(k, dim=0)[:, None], later], dim=1)  # (n * k, width + 1, vocab)
-    targets = torch.tensor([c + [eos_id] * (width + 1 - len(c)) for c in choices] * n, device=device)
-    counted = torch.tensor([[t <= len(c) for t in range(width + 1)] for c in choices] * n, device=device)
-    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
-    return logprobs.masked_fill(~counted, 0).sum(dim=1).view(n, k).tolist()
+    first, prompts_end, totals = torch.log_softmax(logits.float(), dim=-1)[:, None], cache.pos, []
+    for choice in choices:
+        cache.pos = prompts_end
+        ids = torch.tensor([choice] * len(prompts), device=logits.device)
+        later = torch.log_softmax(model.forward_cached(ids, cache, all_positions=True).float(), dim=-1)
+        logprobs = torch.cat([first, later], dim=1)  # (prompts, len(choice) + 1, vocab): each predicts the next
+        targets = torch.tensor(choice + [eos_id], device=logits.device)
+        totals.append(logprobs[:, torch.arange(len(targets)), targets].sum(dim=1))
+    return torch.stack(totals, dim=1).tolist()
 
 
 # ----------------------------------------------------------------------------- shared by the scripts

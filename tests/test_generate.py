@@ -326,7 +326,7 @@ def test_choice_logprobs_equal_a_plain_forward_pass_batched_and_alone():
     prompts = [encode(t) for t in ("Classify: the match ended 2-1.", "x",
                                    "A much longer prompt, with several more tokens in it, to classify.")]
     choices = [encode(t) for t in ("World", "Sports", "Business", "Sci/Tech")]  # 1 to 3 tokens
-    assert len({len(c) for c in choices}) > 1, "choices of different lengths test the right padding"
+    assert len({len(c) for c in choices}) > 1, "a longer choice before a shorter one: the cache goes back"
     expected = [[plain_choice_logprob(model, p, c) for c in choices] for p in prompts]
     batched = choice_logprobs(model, prompts, choices)
     alone = [choice_logprobs(model, [p], choices)[0] for p in prompts]
