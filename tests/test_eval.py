@@ -125,7 +125,7 @@ def test_batched_responses_equal_one_at_a_time_and_json_keeps_the_chapters_layou
     assert report["n_evaluated"] == 6 and report["truncated_prompts"] == 0 and "labels" not in report
     assert report["generation"] == {"max_new_tokens": 12, "temperature": 0.0, "top_k": None, "top_p": None,
                                     "num_beams": 1, "length_penalty": 1.0, "quantize": None,
-                                    "batch_size": 4, "seed": 123}
+                                    "batch_size": 4, "seed": 123, "choices": None, "choice_norm": None}
     assert report["tokens_per_second"] > 0 and 0 <= report["f1"] <= 1 and report["exact_match"] == 0
 
     # 70 new tokens do not fit after the longest of these prompts (34 to 61 tokens): the rows
