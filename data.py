@@ -380,6 +380,18 @@ def split_data(entries: list, train_frac: float = 0.85, test_frac: float = 0.10)
     return entries[:train_end], entries[train_end:test_end], entries[test_end:]
 
 
+def split_fractions(text: str) -> tuple:
+    """--split TRAIN,TEST (train.py and eval.py): the train and test fractions, the rest validation."""
+    try:
+        train_frac, test_frac = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be two fractions TRAIN,TEST such as 0.85,0.10, got {text}") from None
+    if not (0 < train_frac and 0 <= test_frac and train_frac + test_frac < 1):
+        raise argparse.ArgumentTypeError(f"needs train > 0, test >= 0 and train + test < 1 (the rest is validation), "
+                                         f"got {text}")
+    return train_frac, test_frac
+
+
 # ----------------------------------------------------------------------------
 # Datasets and batching
 

@@ -6,10 +6,12 @@
     python eval.py --ckpt out/ckpt.pt --judge llama3          # then score them with Llama 3 (Ollama)
     python eval.py --judge-only out/test-responses.json --judge llama3   # score a file, no model
     python eval.py --ckpt out/dpo/best.pt --reference out/sft/best.pt     # preference data: DPO metrics too
+    python eval.py --ckpt out/ckpt.pt --choices World,Sports,Business,Sci/Tech   # classify: the likeliest answer
 
 Rebuilds the split, prompt style, context length and loss masking the checkpoint was trained
-with (--data, --prompt-style and --mask-instructions override theirs), reports the test and
-validation loss over all their batches, then writes to OUT (the checkpoint's folder unless --out):
+with (--data, --split, --prompt-style and --mask-instructions override theirs), reports the
+test and validation loss over all their batches, then writes to OUT (the checkpoint's folder
+unless --out):
   test-responses.json  the test entries in file order, each with its model_response (cleaned of
                        template lines the model went on with), as the chapter's
                        instruction-data-with-response.json, its raw_response (the text as
@@ -22,6 +24,9 @@ the responses made before (a Ctrl-C or a crash costs one batch); results of anot
 (other weights, data, --limit or decoding settings) are never replaced: eval.py refuses before
 any work unless --out points elsewhere or --force replaces them. A checkpoint trained on raw
 text (.txt) gets its validation loss and perplexity in eval.json, and no responses.
+With --choices A,B,... nothing is generated: each entry's response is the answer whose tokens
+and end-of-text are likeliest after its prompt; each record gets choice_logprobs, and eval.json
+choice_scores (accuracy, macro-F1, per-label precision, recall and F1, the confusion matrix).
 With --judge MODEL an LLM judge (judge.py) then scores every response from 0 to 100, as the
 chapter does: each record gets judge_scores {MODEL: score}, the scores of every judge model side
 by side, and eval.json a "judge" summary per model. --judge-only FILE does only that, for FILE
@@ -47,11 +52,12 @@ from torch.utils.data import DataLoader
 from checkpoint import load_model_file
 from common import (AT_LEAST_1, POSITIVE, Progress, checked, plural, resolve_device, run_main, writable_folder,
     write_json)
-from data import batch_indices, check_same_data, decode, entry_output, get_prompt_style, prepare_data, read_text
+from data import (batch_indices, check_same_data, decode, encode, entry_output, get_prompt_style, prepare_data,
+    read_text, split_fractions)
 from lora import base_fingerprint
 from dpo import check_preference_entries, test_pair_report
 from model import calc_loss_loader
-from generate import add_inference_args, decoding_settings, generate, hit_limit, load_for_inference
+from generate import add_inference_args, choice_logprobs, decoding_settings, generate, hit_limit, load_for_inference
 from judge import DEFAULT_TIMEOUT, DEFAULT_URL, check_server, check_url, judge_file, load_responses
 
 MAX_LABELS, MAX_LABEL_WORDS = 20, 3  # outputs with fewer distinct values, this short, are labels
@@ -59,15 +65,22 @@ MAX_LABELS, MAX_LABEL_WORDS = 20, 3  # outputs with fewer distinct values, this 
 # ----------------------------------------------------------------------------- data and loss
 
 
-def load_data(path, ckpt, style, context_length, mask_instructions):
-    """The splits of `path` (default: the checkpoint's data) cut as the checkpoint's were. The
-    data given must be the checkpoint's (by content, wherever it lies now)."""
+def load_data(path, ckpt, style, context_length, mask_instructions, split=None):
+    """The splits of `path` (default: the checkpoint's data) cut as the checkpoint's were, or at
+    the (train, test) fractions `split`. The data given must be the checkpoint's (by content,
+    wherever it lies now)."""
     if path is None and ckpt.get("data") is not None:
         path = ckpt["data"]
         if not os.path.isfile(path):
             raise FileNotFoundError(f"the checkpoint was trained on {path}, which does not exist here; "
                                     "pass the data with --data PATH")
     fractions = {key: ckpt[key] for key in ("train_frac", "test_frac") if key in ckpt}  # else data.py's defaults
+    if split is not None:
+        if fractions and tuple(fractions.values()) != split:
+            print(f"warning: the checkpoint was trained on the split {fractions['train_frac']},"
+                  f"{fractions['test_frac']}; the test entries of --split {split[0]},{split[1]} may include entries "
+                  "it was trained on")
+        fractions = dict(zip(("train_frac", "test_frac"), split))
     splits = prepare_data(path, style, context_length, mask_instructions, **fractions)
     check_same_data(splits, ckpt.get("data_fingerprint"), ckpt.get("data"))
     if splits.kind == "instruction" and not splits.test_entries:  # refused by prepare_data unless test_frac is 0
@@ -200,6 +213,128 @@ def score_responses(references, responses):
     return scores
 
 
+# ----------------------------------------------------------------------------- choices (classification)
+
+NOT_A_CHOICE = "(not a choice)"  # the confusion matrix's row for references that are none of the choices
+
+
+def parse_choices(text):
+    """--choices: "auto", or the answers separated by commas, each non-empty and given once."""
+    if text.strip() == "auto":
+        return "auto"
+    choices = [choice.strip() for choice in text.split(",")]
+    if "" in choices:
+        raise argparse.ArgumentTypeError(f"answer {choices.index('') + 1} of {text!r} is empty; give the answers "
+                                         "separated by commas, e.g. World,Sports,Business,Sci/Tech")
+    repeated = [choice for choice, n in Counter(choices).items() if n > 1]
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{repeated[0]!r} is given {choices.count(repeated[0])} times in {text!r}; "
+                                         "give each answer once")
+    if len(choices) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is one answer; give at least two to choose among")
+    return choices
+
+
+def check_choice_flags(p, args):
+    """ValueError when the flags of --choices do not go together."""
+    if args.choices is None and args.choice_norm:
+        raise ValueError("--choice-norm goes with --choices")
+    needless = changed_flags(p, args, ["judge", "max_new_tokens", "temperature", "top_k", "top_p", "num_beams",
+                                       "length_penalty", "seed"])
+    if args.choices is not None and needless:
+        raise ValueError(f"--choices scores fixed answers and generates nothing: drop {', '.join(needless)}")
+
+
+def resolve_choices(choices, train_outputs):
+    """The answers of --choices; for "auto" the distinct outputs of the training split, in the
+    order they first appear, when they are labels (see label_names)."""
+    if choices != "auto":
+        return choices
+    names = label_names(train_outputs)
+    if names is None:
+        n = len({normalize_answer(output) for output in train_outputs})
+        raise ValueError(f"--choices auto: the training split's outputs are not labels ({n} distinct outputs; labels "
+                         f"are at most {MAX_LABELS} distinct values of 1 to {MAX_LABEL_WORDS} words, some repeated); "
+                         "give the answers with --choices A,B,C")
+    return list(names.values())
+
+
+def best_choice(logprobs, choices, norm):
+    """The choice of highest log-probability, with norm divided by its length in characters
+    (lm-evaluation-harness's acc_norm); the first of equals."""
+    return max(choices, key=lambda choice: logprobs[choice] / (len(choice) if norm else 1))
+
+
+def score_choices(model, prompts, batches, choices, on_batch):
+    """Hand each batch of `batches` (lists of prompt indices) to on_batch(indices, log-probabilities),
+    a list per prompt of the log-probability of each choice followed by end-of-text."""
+    choice_ids = [encode(choice) for choice in choices]
+    done = 0
+    with Progress("choices", sum(map(len, batches))) as progress:
+        for rows in batches:
+            on_batch(rows, choice_logprobs(model, [prompts[i] for i in rows], choice_ids))
+            done += len(rows)
+            progress.update(done)
+
+
+def choice_scores(references, predictions, choices):
+    """Accuracy, macro-F1 (the mean F1 of the choices that are a reference or a prediction, as
+    scikit-learn's), each choice's precision, recall, F1 and count (entries with it as
+    reference), and the confusion matrix: a row per reference (the choices, then NOT_A_CHOICE
+    if a reference is none of them), a column per predicted choice."""
+    rows = choices + ([NOT_A_CHOICE] if any(ref not in choices for ref in references) else [])
+    matrix = [[0] * len(choices) for _ in rows]
+    for ref, pred in zip(references, predictions):
+        matrix[rows.index(ref) if ref in choices else -1][choices.index(pred)] += 1
+    labels = {}
+    for j, choice in enumerate(choices):
+        correct, count, predicted = matrix[j][j], sum(matrix[j]), sum(row[j] for row in matrix)
+        precision, recall = correct / predicted if predicted else 0.0, correct / count if count else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if correct else 0.0
+        labels[choice] = {"precision": precision, "recall": recall, "f1": f1, "count": count}
+    seen = [labels[choice]["f1"] for j, choice in enumerate(choices) if labels[choice]["count"] or
+            any(row[j] for row in matrix)]
+    return {"accuracy": sum(matrix[j][j] for j in range(len(choices))) / len(references),
+            "macro_f1": sum(seen) / len(seen), "labels": labels,
+            "confusion_matrix": {"rows": rows, "columns": choices, "counts": matrix}}
+
+
+def evaluate_choices(model, prompts, records, choices, args, report, earlier, paths):
+    """Score the choices of every entry not scored before, batch by batch (each written to
+    the responses file as it is done); then the scores into eval.json."""
+    responses_path, eval_path = paths
+
+    def on_batch(rows, logprobs):
+        for i, values in zip(rows, logprobs):
+            scored = dict(zip(choices, values))
+            records[i].update(model_response=best_choice(scored, choices, args.choice_norm), choice_logprobs=scored)
+        write_json(records, responses_path)
+
+    todo = [[i for i in rows if records[i]["model_response"] is None]
+            for rows in response_batches(prompts, args.batch_size)]
+    start = time.perf_counter()
+    try:
+        score_choices(model, prompts, [rows for rows in todo if rows], choices, on_batch)
+    except KeyboardInterrupt:
+        raise Interrupted(kept_responses(records, responses_path)) from None
+    n_scored, seconds = sum(map(len, todo)), time.perf_counter() - start
+    references, predictions = [r["output"].strip() for r in records], [r["model_response"] for r in records]
+    outside = [ref for ref in references if ref not in choices]
+    if outside:
+        print(f"warning: {plural(len(outside), 'test output')} of {len(records)} are none of the choices (such as "
+              f"{outside[0]!r}) and count as wrong")
+    scores = choice_scores(references, predictions, choices)
+    judged = report.pop("judge", None)
+    report.update(entries_per_second=round(n_scored / seconds, 1) if n_scored else earlier.get("entries_per_second"),
+                  **score_responses(references, predictions), choice_scores=scores)
+    if judged is not None:
+        report["judge"] = judged
+    print(f"choices: accuracy {scores['accuracy']:.1%}, macro-F1 {scores['macro_f1']:.1%}; " + ", ".join(
+        f"{choice} P {c['precision']:.0%} R {c['recall']:.0%}" for choice, c in scores["labels"].items()))
+    write_json(report, eval_path)
+    print(f"wrote {responses_path} and {eval_path}")
+
+
 # ----------------------------------------------------------------------------- the judge
 
 
@@ -286,7 +421,8 @@ def differences(report, identity):
             said.append(f"{old} entries, not {value} (--limit)")
         elif key == "generation" and isinstance(old, dict):
             said += [f"--{name.replace('_', '-')} {old.get(name)}, not {value[name]}"
-                     for name in value if old.get(name) != value[name]]
+                     for name in value if old.get(name) != value[name]
+                     and not (name == "choice_norm" and old.get("choices") != value["choices"])]
         else:
             said.append(f"{key.replace('_', ' ')} {old}, not {value}")
     return said
@@ -347,6 +483,13 @@ class Interrupted(Exception):
     """Ctrl-C or SIGTERM, with what was kept and how to go on."""
 
 
+def kept_responses(records, responses_path):
+    """What an interrupted run kept, and how to go on."""
+    made = sum(r["model_response"] is not None for r in records)
+    return (f"{made} of {plural(len(records), 'response')} are kept in {responses_path}; "
+            "the same command continues from them")
+
+
 def finite_or_none(x):
     return x if math.isfinite(x) else None  # a loss with no counted target is NaN, which JSON lacks
 
@@ -369,6 +512,14 @@ def main(argv=None):
     p.add_argument("--batch-size", type=AT_LEAST_1, default=16, help="for the losses and for generation")
     p.add_argument("--reference", metavar="CKPT", help="preference data: the model DPO started from (a checkpoint "
                    "or model file), for the test pairs' DPO loss, reward margin and reward accuracy")
+    p.add_argument("--split", metavar="TRAIN,TEST", type=split_fractions,
+                   help="the train and test fractions of the data, the rest validation; default: the checkpoint's, "
+                   "else 0.85,0.10")
+    p.add_argument("--choices", metavar="A,B,...", type=parse_choices,
+                   help="classify instead of generating: the answer is the choice (then end-of-text) the model finds "
+                   "likeliest; 'auto': the training split's outputs, when they are labels")
+    p.add_argument("--choice-norm", action="store_true", help="--choices: rank by log-probability per character of "
+                   "the choice (lm-evaluation-harness's acc_norm), not by log-probability")
     p.add_argument("--judge", metavar="MODEL", type=checked(str, str.strip, "a model name"),
                    help="then score every response from 0 to 100 with this model on an LLM server, e.g. llama3")
     p.add_argument("--judge-url", metavar="URL", help=f"the judge's server: Ollama's address (default {DEFAULT_URL}), "
@@ -397,6 +548,7 @@ def main(argv=None):
 def evaluate(p, args, judge_url):
     if args.model is not None and args.ckpt is None and args.out is None:  # say so before any download
         raise ValueError("give --out DIR for the results of a --model run")
+    check_choice_flags(p, args)
     if args.judge is not None:  # a judge that is not running, or lacks the model, is better known now
         check_server(judge_url, args.judge, args.judge_timeout or DEFAULT_TIMEOUT)
 
@@ -408,7 +560,7 @@ def evaluate(p, args, judge_url):
     ckpt = ckpt or {}
     context_length = ckpt.get("context_length") or model.config.context_length
     mask = ckpt.get("mask_instructions", False) if args.mask_instructions is None else args.mask_instructions
-    splits = load_data(args.data, ckpt, style, context_length, mask)
+    splits = load_data(args.data, ckpt, style, context_length, mask, args.split)
     if args.reference is not None and splits.kind != "text":  # bad data before any comparison or work
         check_preference_entries(splits.path, splits.train_entries + splits.test_entries + splits.val_entries)
     source = {"checkpoint": args.ckpt} if args.ckpt else {"model": args.model}
@@ -418,12 +570,14 @@ def evaluate(p, args, judge_url):
         return evaluate_text(p, args, model, splits, device, source, identity, eval_path)
 
     entries = splits.test_entries[:args.limit]
+    choices = args.choices and resolve_choices(args.choices, [entry["output"] for entry in splits.train_entries])
     print(f"data {splits.path}: {len(entries)} of {len(splits.test)} test entries, prompt style {style}, "
           f"context {context_length}, instructions {'masked' if mask else 'not masked'} in the loss")
     identity.update(prompt_style=style, mask_instructions=mask, n_evaluated=len(entries), generation={
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
         "top_p": args.top_p, "num_beams": args.num_beams, "length_penalty": args.length_penalty,
-        "quantize": args.quantize, "batch_size": args.batch_size, "seed": args.seed})
+        "quantize": args.quantize, "batch_size": args.batch_size, "seed": args.seed,
+        "choices": ",".join(choices) if choices else None, "choice_norm": args.choice_norm if choices else None})
     if args.reference is not None:  # the DPO metrics of the test pairs are against it
         identity["reference"] = args.reference
     earlier, records = ({}, None) if args.force else earlier_results(eval_path, responses_path, identity, entries)
@@ -454,17 +608,24 @@ def evaluate(p, args, judge_url):
     # the dataset tokenized prompt and response apart, so its first prompt_length ids are the prompt
     prompts = [ids[:n] for ids, n in zip(splits.test.token_ids, splits.test.prompt_lengths[:len(entries)])]
     keep = max_prompt_tokens(model.config.context_length, args.max_new_tokens)
+    room = f"--max-new-tokens {args.max_new_tokens}"
+    if choices:  # room for the longest choice, whose last token's logits score the end-of-text
+        width = max(len(encode(choice)) for choice in choices)
+        keep, room = model.config.context_length - width, f"the longest choice has {plural(width, 'token')}"
     n_truncated = sum(len(ids) > keep for ids in prompts)
     prompts = [ids[-keep:] for ids in prompts]
     if n_truncated:
         print(f"{plural(n_truncated, 'prompt')} longer than {keep} tokens were cut to their last {keep} "
-              f"(context {model.config.context_length}, --max-new-tokens {args.max_new_tokens})")
+              f"(context {model.config.context_length}, {room})")
 
     # the responses file first: an eval.json of this evaluation never stands beside another's responses
     report = {**source, "data": splits.path, **identity, **losses, "n_test_entries": len(splits.test),
               **({"judge": earlier["judge"]} if "judge" in earlier else {})}
     write_json(records, responses_path)
     write_json(report, eval_path)
+    if choices:
+        print(f"choices: {', '.join(choices)}, ranked by log-probability{' per character' if args.choice_norm else ''}")
+        return evaluate_choices(model, prompts, records, choices, args, report, earlier, (responses_path, eval_path))
 
     def on_batch(rows, new_ids, cut):
         for i, ids, no_eot in zip(rows, new_ids, cut):
@@ -479,9 +640,7 @@ def evaluate(p, args, judge_url):
         n_tokens = generate_responses(model, prompts, [rows for rows in todo if rows], args.max_new_tokens,
                                       on_batch, **decoding)
     except KeyboardInterrupt:
-        made = sum(r["model_response"] is not None for r in records)
-        raise Interrupted(f"{made} of {plural(len(records), 'response')} are kept in {responses_path}; "
-                          "the same command continues from them") from None
+        raise Interrupted(kept_responses(records, responses_path)) from None
     seconds = time.perf_counter() - start
     if n_tokens:
         print(f"{plural(len(records) - made, 'response')}, {plural(n_tokens, 'token')} at "
@@ -527,7 +686,7 @@ def report_responses(records, max_new_tokens, responses_path):
 def evaluate_text(p, args, model, splits, device, source, identity, eval_path):
     """A checkpoint trained on raw text: its validation loss and perplexity, in eval.json."""
     needless = changed_flags(p, args, ["limit", "judge", "max_new_tokens", "temperature", "top_k", "top_p",
-                                       "num_beams", "length_penalty", "seed"])
+                                       "num_beams", "length_penalty", "seed", "split", "choices"])
     if needless:
         raise ValueError(f"{splits.path} is raw text, with no test entries to respond to: eval.py reports its "
                          f"validation loss and perplexity only; drop {', '.join(needless)}")

@@ -220,6 +220,32 @@ def add_finished(hyps, num_beams, score, tokens):
         del hyps[num_beams:]
 
 
+@torch.inference_mode()
+def choice_logprobs(model, prompts, choices, eos_id=EOT_ID):
+    """The log-probability of each choice (a list of token ids) followed by eos_id after each
+    prompt: a list of floats per prompt, exactly what one forward pass over prompt + choice +
+    eos gives. The prompts go through the model once (prefill); every choice then continues all
+    of them from the KV cache, each written over the one before (the cache's position goes back
+    to the prompts' end), so nothing is copied and no choice is padded."""
+    if not choices or min(map(len, choices)) == 0:
+        raise ValueError("every choice needs at least one token")
+    width = max(map(len, choices))  # tokens fed after the prompt: the last one's logits score the eos
+    ctx = model.config.context_length
+    if max(map(len, prompts)) + width > ctx:
+        raise ValueError(f"a prompt of {max(map(len, prompts))} tokens and a choice of {width} exceed the context "
+                         f"length {ctx}; truncate the prompt first")
+    logits, cache, _ = prefill(model, prompts, width + 1)
+    first, prompts_end, totals = torch.log_softmax(logits.float(), dim=-1)[:, None], cache.pos, []
+    for choice in choices:
+        cache.pos = prompts_end
+        ids = torch.tensor([choice] * len(prompts), device=logits.device)
+        later = torch.log_softmax(model.forward_cached(ids, cache, all_positions=True).float(), dim=-1)
+        logprobs = torch.cat([first, later], dim=1)  # (prompts, len(choice) + 1, vocab): each predicts the next
+        targets = torch.tensor(choice + [eos_id], device=logits.device)
+        totals.append(logprobs[:, torch.arange(len(targets)), targets].sum(dim=1))
+    return torch.stack(totals, dim=1).tolist()
+
+
 # ----------------------------------------------------------------------------- shared by the scripts
 
 

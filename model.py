@@ -182,15 +182,16 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return loss / keep.sum().clamp(min=1) if reduction == "mean" else loss
 
-    def forward_cached(self, idx, cache):
+    def forward_cached(self, idx, cache, all_positions=False):
         """Generation path: run the new tokens idx (B, T) through the model, appending their
-        keys and values to `cache`; returns the logits of the last position only (B, vocab)."""
+        keys and values to `cache`; returns the logits of the last position only (B, vocab),
+        or with all_positions those of every new token (B, T, vocab)."""
         T = idx.size(1)
         if cache.pos + T > cache.max_len:
             raise ValueError(f"KV cache full: {cache.pos} + {T} tokens > {cache.max_len}")
         x = self._hidden(idx, cache.positions(T), cache)
         cache.pos += T
-        return self.wte.logits(x[:, -1])
+        return self.wte.logits(x if all_positions else x[:, -1])
 
 
 @torch.no_grad()

@@ -33,13 +33,13 @@ from checkpoint import (build_base, build_start_model, load_checkpoint, lora_che
 from common import (AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, atomic_write, check_writable_folder,
     StatusLine, checked, duration, plural, remove_stale_temporaries, resolve_device, run_main)
 from data import (PROMPT_STYLES, batch_indices, check_batchable, check_same_data, check_vocab, decode,
-    prepare_data, prompt_ids, summarize_data)
+    prepare_data, prompt_ids, split_fractions, summarize_data)
 from dpo import DPO, LOGPROB_MODES, dpo_metrics, preference_splits, reference_logprobs, summarize_pairs
 from lora import LORA_TARGETS, add_lora, parameter_counts
 from model import IGNORE_INDEX, PRESETS, calc_loss_loader
 from generate import generate, respond
 
-TRAIN_FRAC, TEST_FRAC = 0.85, 0.10  # the chapter's split; eval.py reads them from the checkpoint
+TRAIN_FRAC, TEST_FRAC = 0.85, 0.10  # the chapter's split (--split); eval.py reads it from the checkpoint
 # What a resumed run may change; everything else comes from the checkpoint's arguments.
 # The optimizer's settings may change (say a lower --lr after a NaN); the data order and batches may not.
 CHANGEABLE_ON_RESUME = {"epochs", "max_steps", "eval_every", "eval_batches", "save_every", "device", "dtype",
@@ -76,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--context-length", type=AT_LEAST_1, default=1024,
                    help="tokens per sequence; below the model's keeps its first position embeddings")
     p.add_argument("--mask-instructions", action="store_true", help="compute the loss on response tokens only")
+    p.add_argument("--split", metavar="TRAIN,TEST", type=split_fractions, default=(TRAIN_FRAC, TEST_FRAC),
+                   help="the train and test fractions of instruction data, in file order; the rest is validation")
     p.add_argument("--batch-size", type=AT_LEAST_1, default=8, help="examples per batch (per process)")
     p.add_argument("--grad-accum", type=AT_LEAST_1, default=1, help="batches per optimizer step")
     p.add_argument("--epochs", type=AT_LEAST_1, default=2, help="passes over the training split (--max-steps "
@@ -466,8 +468,7 @@ def open_run(args, given, world_size):
 
 def load_splits(args, ckpt, world_size):
     """The run's data; on resume it must be the data the run was trained on, wherever it lies now."""
-    splits = prepare_data(args.data, args.prompt_style, args.context_length, args.mask_instructions,
-                          TRAIN_FRAC, TEST_FRAC)
+    splits = prepare_data(args.data, args.prompt_style, args.context_length, args.mask_instructions, *args.split)
     if ckpt is not None:
         check_same_data(splits, ckpt.get("data_fingerprint"), ckpt.get("data"))
     if args.dpo:
@@ -475,6 +476,8 @@ def load_splits(args, ckpt, world_size):
     check_batchable(splits, args.batch_size * world_size)
     if splits.kind == "text" and args.mask_instructions:
         raise ValueError("--mask-instructions needs instruction data; raw text has no instructions to mask")
+    if splits.kind == "text" and tuple(args.split) != (TRAIN_FRAC, TEST_FRAC):
+        raise ValueError("--split needs instruction data; raw text is split 90/10 into train and validation")
     return splits
 
 
@@ -541,7 +544,7 @@ def inference_info(run):
             "prompt_style": "none" if splits.kind == "text" else args.prompt_style,
             "mask_instructions": args.mask_instructions, "context_length": run.raw_model.config.context_length,
             "data": os.path.abspath(splits.path), "data_fingerprint": splits.fingerprint,
-            "train_frac": TRAIN_FRAC, "test_frac": TEST_FRAC}
+            "train_frac": args.split[0], "test_frac": args.split[1]}
 
 
 def weights(run):

@@ -1,7 +1,7 @@
 """Speed benchmarks, one line per figure (a script, not collected by pytest).
 
     python tests/bench.py                    # everything (about 20 minutes on 2 cores)
-    python tests/bench.py --only generation  # or training, eval, judge, lora, int8, beams, dpo, serve
+    python tests/bench.py --only generation  # or training, eval, judge, lora, int8, beams, dpo, serve, choices
 
 On the gpt2 (124M) config with random weights (lora: gpt2-medium), on the CPU. Targets are
 ratios within one run, since absolute times on a shared machine are noisy; see README.md.
@@ -22,7 +22,8 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(os.path.join(SHARED,
 from data import encode, format_prompt, prepare_data  # noqa: E402
 from model import GPT, config_for  # noqa: E402
 from quantize import Int8Linear, quantize_int8  # noqa: E402
-from generate import generate  # noqa: E402
+from generate import choice_logprobs, generate  # noqa: E402
+from eval import response_batches  # noqa: E402
 
 
 def gpt2_random(seed=0, **overrides):
@@ -457,8 +458,36 @@ def bench_dpo(steps=8, reference_pairs=160):
           f"({len(order)} in an epoch)")
 
 
+def bench_choices(batch_size=16, repeats=3):
+    """eval.py --choices on the 110 test prompts of the default data with AG News's 4 labels,
+    against greedy generation of a label: a one-token label and its end-of-text (2 new
+    tokens), and the longest label, Sci/Tech (3 tokens), and its end-of-text (4)."""
+    splits = prepare_data(default_data_path())
+    prompts = [encode(format_prompt(e, "alpaca")) for e in splits.test_entries]
+    labels = [encode(label) for label in ("World", "Sports", "Business", "Sci/Tech")]
+    model = gpt2_random()
+    batches = response_batches(prompts, batch_size)  # as eval.py batches them
+
+    def timed(work):
+        start = time.perf_counter()
+        for rows in batches:
+            work([prompts[i] for i in rows])
+        return time.perf_counter() - start
+
+    choice_logprobs(model, prompts[:2], labels)  # warm-up
+    seconds = median_in_turns({"choices": lambda: timed(lambda batch: choice_logprobs(model, batch, labels)),
+                               "greedy 2": lambda: timed(lambda batch: generate(model, batch, 2, eos_id=None)),
+                               "greedy 4": lambda: timed(lambda batch: generate(model, batch, 4, eos_id=None))},
+                              repeats)
+    print(f"choices, {len(prompts)} test prompts x 4 labels, batches of {batch_size}: {seconds['choices']:.2f} s "
+          f"= {seconds['choices'] / seconds['greedy 2']:.2f}x greedy generation of a 1-token label and end-of-text "
+          f"({seconds['greedy 2']:.2f} s; target <= 1.5x), {seconds['choices'] / seconds['greedy 4']:.2f}x that of "
+          f"a 3-token label and end-of-text ({seconds['greedy 4']:.2f} s)")
+
+
 BENCHES = {"generation": bench_generation, "eval": bench_eval, "training": bench_training, "judge": bench_judge,
-           "lora": bench_lora, "int8": bench_int8, "beams": bench_beams, "dpo": bench_dpo, "serve": bench_serve}
+           "lora": bench_lora, "int8": bench_int8, "beams": bench_beams, "dpo": bench_dpo, "serve": bench_serve,
+           "choices": bench_choices}
 
 
 def main():

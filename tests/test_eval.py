@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import eval as ev
 from checkpoint import save_checkpoint
-from data import EOT_ID, InstructionDataset, collate, decode, encode, format_prompt, prepare_data, prompt_ids
+from data import EOT_ID, InstructionDataset, batch_indices, collate, decode, encode, format_prompt, prepare_data, prompt_ids
 from model import GPT, IGNORE_INDEX, config_for
 from generate import generate, respond
 
@@ -125,7 +125,7 @@ def test_batched_responses_equal_one_at_a_time_and_json_keeps_the_chapters_layou
     assert report["n_evaluated"] == 6 and report["truncated_prompts"] == 0 and "labels" not in report
     assert report["generation"] == {"max_new_tokens": 12, "temperature": 0.0, "top_k": None, "top_p": None,
                                     "num_beams": 1, "length_penalty": 1.0, "quantize": None,
-                                    "batch_size": 4, "seed": 123}
+                                    "batch_size": 4, "seed": 123, "choices": None, "choice_norm": None}
     assert report["tokens_per_second"] > 0 and 0 <= report["f1"] <= 1 and report["exact_match"] == 0
 
     # 70 new tokens do not fit after the longest of these prompts (34 to 61 tokens): the rows
@@ -525,3 +525,176 @@ def test_preference_data_gets_the_test_pairs_dpo_metrics_against_the_reference(t
     assert "pairs" not in run_eval("--ckpt", plain, "--max-new-tokens", 2)[0]
     with pytest.raises(ValueError, match="entry 0 has no 'chosen' response; preference data"):
         run_eval("--ckpt", plain, "--reference", ref, "--max-new-tokens", 2)
+
+
+# ----------------------------------------------------------------------------- choices (classification)
+
+TOPICS = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+def topic_entries(n=20):
+    """News-like entries whose outputs are the four AG News topics."""
+    return [{"instruction": "Predict the category (World, Sports, Business, Sci/Tech) of the text.",
+             "input": f"Headline number {i}" + " with more words" * (i % 4), "output": TOPICS[i * 7 % 4]}
+            for i in range(n)]
+
+
+def test_choice_scores_on_a_hand_checked_case():
+    refs, preds = ["A", "A", "B", "C", "X"], ["A", "B", "B", "C", "A"]  # X is none of the choices
+    scores = ev.choice_scores(refs, preds, ["A", "B", "C", "D"])
+    # rows: the reference (then "not a choice"), columns: the prediction
+    assert scores["confusion_matrix"] == {"rows": ["A", "B", "C", "D", ev.NOT_A_CHOICE], "columns": ["A", "B", "C", "D"],
+                                          "counts": [[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0],
+                                                     [1, 0, 0, 0]]}
+    assert sum(map(sum, scores["confusion_matrix"]["counts"])) == len(refs)
+    assert scores["accuracy"] == 3 / 5
+    # A: 1 of 2 predictions right, 1 of 2 references found; B: 1 of 2, 1 of 1; C: 1 of 1, 1 of 1; D never seen
+    assert scores["labels"] == {"A": {"precision": 0.5, "recall": 0.5, "f1": 0.5, "count": 2},
+                                "B": {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "count": 1},
+                                "C": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "count": 1},
+                                "D": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "count": 0}}
+    assert scores["macro_f1"] == pytest.approx((0.5 + 2 / 3 + 1) / 3)  # D is neither a reference nor a prediction
+    # the prediction: the highest log-probability, or per character with norm
+    logprobs = {"Sports": -3.0, "Sci/Tech": -3.6}
+    assert ev.best_choice(logprobs, ["Sports", "Sci/Tech"], norm=False) == "Sports"  # -3 > -3.6
+    assert ev.best_choice(logprobs, ["Sports", "Sci/Tech"], norm=True) == "Sci/Tech"  # -3 / 6 < -3.6 / 8
+
+
+def test_choices_end_to_end_equal_a_plain_forward_pass(tmp_path, capsys):
+    from test_generate import plain_choice_logprob
+    entries = topic_entries()
+    model = tiny_model(seed=4)
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", model, data=write_data(tmp_path, entries))
+    report, records = run_eval("--ckpt", ckpt, "--choices", ",".join(TOPICS), "--batch-size", 4, "--out",
+                               tmp_path / "o")
+    for entry, record in zip(entries[10:16], records):
+        prompt = encode(format_prompt(entry))
+        expected = {topic: plain_choice_logprob(model, prompt, encode(topic)) for topic in TOPICS}
+        assert record["choice_logprobs"] == pytest.approx(expected, abs=1e-4)
+        assert record["model_response"] == max(TOPICS, key=expected.get)
+        assert {k: record[k] for k in entry} == entry
+    predictions = [r["model_response"] for r in records]
+    assert len(set(predictions)) > 1  # the seed gives varied predictions, so the scores below mean something
+    references = [e["output"] for e in entries[10:16]]
+    assert report["choice_scores"] == ev.choice_scores(references, predictions, TOPICS)
+    assert report["choice_scores"]["accuracy"] == report["exact_match"] == \
+        sum(p == r for p, r in zip(predictions, references)) / 6
+    assert sum(map(sum, report["choice_scores"]["confusion_matrix"]["counts"])) == 6
+    assert report["generation"]["choices"] == "World,Sports,Business,Sci/Tech" and "test_loss" in report
+    assert "choices: World, Sports, Business, Sci/Tech, ranked by log-probability\n" in capsys.readouterr().out
+
+    # per character: every choice divided by its length
+    _, normed = run_eval("--ckpt", ckpt, "--choices", ",".join(TOPICS), "--choice-norm", "--out", tmp_path / "n")
+    assert [r["model_response"] for r in normed] == \
+        [max(TOPICS, key=lambda t: r["choice_logprobs"][t] / len(t)) for r in records]
+    # auto: the training split's labels, in the order they first appear
+    auto, _ = run_eval("--ckpt", ckpt, "--choices", "auto", "--out", tmp_path / "a")
+    assert auto["generation"]["choices"] == ",".join(dict.fromkeys(e["output"] for e in entries[:10]))
+
+
+def test_a_choices_run_continues_and_is_told_from_other_evaluations(tmp_path, capsys, monkeypatch):
+    entries = topic_entries(40)  # 12 test entries
+    ckpt = save_ckpt(tmp_path / "run" / "ckpt.pt", tiny_model(seed=4), data=write_data(tmp_path, entries),
+                     train_frac=0.5, test_frac=0.3)
+    command = ["--ckpt", ckpt, "--choices", ",".join(TOPICS), "--batch-size", 4]
+    whole_report, whole = run_eval(*command, "--out", tmp_path / "whole")
+
+    real, calls = ev.choice_logprobs, []
+
+    def stop_at_the_second_batch(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(ev, "choice_logprobs", stop_at_the_second_batch)
+    with pytest.raises(SystemExit) as stopped:
+        ev.main([*map(str, command), "--device", "cpu"])
+    responses = tmp_path / "run" / "test-responses.json"
+    assert stopped.value.code == 130 and made(responses) == 4
+    assert capsys.readouterr().out.splitlines()[-1] == (f"interrupted: 4 of 12 responses are kept in {responses}; "
+                                                        "the same command continues from them")
+    monkeypatch.undo()
+    report, records = run_eval(*command)
+    assert "4 of 12 responses were made before" in capsys.readouterr().out
+    assert records == whole
+    assert {k: v for k, v in report.items() if k != "entries_per_second"} == \
+        {k: v for k, v in whole_report.items() if k != "entries_per_second"}
+
+    before = responses.read_text()
+    for argv, difference in [([], "--choices World,Sports,Business,Sci/Tech, not None"),
+                             (["--choices", "World,Sports"], "--choices World,Sports,Business,Sci/Tech, not World,Sports"),
+                             (["--choices", ",".join(TOPICS), "--choice-norm"], "--choice-norm False, not True")]:
+        with pytest.raises(ValueError) as refused:
+            ev.main(["--ckpt", ckpt, "--batch-size", "4", *argv, "--device", "cpu"])
+        assert f"holds 12 responses of {ckpt} from another evaluation ({difference}); give --out" in str(refused.value)
+        assert responses.read_text() == before
+
+
+@pytest.mark.parametrize("choices, message", [
+    ("World,,Sports", "argument --choices: answer 2 of 'World,,Sports' is empty; give the answers separated by "
+                      "commas, e.g. World,Sports,Business,Sci/Tech"),
+    ("World,Sports, World", "argument --choices: 'World' is given 2 times in 'World,Sports, World'; give each "
+                            "answer once"),
+    ("World", "argument --choices: 'World' is one answer; give at least two to choose among"),
+])
+def test_bad_choices_are_one_sentence(choices, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        ev.main(["--ckpt", "x.pt", "--choices", choices])
+    assert stopped.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f": error: {message}")
+
+
+def test_choice_flag_mistakes_are_one_sentence(tmp_path):
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", tiny_model(), data=write_data(tmp_path, make_entries()))
+    with pytest.raises(ValueError, match=r"^--choices auto: the training split's outputs are not labels \(10 distinct "
+                                         r"outputs; labels are at most 20 distinct values of 1 to 3 words, some "
+                                         r"repeated\); give the answers with --choices A,B,C$"):
+        ev.main(["--ckpt", ckpt, "--choices", "auto", "--device", "cpu"])
+    with pytest.raises(ValueError, match="^--choices scores fixed answers and generates nothing: drop "
+                                         "--max-new-tokens, --temperature$"):
+        ev.main(["--ckpt", ckpt, "--choices", "a,b", "--max-new-tokens", "5", "--temperature", "1"])
+    with pytest.raises(ValueError, match="^--choice-norm goes with --choices$"):
+        ev.main(["--ckpt", ckpt, "--choice-norm"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "data.json"]
+
+
+def test_split_overrides_the_checkpoints_fractions(tmp_path, capsys):
+    entries = make_entries()
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", tiny_model(), data=write_data(tmp_path, entries))  # 0.5, 0.3
+    report, records = run_eval("--ckpt", ckpt, "--split", "0.6,0.25", "--max-new-tokens", 1, "--out", tmp_path / "o")
+    assert [{k: r[k] for k in e} for e, r in zip(entries[12:17], records)] == entries[12:17] and len(records) == 5
+    assert report["n_test_entries"] == 5
+    assert ("warning: the checkpoint was trained on the split 0.5,0.3; the test entries of --split 0.6,0.25 may "
+            "include entries it was trained on") in capsys.readouterr().out
+
+
+def test_a_short_fine_tune_classifies_clearly_above_chance(tmp_path):
+    """A tiny model trained for 50 steps on a synthetic set whose label is a word of the input
+    (a color among filler words, a word a line) picks the right color far above chance (1/4)."""
+    colors, filler = ["red", "green", "blue", "yellow"], "cat dog car tree house road sky big small old".split()
+    rng = torch.Generator().manual_seed(0)
+
+    def pick(words):
+        return words[torch.randint(len(words), (1,), generator=rng).item()]
+
+    entries = []
+    for _ in range(500):
+        words, color = [pick(filler), pick(filler)], pick(colors)
+        words.insert(torch.randint(3, (1,), generator=rng).item(), color)
+        entries.append({"instruction": "Which color is named?", "input": "\n".join(words), "output": color})
+    splits = prepare_data(write_data(tmp_path, entries), "none", 128, mask_instructions=True, train_frac=0.8,
+                          test_frac=0.1)  # 400 train, 50 test
+    model = tiny_model().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for epoch in range(2):
+        for batch in batch_indices(splits.train.lengths, 16, shuffle=True, epoch=epoch, drop_last=True):
+            inputs, targets = splits.collate_fn([splits.train[i] for i in batch])
+            loss = model(inputs, targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    ckpt = save_ckpt(tmp_path / "run" / "ckpt.pt", model.eval(), data=splits.path, prompt_style="none",
+                     mask_instructions=True, train_frac=0.8, test_frac=0.1)
+    report, records = run_eval("--ckpt", ckpt, "--choices", "auto")
+    assert report["generation"]["choices"].split(",") == sorted(colors, key=[e["output"] for e in entries].index)
+    assert len(records) == 50 and report["choice_scores"]["accuracy"] >= 0.8, report["choice_scores"]

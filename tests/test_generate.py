@@ -11,7 +11,7 @@ from common import resolve_device
 import generate as generate_script
 from data import EOT_ID, decode, encode, encode_conversation, format_prompt
 from model import GPT, config_for, from_pretrained
-from generate import generate, load_for_inference, prefill, respond, sample_next, stream
+from generate import choice_logprobs, generate, load_for_inference, prefill, respond, sample_next, stream
 from test_model import FIXTURE, REFERENCE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -410,3 +410,36 @@ def test_ctrl_c_during_a_reply_stops_it_and_the_chat_goes_on(tmp_path, monkeypat
                                  user("Name a color.")], 8)
     assert out == f"> {partial.lstrip()}\n> {second}\n> "
     assert "(reply stopped)" in err and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def plain_choice_logprob(model, prompt, choice):
+    """The reference: one forward pass over prompt + choice + end-of-text, summing the
+    log-probabilities of the choice's tokens and the end-of-text."""
+    ids = prompt + choice + [EOT_ID]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)
+    return sum(logprobs[t - 1, ids[t]].item() for t in range(len(prompt), len(ids)))
+
+
+def test_choice_logprobs_equal_a_plain_forward_pass_batched_and_alone():
+    model = tiny_gpt2_vocab(seed=2)
+    prompts = [encode(t) for t in ("Classify: the match ended 2-1.", "x",
+                                   "A much longer prompt, with several more tokens in it, to classify.")]
+    choices = [encode(t) for t in ("World", "Sports", "Business", "Sci/Tech")]  # 1 to 3 tokens
+    assert len({len(c) for c in choices}) > 1, "a longer choice before a shorter one: the cache goes back"
+    expected = [[plain_choice_logprob(model, p, c) for c in choices] for p in prompts]
+    batched = choice_logprobs(model, prompts, choices)
+    alone = [choice_logprobs(model, [p], choices)[0] for p in prompts]
+    for got in (batched, alone):
+        assert torch.allclose(torch.tensor(got), torch.tensor(expected), atol=1e-4), (got, expected)
+    # a row's values do not depend on the batch it is in: the same float computations up to padding
+    assert torch.allclose(torch.tensor(batched), torch.tensor(alone), atol=1e-5)
+
+
+def test_choice_logprobs_refuse_what_does_not_fit():
+    model = tiny_gpt2_vocab()
+    with pytest.raises(ValueError, match="every choice needs at least one token"):
+        choice_logprobs(model, [[1, 2]], [[3], []])
+    with pytest.raises(ValueError, match="exceed the context length 128"):
+        choice_logprobs(model, [[1] * 126], [[3], [4, 5, 6]])
+    assert len(choice_logprobs(model, [[1] * 125], [[3], [4, 5, 6]])[0]) == 2  # 125 + 3 fills the context exactly

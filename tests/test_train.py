@@ -261,6 +261,26 @@ def test_raw_text_trains_too(tmp_path, capsys, monkeypatch):
         "error: --mask-instructions needs instruction data; raw text has no instructions to mask"
 
 
+def test_split_sets_the_fractions_and_is_saved_for_eval_and_resume(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(*FAST, "--data", data, "--out", out, "--max-steps", 1, "--split", "0.5,0.25")  # 48 entries: 24, 12, 12
+    assert "examples: 24 train, 12 val, 12 test" in capsys.readouterr().out
+    best = load_checkpoint(out / "best.pt")
+    assert (best["train_frac"], best["test_frac"]) == (0.5, 0.25)
+    ev.main(["--ckpt", str(out / "best.pt"), "--max-new-tokens", "1", "--device", "cpu"])
+    assert json.load(open(out / "eval.json"))["n_test_entries"] == 12  # eval.py cuts the data as training did
+    run(*FAST, "--data", data, "--out", out, "--resume", "--max-steps", 2)  # the checkpoint's split goes on
+    assert (load_checkpoint(out / "ckpt.pt")["test_frac"], load_checkpoint(out / "ckpt.pt")["step"]) == (0.25, 2)
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(*FAST, "--data", data, "--out", out, "--resume", "--split", "0.85,0.1")
+    assert stopped.value.code.startswith("error: --split (0.85, 0.1) differs from the checkpoint's (0.5, 0.25); ")
+    text = tmp_path / "story.txt"
+    text.write_text(" ".join(WORDS * 200))
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(*TINY, "--data", text, "--out", tmp_path / "text", "--split", "0.5,0.25")
+    assert stopped.value.code == "error: --split needs instruction data; raw text is split 90/10 into train and validation"
+
+
 def test_compile_says_so_before_its_silent_minute(data, tmp_path, capsys, monkeypatch):
     compiled = []
     monkeypatch.setattr(train.torch, "compile", lambda model: compiled.append(model) or model)  # not the real minute
@@ -502,6 +522,9 @@ def test_bad_argument_from_the_command_line_is_one_line_and_exit_1(tmp_path):
     (["--lr", "-1"], "argument --lr: must be a positive number, got -1"),
     (["--dropout", "1"], "argument --dropout: must be in [0, 1), got 1"),
     (["--lr-schedule", "linear"], "argument --lr-schedule: invalid choice: 'linear'"),
+    (["--split", "0.9,0.1"], "argument --split: needs train > 0, test >= 0 and train + test < 1 (the rest is "
+                             "validation), got 0.9,0.1"),
+    (["--split", "0.9"], "argument --split: must be two fractions TRAIN,TEST such as 0.85,0.10, got 0.9"),
 ])
 def test_bad_values_are_argparse_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as stopped:
