@@ -318,7 +318,7 @@ def evaluate_choices(model, prompts, records, choices, args, report, earlier, pa
     except KeyboardInterrupt:
         raise Interrupted(kept_responses(records, responses_path)) from None
     n_scored, seconds = sum(map(len, todo)), time.perf_counter() - start
-    references, predictions = [r["output"].strip() for r in records], [r["model_response"] for r in records]
+    references, predictions = [entry_output(r).strip() for r in records], [r["model_response"] for r in records]
     outside = [ref for ref in references if ref not in choices]
     if outside:
         print(f"warning: {plural(len(outside), 'test output')} of {len(records)} are none of the choices (such as "
@@ -570,7 +570,7 @@ def evaluate(p, args, judge_url):
         return evaluate_text(p, args, model, splits, device, source, identity, eval_path)
 
     entries = splits.test_entries[:args.limit]
-    choices = args.choices and resolve_choices(args.choices, [entry["output"] for entry in splits.train_entries])
+    choices = args.choices and resolve_choices(args.choices, [entry_output(entry) for entry in splits.train_entries])
     print(f"data {splits.path}: {len(entries)} of {len(splits.test)} test entries, prompt style {style}, "
           f"context {context_length}, instructions {'masked' if mask else 'not masked'} in the loss")
     identity.update(prompt_style=style, mask_instructions=mask, n_evaluated=len(entries), generation={
