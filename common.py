@@ -253,5 +253,7 @@ def run_main(main):
         main()
     except (ValueError, OSError) as e:
         if os.environ.get("RANK", "0") != "0":
+            # torchrun stops every process once one fails: give the first one time to say why
+            time.sleep(2)
             sys.exit(1)
         sys.exit(f"error: {e}")
