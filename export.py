@@ -27,10 +27,9 @@ import signal
 
 from checkpoint import load_model_file
 from common import atomic_write, run_main, stop_on_interrupt, writable_folder, write_json
-from data import EOT_ID, check_vocab, get_prompt_style, get_tokenizer
+from data import EOT, EOT_ID, check_vocab, get_prompt_style, get_tokenizer
 from model import transposed_in_hf
 
-EOT = "<|endoftext|>"
 # What an export folder holds: --force replaces a folder of these files and nothing else.
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "merges.txt",
                 "special_tokens_map.json", "tokenizer_config.json", "vocab.json")
