@@ -19,7 +19,7 @@ from checkpoint import load_checkpoint, load_model_file, model_from_checkpoint, 
 from common import AT_LEAST_1, NON_NEGATIVE, SEED, checked, plural, resolve_device, run_main, stop_on_interrupt
 from data import EOT_ID, PROMPT_STYLES, check_vocab, decode, encode, encode_conversation, format_prompt, prompt_ids
 from model import HF_REPOS, KVCache, PRESETS, build_model
-from quantize import quantize_int8
+from quantize import prepare_for_decoding
 
 PAD_ID = 0  # left padding of a batch: any token every vocabulary has (padding is masked out of attention)
 
@@ -253,8 +253,8 @@ def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, devic
     """(model in eval mode on device, checkpoint dict or None, prompt style): a fine-tuned
     checkpoint from train.py (its prompt style unless overridden; a LoRA checkpoint's base
     looked for in the folder `base` if given), a base GPT-2 or a model file
-    (checkpoint.load_model_file: as --model, the checkpoint dict is None), with
-    quantize="int8" its block linears in int8 (quantize.quantize_int8)."""
+    (checkpoint.load_model_file: as --model, the checkpoint dict is None), its weights
+    prepared for decoding (quantize.prepare_for_decoding; quantize="int8": int8 weights)."""
     if (ckpt_path is None) == (model_name is None):
         raise ValueError("give exactly one of --ckpt (a train.py checkpoint) or --model (a GPT-2 name or folder)")
     if base is not None and ckpt_path is None:
@@ -275,10 +275,7 @@ def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, devic
     if style not in PROMPT_STYLES:
         raise ValueError(f"unknown prompt style '{style}'; choose one of {', '.join(PROMPT_STYLES)}")
     check_vocab(model.config.vocab_size, ckpt_path or model_name)
-    model = model.to(device).eval()
-    if quantize == "int8":
-        quantize_int8(model)
-    return model, ckpt, style
+    return prepare_for_decoding(model.to(device), quantize), ckpt, style
 
 
 def hit_limit(prompt, new_ids, max_new_tokens, context_length):

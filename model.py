@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from common import download, run_main
 
 IGNORE_INDEX = -100  # targets equal to this are left out of the loss (padding, masked prompts)
+EXACT_TOP = 8  # an int8 output head's best tokens whose logits are recomputed in float
 
 
 @dataclass
@@ -61,19 +62,12 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
         self.resid_drop = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x, cache=None, layer=0):
+    def forward(self, x):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        if cache is None:  # training / plain path: causal attention over the whole sequence
-            dropout = self.drop_rate if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        else:  # generation: append to the cache and attend over everything cached so far
-            k, v = cache.update(layer, k, v)
-            mask = cache.attn_mask(T)
-            causal = mask is None and T > 1  # fresh cache, no padding: plain causal prefill
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        return self.resid_drop(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        dropout = self.drop_rate if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        return self.resid_drop(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class MLP(nn.Module):
@@ -95,9 +89,26 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.emb_dim)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
+    def forward_cached(self, x, cache, layer, mask=None):
+        """forward() for generation: the new positions x (B, T, C) attend to everything in the
+        cache and append their keys and values to it. The same computation without dropout,
+        written out with plain functions where forward() calls modules (a step of one token a
+        row is short enough for their overhead to show)."""
+        B, T, C = x.shape
+        attn, mlp = self.attn, self.mlp
+        h = F.layer_norm(x, (C,), self.ln_1.weight, self.ln_1.bias, self.ln_1.eps)
+        # q, k and v of every head, (3, B, heads, T, head size): views of c_attn's output
+        qkv = attn.c_attn(h).view(B, T, 3, attn.n_heads, C // attn.n_heads).permute(2, 0, 3, 1, 4)
+        k, v = cache.update(layer, qkv[1:])
+        # no mask: a fresh cache without padding (plain causal prefill) or one new token a row
+        y = F.scaled_dot_product_attention(qkv[0], k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        x = x + attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        h = F.layer_norm(x, (C,), self.ln_2.weight, self.ln_2.bias, self.ln_2.eps)
+        return x + mlp.c_proj(F.gelu(mlp.c_fc(h), approximate="tanh"))
 
 
 class TiedEmbedding(nn.Module):
@@ -110,7 +121,7 @@ class TiedEmbedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(emb_dim, vocab_size))
         self.head = None if tied else nn.Parameter(torch.empty(emb_dim, vocab_size))
-        self.int8_head = None  # an Int8Linear copy of the head after quantize_int8(model, head=True)
+        self.int8_head = None  # an Int8Linear copy of the head after quantize.quantize_int8
 
     def forward(self, idx):
         return F.embedding(idx, self.weight.t())
@@ -119,7 +130,14 @@ class TiedEmbedding(nn.Module):
         return self.weight if self.head is None else self.head
 
     def logits(self, x):
-        return x @ self.head_weight() if self.int8_head is None else self.int8_head(x)
+        if self.int8_head is None:
+            return x @ self.head_weight()
+        # The int8 head's logits, then the float head's exact ones for its best EXACT_TOP tokens:
+        # greedy decoding picks the float head's token whenever that is among them.
+        logits = self.int8_head(x)
+        best = logits.topk(min(EXACT_TOP, logits.size(-1)), dim=-1).indices
+        exact = (self.head_weight().t()[best] * x.unsqueeze(-2)).sum(-1)  # row by row: batch-invariant
+        return logits.scatter_(-1, best, exact)
 
 
 class GPT(nn.Module):
@@ -155,10 +173,10 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def _hidden(self, idx, pos, cache=None):
-        x = self.drop(self.wte(idx) + self.wpe(pos))
-        for layer, block in enumerate(self.h):
-            x = block(x, cache, layer)
+    def _hidden(self, idx):
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device)))
+        for block in self.h:
+            x = block(x)
         return self.ln_f(x)
 
     def forward(self, idx, targets=None, reduction="mean"):
@@ -170,7 +188,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.context_length:
             raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.context_length}")
-        x = self._hidden(idx, torch.arange(T, device=idx.device))
+        x = self._hidden(idx)
         if targets is None:
             return self.wte.logits(x)
         # Only positions that count go through the output head: with padding and masked
@@ -189,9 +207,13 @@ class GPT(nn.Module):
         T = idx.size(1)
         if cache.pos + T > cache.max_len:
             raise ValueError(f"KV cache full: {cache.pos} + {T} tokens > {cache.max_len}")
-        x = self._hidden(idx, cache.positions(T), cache)
+        x = self.wte(idx) + self.wpe(cache.positions(T))
+        mask = cache.attn_mask(T)  # the same for every layer
+        for layer, block in enumerate(self.h):
+            x = block.forward_cached(x, cache, layer, mask)
         cache.pos += T
-        return self.wte.logits(x if all_positions else x[:, -1])
+        x = self.ln_f(x if all_positions else x[:, -1])
+        return self.wte.logits(x)
 
 
 @torch.no_grad()
@@ -220,22 +242,23 @@ class KVCache:
     def __init__(self, cfg, batch_size, max_len, device, dtype=torch.float32, pad_lens=None):
         if max_len - max(pad_lens or [0]) > cfg.context_length:
             raise ValueError(f"KV cache of {max_len} tokens exceeds the context length {cfg.context_length}")
-        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, cfg.emb_dim // cfg.n_heads)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        # keys and values side by side, so that a layer's new ones go in with one copy
+        shape = (cfg.n_layers, 2, batch_size, cfg.n_heads, max_len, cfg.emb_dim // cfg.n_heads)
+        self.kv = torch.empty(shape, device=device, dtype=dtype)
         self.max_len, self.pos = max_len, 0
         self.pad_lens = None
         if pad_lens is not None and any(pad_lens):
             self.pad_lens = torch.as_tensor(pad_lens, device=device).view(-1, 1)
 
-    def update(self, layer, k, v):
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def update(self, layer, kv):
+        """Append the new keys and values kv (2, B, heads, T, head size) of a layer; returns
+        that layer's keys and values so far."""
+        end = self.pos + kv.size(3)
+        self.kv[layer, :, :, :, self.pos:end] = kv
+        return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
 
     def positions(self, T):
-        pos = torch.arange(self.pos, self.pos + T, device=self.k.device)
+        pos = torch.arange(self.pos, self.pos + T, device=self.kv.device)
         if self.pad_lens is None:
             return pos
         return (pos - self.pad_lens).clamp(min=0)  # (B, T); padding slots get position 0
@@ -245,8 +268,8 @@ class KVCache:
         plain attention is right (no padding and either one new token or a fresh cache)."""
         if self.pad_lens is None and (T == 1 or self.pos == 0):
             return None
-        keys = torch.arange(self.pos + T, device=self.k.device)
-        queries = torch.arange(self.pos, self.pos + T, device=self.k.device)
+        keys = torch.arange(self.pos + T, device=self.kv.device)
+        queries = torch.arange(self.pos, self.pos + T, device=self.kv.device)
         mask = keys[None, :] <= queries[:, None]  # causal
         if self.pad_lens is None:
             return mask
@@ -259,12 +282,11 @@ class KVCache:
         """Batch row j becomes what row rows[j] was: drops finished sequences, and copies beams
         (rows may repeat). A batch that keeps its size is changed in place, copying only the
         rows that move and only their filled positions."""
-        if len(rows) == self.k.size(1):
+        if len(rows) == self.kv.size(2):
             moved = (rows != torch.arange(len(rows), device=rows.device)).nonzero().squeeze(1)
-            for cache in (self.k, self.v):
-                cache[:, moved, :, :self.pos] = cache[:, rows[moved], :, :self.pos]
+            self.kv[:, :, moved, :, :self.pos] = self.kv[:, :, rows[moved], :, :self.pos]
         else:
-            self.k, self.v = self.k[:, rows], self.v[:, rows]
+            self.kv = self.kv[:, :, rows]
         if self.pad_lens is not None:
             self.pad_lens = self.pad_lens[rows]
 

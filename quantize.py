@@ -1,5 +1,6 @@
-"""int8 weights for decoding: the kernel choice per device, Int8Linear (an inference-only
-nn.Linear with int8 weights) and quantize_int8, which swaps it into a GPT in place."""
+"""Weights prepared for decoding: the kernel choice per device, Int8Linear (an inference-only
+nn.Linear with int8 weights), quantize_int8, which swaps it into a GPT in place, and
+prepare_for_decoding, which generate.py, eval.py and serve.py call on the model they load."""
 import warnings
 
 import torch
@@ -7,11 +8,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def int8_kernel(device):
-    """The int8 matmul Int8Linear uses on a device. On an x86-64 CPU: fbgemm's, through
-    torch.ops.quantized (the fastest of those measured here, see README). On CUDA and MPS: the
-    int8 weights converted to the activations' dtype for each matmul, which saves memory but
-    not time. The one place to choose a faster kernel for a device."""
+def linear_kernel(device, weights="float"):
+    """The matmul of a block's linear layers for decoding on a device, for float or int8
+    weights: the one place to choose a faster kernel (measured in tests/bench.py, see README).
+    Float on the CPU: nn.Linear with its weight's memory laid out [in, out] ("in-out"), which
+    the matmul of one row reads faster than the [out, in] of training; elsewhere as trained.
+    int8 on an x86-64 CPU: fbgemm's, through torch.ops.quantized; on CUDA and MPS, the int8
+    weights converted to the activations' dtype for each matmul (memory saved, not time)."""
+    if weights == "float":
+        return "in-out" if device.type == "cpu" else "as trained"
     if device.type != "cpu":
         return "dequantize"
     if "fbgemm" not in torch.backends.quantized.supported_engines:
@@ -38,7 +43,7 @@ class Int8Linear(nn.Module):
         weight = weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
         qweight = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-        self.kernel = int8_kernel(weight.device)
+        self.kernel = linear_kernel(weight.device, "int8")
         self.bias = torch.zeros(len(weight), device=weight.device) if bias is None else bias.detach().float()
         if self.kernel == "fbgemm":
             qweight = F.pad(qweight, (0, 2))  # zero weights for the two EDGES columns
@@ -76,15 +81,31 @@ class Int8Linear(nn.Module):
         return self.qweight.numel() + 4 * len(self.scale)
 
 
-def quantize_int8(model, head=False):
+def block_linears(model):
+    """(parent module, attribute name, nn.Linear) of every linear layer in the model's blocks."""
+    return [(parent, name, child) for block in model.h for parent in (block.attn, block.mlp)
+            for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+
+
+def quantize_int8(model, head=True):
     """Replace, in place, the linear layers of every block (and with head=True also the output
     head, beside the float embedding it is tied to) with Int8Linear; returns the model, in eval
     mode. For decoding only: do it after moving the model to its device."""
-    for block in model.h:
-        for parent in (block.attn, block.mlp):
-            for name, child in parent.named_children():
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear(child.weight, child.bias))
+    for parent, name, linear in block_linears(model):
+        setattr(parent, name, Int8Linear(linear.weight, linear.bias))
     if head:
         model.wte.int8_head = Int8Linear(model.wte.head_weight().t())
+    return model.eval()
+
+
+def prepare_for_decoding(model, quantize=None):
+    """The model made ready, in place, for generation and evaluation on its device (after the
+    move): with quantize="int8", quantize_int8; otherwise its block linears' weights in the
+    memory layout linear_kernel chooses, the same values, not copied. Returns it in eval mode."""
+    if quantize == "int8":
+        return quantize_int8(model)
+    if linear_kernel(model.wte.weight.device) == "in-out":
+        for _, _, linear in block_linears(model):
+            # the same [out, in] matrix with its columns contiguous; the old layout is freed
+            linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t(), requires_grad=False)
     return model.eval()

@@ -178,13 +178,11 @@ class Engine:
         new_pads = [pos - n for n in lengths]
         # a row still feeds back all but the last of the tokens it may yet make
         max_len = max(pad + n + r.budget - len(r.tokens) - 1 for pad, n, r in zip(new_pads, lengths, rows))
-        merged = KVCache(self.model.config, len(rows), max(max_len, pos), self.device, cache.k.dtype, new_pads)
+        merged = KVCache(self.model.config, len(rows), max(max_len, pos), self.device, cache.kv.dtype, new_pads)
         for j, ((c, i), pad) in enumerate(zip(caches, new_pads)):
-            merged.k[:, j, :, pad:pos] = c.k[:, i, :, c.pos - lengths[j]:c.pos]
-            merged.v[:, j, :, pad:pos] = c.v[:, i, :, c.pos - lengths[j]:c.pos]
+            merged.kv[:, :, j, :, pad:pos] = c.kv[:, :, i, :, c.pos - lengths[j]:c.pos]
             # padding is never attended to, but its weight 0 times a NaN left in fresh memory is NaN
-            merged.k[:, j, :, :pad] = 0
-            merged.v[:, j, :, :pad] = 0
+            merged.kv[:, :, j, :, :pad] = 0
         merged.pos = pos
         self.rows, self.cache, self.logits = rows, merged, torch.cat([self.logits, logits])
 

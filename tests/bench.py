@@ -1,14 +1,16 @@
 """Speed benchmarks, one line per figure (a script, not collected by pytest).
 
     python tests/bench.py                    # everything (about 20 minutes on 2 cores)
-    python tests/bench.py --only generation  # or training, eval, judge, lora, int8, beams, dpo, serve, choices
+    python tests/bench.py --only generation  # or training, eval, judge, lora, int8, llama, beams, dpo, serve, choices
 
 On the gpt2 (124M) config with random weights (lora: gpt2-medium), on the CPU. Targets are
 ratios within one run, since absolute times on a shared machine are noisy; see README.md.
 """
 import argparse
+import importlib.util
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -21,7 +23,7 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(os.path.join(SHARED,
 
 from data import encode, format_prompt, prepare_data  # noqa: E402
 from model import GPT, config_for  # noqa: E402
-from quantize import Int8Linear, quantize_int8  # noqa: E402
+from quantize import Int8Linear, prepare_for_decoding, quantize_int8  # noqa: E402
 from generate import choice_logprobs, generate  # noqa: E402
 from eval import response_batches  # noqa: E402
 
@@ -46,9 +48,10 @@ def timed_generate(model, prompts, new_tokens, **decoding):
 
 
 def bench_generation(repeats=3):
-    """Batch 1 and 16 prompts batched; each figure is the median of `repeats` runs, taken in
-    turns with transformers' generate when it is installed (it is no dependency)."""
-    model = gpt2_random()
+    """Batch 1 and 16 prompts batched, with the weights as generate.py prepares them; each figure
+    is the median of `repeats` runs, taken in turns with transformers' generate when it is
+    installed (it is no dependency)."""
+    model = prepare_for_decoding(gpt2_random())
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 50257, (45,), generator=g).tolist()
     runs = {"ours": lambda: timed_generate(model, [prompt], 64)}
@@ -360,16 +363,20 @@ def median_in_turns(runs, repeats):
 
 
 def bench_int8(repeats=5):
-    """int8 weights (quantize_int8) against float32: the candidate kernels summed over the
-    linears of one decoding step, greedy decoding at batch 1 and 16, and the memory."""
+    """The linear kernels of decoding (quantize.linear_kernel's candidates), summed over the 48
+    block linears of one step; greedy decoding at batch 1 and 16 with float32 weights as trained
+    and as prepared, and with int8 weights without and with the int8 head; the memory."""
     import torch.nn.functional as F
     model = gpt2_random()
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    in_out = [m.weight.detach().t().contiguous().t() for m in linears]  # prepare_for_decoding's layout
     packed = [Int8Linear(m.weight, m.bias) for m in linears]
     scales = [m.weight.detach().abs().amax(dim=1) / 127 for m in linears]
     int8 = [(torch.round(m.weight.detach() / s[:, None]).to(torch.int8), s) for m, s in zip(linears, scales)]
     kernels = {  # x: {in_features: input}
-        "float32 F.linear": lambda x: [F.linear(x[m.in_features], m.weight, m.bias) for m in linears],
+        "float32 F.linear [out, in]": lambda x: [F.linear(x[m.in_features], m.weight, m.bias) for m in linears],
+        "float32 F.linear, weights laid out [in, out]": lambda x: [F.linear(x[m.in_features], w, m.bias)
+                                                                   for w, m in zip(in_out, linears)],
         "Int8Linear (fbgemm)": lambda x: [q(x[m.in_features]) for q, m in zip(packed, linears)],
         "torch._weight_int8pack_mm": lambda x: [torch._weight_int8pack_mm(x[m.in_features], q, s) + m.bias
                                                 for (q, s), m in zip(int8, linears)],
@@ -385,16 +392,17 @@ def bench_int8(repeats=5):
                 kernel(x)
             return (time.perf_counter() - start) * 1e3
         times = median_in_turns({name: lambda k=k: milliseconds(k) for name, k in kernels.items()}, repeats)
-        print(f"int8 kernels, the 48 block linears of one gpt2 decoding step at batch {batch}: "
+        print(f"linear kernels, the 48 block linears of one gpt2 decoding step at batch {batch}: "
               + ", ".join(f"{name} {ms:.1f} ms" for name, ms in times.items()))
     float_mib = sum(m.weight.numel() * 4 for m in linears) / 2**20
     int8_mib = sum(q.nbytes() for q in packed) / 2**20
     print(f"int8 memory of the block linears' weights: {float_mib:.0f} MiB float32, {int8_mib:.0f} MiB int8 = "
           f"{int8_mib / float_mib:.2f}x (target <= 0.3x)")
-    del packed, int8
+    del in_out, packed, int8
 
-    models = {"float32": model, "int8": quantize_int8(gpt2_random()),
-              "int8 with the head": quantize_int8(gpt2_random(), head=True)}
+    models = {"float32 as trained": model, "float32": prepare_for_decoding(gpt2_random()),
+              "int8, float head": quantize_int8(gpt2_random(), head=False),
+              "int8": prepare_for_decoding(gpt2_random(), "int8")}
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 50257, (45,), generator=g).tolist() for _ in range(16)]
     for m in models.values():
@@ -402,9 +410,51 @@ def bench_int8(repeats=5):
     for batch in (1, 16):
         rates = median_in_turns({name: lambda m=m: timed_generate(m, prompts[:batch], 64)
                                  for name, m in models.items()}, repeats if batch == 1 else 3)
-        print(f"int8 greedy decoding, {batch} prompt{'s' * (batch > 1)} of 45 tokens, 64 tokens each: " + ", ".join(
+        print(f"greedy decoding, {batch} prompt{'s' * (batch > 1)} of 45 tokens, 64 tokens each: " + ", ".join(
             f"{name} {rate:.1f} tokens/s" + (f" = {rate / rates['float32']:.2f}x" if name != "float32" else "")
-            for name, rate in rates.items()) + (" (target >= 1.5x)" if batch == 1 else ""))
+            for name, rate in rates.items()) + (" (target: int8 >= 1.5x)" if batch == 1 else ""))
+
+
+def bench_llama(repeats=5, new_tokens=64):
+    """Batch-1 greedy decoding against llama.cpp, through llama-cpp-python when it is installed:
+    the same random gpt2 weights as GGUF files from export.py (f32, q8_0) against generate() with
+    the weights generate.py loads (float32, --quantize int8); a 45-token prompt, its prefill
+    included, the four taking turns; medians of `repeats` runs."""
+    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None:
+        print("llama.cpp comparison skipped: it needs llama-cpp-python (pip install llama-cpp-python==0.3.36, "
+              "which builds llama.cpp from source) and gguf")
+        return
+    from export import write_gguf
+    from test_gguf import llama_greedy, load_llama
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 50257, (45,), generator=g).tolist()
+    ours = {"float32": prepare_for_decoding(gpt2_random()), "int8": prepare_for_decoding(gpt2_random(), "int8")}
+    tokens = {}
+
+    def rate(name, decode):
+        start = time.perf_counter()
+        tokens[name] = decode()
+        elapsed = time.perf_counter() - start
+        assert len(tokens[name]) == new_tokens
+        return new_tokens / elapsed
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {}
+        for ours_name, gguf_type in (("float32", "f32"), ("int8", "q8_0")):
+            path = os.path.join(tmp, f"{gguf_type}.gguf")
+            write_gguf(gpt2_random(), "alpaca", path, gguf_type)
+            llm = load_llama(path, n_ctx=len(prompt) + new_tokens)
+            runs[f"llama.cpp {gguf_type}"] = lambda n=f"llama.cpp {gguf_type}", llm=llm: rate(
+                n, lambda: llama_greedy(llm, prompt, new_tokens, eos_id=None))
+            runs[ours_name] = lambda n=ours_name, m=ours[ours_name]: rate(
+                n, lambda: generate(m, [prompt], new_tokens, eos_id=None)[0])
+        for run in runs.values():
+            run()  # warm-up
+        rates = median_in_turns(runs, repeats)
+    same = sum(a == b for a, b in zip(tokens["float32"], tokens["llama.cpp f32"]))
+    print(f"llama.cpp comparison, batch 1, 45-token prompt, {new_tokens} greedy tokens: float32 {rates['float32']:.1f} "
+          f"vs llama.cpp f32 {rates['llama.cpp f32']:.1f} tokens/s = {rates['float32'] / rates['llama.cpp f32']:.2f}x "
+          f"(target >= 1; {same} of {new_tokens} tokens the same); --quantize int8 {rates['int8']:.1f} vs llama.cpp "
+          f"q8_0 {rates['llama.cpp q8_0']:.1f} tokens/s = {rates['int8'] / rates['llama.cpp q8_0']:.2f}x (target >= 1)")
 
 
 def bench_beams(repeats=3):
@@ -486,8 +536,8 @@ def bench_choices(batch_size=16, repeats=3):
 
 
 BENCHES = {"generation": bench_generation, "eval": bench_eval, "training": bench_training, "judge": bench_judge,
-           "lora": bench_lora, "int8": bench_int8, "beams": bench_beams, "dpo": bench_dpo, "serve": bench_serve,
-           "choices": bench_choices}
+           "lora": bench_lora, "int8": bench_int8, "llama": bench_llama, "beams": bench_beams, "dpo": bench_dpo,
+           "serve": bench_serve, "choices": bench_choices}
 
 
 def main():

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -324,25 +325,28 @@ PROMPTS = [format_prompt(entry, "alpaca") for entry in ENTRIES] + [
      "Convert 45 kilometers to meters.", "Give three tips for staying healthy.", "Name a color.")]
 
 
-def llama_greedy(llm, prompt, max_new_tokens):
-    """llama.cpp's greedy decoding of the token ids prompt, stopping at <|endoftext|> (the argmax of
-    the logits llama-cpp-python keeps in scores, for every position with logits_all=True)."""
+def llama_greedy(llm, prompt, max_new_tokens, eos_id=EOT_ID):
+    """llama.cpp's greedy decoding of the token ids prompt, stopping at eos_id (None: never): the
+    argmax of the logits llama.cpp made for the last position."""
+    import llama_cpp
     llm.reset()
     llm.eval(prompt)
     new = []
     while len(new) < max_new_tokens:
-        token = int(llm.scores[llm.n_tokens - 1].argmax())
-        if token == EOT_ID:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        token = int(logits.argmax())
+        if token == eos_id:
             break
         new.append(token)
         llm.eval([token])
     return new
 
 
-def load_llama(path, monkeypatch):
-    """llama.cpp's model of the GGUF file at path, through llama-cpp-python, without llama.cpp's
-    extra CPU buffer types: their AMX kernels for q8_0 die of SIGILL on machines that list AMX
-    but whose kernel (or sandbox) does not enable it, such as the one these tests first ran on."""
+def load_llama(path, n_ctx=128):
+    """llama.cpp's model of the GGUF file at path, through llama-cpp-python (2 threads), without
+    llama.cpp's extra CPU buffer types: their AMX kernels for q8_0 die of SIGILL on machines that
+    list AMX but whose kernel (or sandbox) does not enable it, such as the one these tests first
+    ran on. tests/bench.py uses it too."""
     import llama_cpp.llama_cpp as low_level
     from llama_cpp import Llama
     default_params = low_level.llama_model_default_params
@@ -351,28 +355,29 @@ def load_llama(path, monkeypatch):
         params = default_params()
         params.use_extra_bufts = False
         return params
-    monkeypatch.setattr(low_level, "llama_model_default_params", without_extra_buffer_types)
-    llm = Llama(model_path=path, n_ctx=128, n_threads=2, logits_all=True, verbose=False)
-    monkeypatch.undo()
-    return llm
+    low_level.llama_model_default_params = without_extra_buffer_types
+    try:
+        return Llama(model_path=path, n_ctx=n_ctx, n_threads=2, verbose=False)
+    finally:
+        low_level.llama_model_default_params = default_params
 
 
 @needs_gguf
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                     reason="llama-cpp-python is not installed (it builds llama.cpp from source: minutes)")
-def test_llama_cpp_tokenizes_as_tiktoken_and_decodes_as_generate(tmp_path, monkeypatch):
+def test_llama_cpp_tokenizes_as_tiktoken_and_decodes_as_generate(tmp_path):
     ckpt = str(tmp_path / "ckpt.pt")
     model = save_tiny_checkpoint(ckpt, "alpaca")
     export_gguf(ckpt, str(tmp_path / "f32" / "model.gguf"), "f32")
     export_gguf(ckpt, str(tmp_path / "q8_0" / "model.gguf"), "q8_0")
-    llm = load_llama(str(tmp_path / "f32" / "model.gguf"), monkeypatch)
+    llm = load_llama(str(tmp_path / "f32" / "model.gguf"))
     for text in SAMPLES + PROMPTS:
         assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == encode(text), text
     expected = [generate(model, [encode(p)], 24, eos_id=EOT_ID)[0] for p in PROMPTS]
     assert all(expected)  # real continuations to compare
     assert [llama_greedy(llm, encode(p), 24) for p in PROMPTS] == expected
 
-    q8 = load_llama(str(tmp_path / "q8_0" / "model.gguf"), monkeypatch)
+    q8 = load_llama(str(tmp_path / "q8_0" / "model.gguf"))
     first = [llama_greedy(q8, encode(p), 1) for p in PROMPTS]
     agree = sum(f == e[:1] for f, e in zip(first, expected))
     assert agree >= 0.75 * len(PROMPTS), f"q8_0 agrees with generate.py on {agree} of {len(PROMPTS)} first tokens"

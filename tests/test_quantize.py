@@ -1,4 +1,5 @@
-"""int8 weights for decoding (quantize.py): the layer, the swapped-in model, and --quantize int8."""
+"""Weights prepared for decoding (quantize.py): float weights laid out [in, out], int8 weights,
+the int8 output head with its exact best logits, the swapped-in model, and --quantize int8."""
 import copy
 
 import pytest
@@ -9,7 +10,8 @@ import quantize
 from data import encode
 from export import export
 from generate import generate, load_for_inference, respond
-from quantize import Int8Linear, quantize_int8
+from model import EXACT_TOP
+from quantize import Int8Linear, prepare_for_decoding, quantize_int8
 from test_decoding import PROMPTS
 from test_generate import run_script, save_tiny_checkpoint, tiny_gpt2_vocab
 
@@ -46,7 +48,7 @@ def test_quantized_model_logits_memory_and_greedy_generation():
         # the tolerance: 2% of the largest logit (the tiny random model's logits span about +-1)
         assert (logits - reference).abs().max() < 0.02 * reference.abs().max()
         assert not (logits == reference).all()
-    quantized = quantize_int8(copy.deepcopy(model))
+    quantized = quantize_int8(copy.deepcopy(model), head=False)
     assert not any(isinstance(m, nn.Linear) for m in quantized.modules())
     assert not any(".c_attn." in name or ".c_fc." in name for name in quantized.state_dict())  # no float copies
     int8_bytes = sum(m.nbytes() for m in quantized.modules() if isinstance(m, Int8Linear))
@@ -65,7 +67,7 @@ def test_dequantize_kernel_for_other_devices(monkeypatch):
     """The kernel CUDA and MPS get, tried on the CPU: the same int8 weights, float activations."""
     model = tiny_gpt2_vocab(seed=1)
     fbgemm = quantize_int8(copy.deepcopy(model))
-    monkeypatch.setattr(quantize, "int8_kernel", lambda device: "dequantize")
+    monkeypatch.setattr(quantize, "linear_kernel", lambda device, weights: "dequantize")
     dequantized = quantize_int8(copy.deepcopy(model))
     layer = dequantized.h[0].mlp.c_fc
     assert layer.kernel == "dequantize" and layer.qweight.dtype == torch.int8
@@ -76,6 +78,43 @@ def test_dequantize_kernel_for_other_devices(monkeypatch):
         weight = layer.qweight.float() * layer.scale[:, None]  # what it computes, by hand
         x = torch.randn(3, 64)
         assert torch.allclose(layer(x), x @ weight.t() + layer.bias, atol=1e-5)
+
+
+def test_the_int8_heads_best_logits_are_the_float_heads_so_greedy_decoding_is_too():
+    model = tiny_gpt2_vocab(seed=1)
+    idx = torch.randint(0, 50257, (3, 16), generator=torch.Generator().manual_seed(0))
+    int8_blocks = quantize_int8(copy.deepcopy(model), head=False)
+    int8_head = quantize_int8(copy.deepcopy(model))
+    with torch.no_grad():
+        exact, logits = int8_blocks(idx), int8_head(idx)
+        approximate = int8_head.wte.int8_head(int8_head._hidden(idx))
+    best = approximate.topk(EXACT_TOP, dim=-1).indices
+    torch.testing.assert_close(logits.gather(-1, best), exact.gather(-1, best), atol=1e-5, rtol=1e-5)
+    others = torch.ones_like(logits, dtype=torch.bool).scatter_(-1, best, False)
+    assert torch.equal(logits[others], approximate[others])  # the rest stay the int8 head's
+    assert not torch.equal(approximate.argmax(-1), exact.argmax(-1))  # int8 alone would pick other tokens
+    assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+    prompts = [encode(t) for t in PROMPTS]
+    greedy = generate(int8_head, prompts, 12, eos_id=None)
+    assert greedy == generate(int8_blocks, prompts, 12, eos_id=None)
+    assert greedy == [generate(int8_head, [p], 12, eos_id=None)[0] for p in prompts]  # batch-invariant
+
+
+def test_prepared_float_weights_are_laid_out_in_out_and_generate_the_same():
+    model = tiny_gpt2_vocab(seed=1)
+    prepared = prepare_for_decoding(copy.deepcopy(model))
+    for (name, weight), trained in zip(prepared.named_parameters(), model.parameters()):
+        assert torch.equal(weight, trained)
+        if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):  # the block linears
+            assert weight.t().is_contiguous() and weight.untyped_storage().nbytes() == 4 * weight.numel()
+        else:
+            assert weight.is_contiguous()
+    prompts = [encode(t) for t in PROMPTS]
+    assert generate(prepared, prompts, 12) == generate(model, prompts, 12)
+    assert generate(prepared, prompts, 6, num_beams=2) == generate(model, prompts, 6, num_beams=2)
+    idx = torch.tensor([encode(PROMPTS[1])])
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(idx), model(idx), atol=1e-5, rtol=1e-5)
 
 
 def test_training_a_quantized_model_is_refused():
