@@ -100,15 +100,16 @@ class Block(nn.Module):
         row is short enough for their overhead to show)."""
         B, T, C = x.shape
         attn, mlp = self.attn, self.mlp
+        x = x.view(B * T, C)
         h = F.layer_norm(x, (C,), self.ln_1.weight, self.ln_1.bias, self.ln_1.eps)
         # q, k and v of every head, (3, B, heads, T, head size): views of c_attn's output
         qkv = attn.c_attn(h).view(B, T, 3, attn.n_heads, C // attn.n_heads).permute(2, 0, 3, 1, 4)
         k, v = cache.update(layer, qkv[1:])
         # no mask: a fresh cache without padding (plain causal prefill) or one new token a row
         y = F.scaled_dot_product_attention(qkv[0], k, v, attn_mask=mask, is_causal=mask is None and T > 1)
-        x = x + attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        x = attn.c_proj(y.transpose(1, 2).reshape(B * T, C)).add_(x)
         h = F.layer_norm(x, (C,), self.ln_2.weight, self.ln_2.bias, self.ln_2.eps)
-        return x + mlp.c_proj(F.gelu(mlp.c_fc(h), approximate="tanh"))
+        return mlp.c_proj(F.gelu(mlp.c_fc(h), approximate="tanh")).add_(x).view(B, T, C)
 
 
 class TiedEmbedding(nn.Module):

@@ -88,9 +88,10 @@ def block_linears(model):
 
 
 def quantize_int8(model, head=True):
-    """Replace, in place, the linear layers of every block (and with head=True also the output
-    head, beside the float embedding it is tied to) with Int8Linear; returns the model, in eval
-    mode. For decoding only: do it after moving the model to its device."""
+    """Replace, in place, the linear layers of every block with Int8Linear, and with head=True
+    add an Int8Linear copy of the output head beside the float embedding it is tied to (which
+    then recomputes the int8 head's best logits exactly: model.EXACT_TOP). Returns the model, in
+    eval mode. For decoding only: do it after moving the model to its device."""
     for parent, name, linear in block_linears(model):
         setattr(parent, name, Int8Linear(linear.weight, linear.bias))
     if head:

@@ -33,6 +33,11 @@ def gpt2_random(seed=0, **overrides):
     return GPT(config_for("gpt2", **overrides)).eval()
 
 
+def gpt2_for_decoding(quantize=None):
+    """gpt2_random() prepared as generate.py, eval.py and serve.py prepare the model they load."""
+    return prepare_for_decoding(gpt2_random(), quantize)
+
+
 def default_data_path():
     shared = os.path.join(SHARED, "data", "instruction-data.json")
     return shared if os.path.exists(shared) else None  # None: data.py downloads it
@@ -51,7 +56,7 @@ def bench_generation(repeats=3):
     """Batch 1 and 16 prompts batched, with the weights as generate.py prepares them; each figure
     is the median of `repeats` runs, taken in turns with transformers' generate when it is
     installed (it is no dependency)."""
-    model = prepare_for_decoding(gpt2_random())
+    model = gpt2_for_decoding()
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 50257, (45,), generator=g).tolist()
     runs = {"ours": lambda: timed_generate(model, [prompt], 64)}
@@ -88,7 +93,7 @@ def bench_eval(batch_size=16, one_at_a_time=12):
     """Responses to the 110 test prompts of the default data, 64 new tokens each."""
     splits = prepare_data(default_data_path())
     prompts = [encode(format_prompt(e, "alpaca")) for e in splits.test_entries]
-    model = gpt2_random()
+    model = gpt2_for_decoding()
     timed_generate(model, prompts[:1], 8)  # warm-up
     # one at a time is slow (~5 minutes for all 110): its rate is measured on the first few
     single = sum(timed_generate(model, [p], 64) ** -1 for p in prompts[:one_at_a_time])
@@ -212,7 +217,7 @@ def bench_serve(clients=8, new_tokens=64, repeats=2):
 
     from serve import Engine, make_server
 
-    engine = Engine(gpt2_random(), max_batch=clients).start()
+    engine = Engine(gpt2_for_decoding(), max_batch=clients).start()
     server = make_server(engine, "alpaca", "gpt2-random", port=0, quiet=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     instructions = [entry["instruction"] for entry in prepare_data(default_data_path()).test_entries[:clients]]
@@ -400,9 +405,8 @@ def bench_int8(repeats=5):
           f"{int8_mib / float_mib:.2f}x (target <= 0.3x)")
     del in_out, packed, int8
 
-    models = {"float32 as trained": model, "float32": prepare_for_decoding(gpt2_random()),
-              "int8, float head": quantize_int8(gpt2_random(), head=False),
-              "int8": prepare_for_decoding(gpt2_random(), "int8")}
+    models = {"float32 as trained": model, "float32": gpt2_for_decoding(),
+              "int8, float head": quantize_int8(gpt2_random(), head=False), "int8": gpt2_for_decoding("int8")}
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 50257, (45,), generator=g).tolist() for _ in range(16)]
     for m in models.values():
@@ -428,7 +432,7 @@ def bench_llama(repeats=5, new_tokens=64):
     from test_gguf import llama_greedy, load_llama
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 50257, (45,), generator=g).tolist()
-    ours = {"float32": prepare_for_decoding(gpt2_random()), "int8": prepare_for_decoding(gpt2_random(), "int8")}
+    ours = {"float32": gpt2_for_decoding(), "int8": gpt2_for_decoding("int8")}
     tokens = {}
 
     def rate(name, decode):
@@ -459,7 +463,7 @@ def bench_llama(repeats=5, new_tokens=64):
 
 def bench_beams(repeats=3):
     """Beam search with 5 beams against greedy decoding, 16 prompts of 45 tokens batched."""
-    model = gpt2_random()
+    model = gpt2_for_decoding()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 50257, (45,), generator=g).tolist() for _ in range(16)]
     timed_generate(model, prompts[:1], 8, num_beams=5)  # warm-up
@@ -515,7 +519,7 @@ def bench_choices(batch_size=16, repeats=3):
     splits = prepare_data(default_data_path())
     prompts = [encode(format_prompt(e, "alpaca")) for e in splits.test_entries]
     labels = [encode(label) for label in ("World", "Sports", "Business", "Sci/Tech")]
-    model = gpt2_random()
+    model = gpt2_for_decoding()
     batches = response_batches(prompts, batch_size)  # as eval.py batches them
 
     def timed(work):
