@@ -97,6 +97,7 @@ def atomic_write(path):
     tmp = path + ".tmp"
     try:
         yield tmp
+        check_interrupted()
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -165,20 +166,34 @@ def duration(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+INTERRUPTED = []  # the signals stop_on_interrupt's block received
+
+
 @contextlib.contextmanager
 def stop_on_interrupt(message):
     """Ctrl-C or SIGTERM inside the block ends the script with one line on stderr,
     "interrupted: <message>" (say what was kept and how to go on), and exit status 130."""
-    def on_sigterm(signum, frame):
+    def on_signal(signum, frame):
+        INTERRUPTED.append(signum)
         raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     except KeyboardInterrupt:
         print(f"interrupted: {message}", file=sys.stderr, flush=True)
         sys.exit(130)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        INTERRUPTED.clear()
+
+
+def check_interrupted():
+    """Raise KeyboardInterrupt again if stop_on_interrupt's block received a signal whose
+    KeyboardInterrupt Python swallowed (it only prints one raised in a weakref callback, such
+    as the end of an import's): the check before a step that cannot be undone."""
+    if INTERRUPTED:
+        raise KeyboardInterrupt
 
 
 class StatusLine:

@@ -26,7 +26,7 @@ import shutil
 import signal
 
 from checkpoint import load_model_file
-from common import atomic_write, run_main, stop_on_interrupt, writable_folder, write_json
+from common import atomic_write, check_interrupted, run_main, stop_on_interrupt, writable_folder, write_json
 from data import EOT, EOT_ID, check_vocab, get_prompt_style, get_tokenizer
 from model import transposed_in_hf
 
@@ -300,6 +300,7 @@ def move_into_place(tmp, out):
     meanwhile (a few renames and a delete), so out is never left missing or half deleted."""
     held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        check_interrupted()
         if not os.path.exists(out):
             os.replace(tmp, out)
             return

@@ -1,13 +1,16 @@
 """The shared plumbing (common.py); downloads are tested with the hub cache in test_model.py."""
+import gc
 import io
 import os
+import signal
+import weakref
 
 import pytest
 import torch
 
 import common
 from checkpoint import save_checkpoint
-from common import atomic_write, check_writable_folder, plural, remove_stale_temporaries
+from common import atomic_write, check_writable_folder, plural, remove_stale_temporaries, stop_on_interrupt
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -18,6 +21,32 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
             open(tmp, "wb").write(b"half a checkpo")
             raise KeyboardInterrupt
     assert torch.load(path) == {"step": 1} and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed Ctrl-C
+def test_a_ctrl_c_that_python_swallowed_still_stops_the_next_atomic_write(tmp_path, capsys):
+    path = str(tmp_path / "results.json")
+    open(path, "w").write("old")
+
+    class Garbage:
+        pass
+    with pytest.raises(SystemExit) as stopped:
+        with stop_on_interrupt("nothing was written"):
+            # Ctrl-C while a weakref callback runs (as at the end of an import): Python prints the
+            # KeyboardInterrupt as "ignored" and goes on
+            garbage = Garbage()
+            ref = weakref.ref(garbage, lambda ref: os.kill(os.getpid(), signal.SIGINT))  # noqa: F841
+            del garbage
+            gc.collect()
+            with atomic_write(path) as tmp:
+                open(tmp, "w").write("new")
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.endswith("interrupted: nothing was written\n")
+    assert open(path).read() == "old" and os.listdir(tmp_path) == ["results.json"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # as it was
+    with atomic_write(path) as tmp:  # and outside the block, writes go on as before
+        open(tmp, "w").write("new")
+    assert open(path).read() == "new"
 
 
 class Stderr(io.StringIO):
