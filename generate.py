@@ -300,7 +300,8 @@ def add_model_args(p):
                    "(checked against the checkpoint's fingerprint)")
     p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), help="default: the checkpoint's, else alpaca")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--quantize", choices=["int8"], help="int8 weights for the block linears: faster decoding on the CPU")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weights for the block linears and the output head: "
+                   "faster decoding on the CPU")
 
 
 def add_inference_args(p):
