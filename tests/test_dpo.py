@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import load_checkpoint
+from common import write_json
 from data import EOT_ID, prepare_data
 from dpo import (DPO, PreferenceDataset, check_preference_entries, collate_pairs, dpo_metrics, preference_splits,
                  reference_logprobs)
@@ -28,8 +29,7 @@ def make_pairs(folder, n=48, name="pairs.json"):
                         "chosen": f"Sure, it is {answer}.", "rejected": f"Ugh. {answer}, obviously."})
     entries[5]["rejected"] = entries[5]["chosen"]
     path = os.path.join(folder, name)
-    with open(path, "w") as f:
-        json.dump(entries, f)
+    write_json(entries, path)
     return path
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 import eval as ev
 import train
 from checkpoint import load_checkpoint, save_checkpoint
-from common import run_main
+from common import run_main, write_json
 from model import GPT, config_for, from_pretrained
 from export import config_json, hf_state_dict
 from generate import load_for_inference
@@ -49,8 +49,7 @@ def make_data(folder, n=48):
         else:
             entries.append({"instruction": "Spell the word backwards.", "input": word, "output": word[::-1]})
     path = os.path.join(folder, "data.json")
-    with open(path, "w") as f:
-        json.dump(entries, f)
+    write_json(entries, path)
     return path
 
 
