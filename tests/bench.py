@@ -374,7 +374,7 @@ def bench_int8(repeats=5):
     import torch.nn.functional as F
     model = gpt2_random()
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    in_out = [m.weight.detach().t().contiguous().t() for m in linears]  # prepare_for_decoding's layout
+    in_out = [m.weight for m in gpt2_for_decoding().modules() if isinstance(m, torch.nn.Linear)]  # its layout
     packed = [Int8Linear(m.weight, m.bias) for m in linears]
     scales = [m.weight.detach().abs().amax(dim=1) / 127 for m in linears]
     int8 = [(torch.round(m.weight.detach() / s[:, None]).to(torch.int8), s) for m, s in zip(linears, scales)]
