@@ -1,15 +1,21 @@
-"""Our checkpoint format (train.py writes it; generate.py, eval.py and export.py read it): save and
-load, the model of a checkpoint, and for a LoRA checkpoint, which holds only the adapters, what it
-records of its base so that loading rebuilds the base, checks it, and merges the adapters. Also the
-model files readers already have, as --model: the book's GPTModel state dict and nanoGPT's ckpt.pt."""
+"""Our checkpoint format, both sides: what train.py saves (run_record, and the weights of a full
+or a LoRA run) and every reader of it: the model of a checkpoint, what it records of its training
+(trained_with), and for a LoRA checkpoint, which holds only the adapters, what it records of its
+base so that loading rebuilds the base, checks it, and merges the adapters. Also the model files
+readers already have, as --model: the book's GPTModel state dict and nanoGPT's ckpt.pt; and
+load_for_inference, the one way generate.py, eval.py, serve.py (and export.py, through
+load_model_file) get a model."""
 import dataclasses
 import os
+from typing import Optional
 
 import torch
 
 from common import atomic_write
 from lora import add_lora, base_fingerprint, load_lora_state_dict, lora_settings, lora_state_dict, merge_lora
-from model import GPT, PRESETS, GPTConfig, build_model, default_cache_dir, with_context_length
+from model import GPT, HF_REPOS, PRESETS, GPTConfig, build_model, default_cache_dir, with_context_length
+from prompts import PROMPT_STYLES, check_vocab
+from quantize import prepare_for_decoding
 
 
 def save_checkpoint(obj, path):
@@ -30,6 +36,43 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"checkpoint {path} is not a train.py checkpoint (no model weights or config)")
     return ckpt
+
+
+def run_record(model, splits, prompt_style, mask_instructions, split):
+    """What a checkpoint records besides the weights for those who use it (trained_with reads
+    it back): the model's config, the prompt style (raw text is continued as it is: "none"),
+    the loss masking, the context length, and the data: where it was, its fingerprint, the split."""
+    return {"config": dataclasses.asdict(model.config),
+            "prompt_style": "none" if splits.kind == "text" else prompt_style,
+            "mask_instructions": mask_instructions, "context_length": model.config.context_length,
+            "data": os.path.abspath(splits.path), "data_fingerprint": splits.fingerprint,
+            "train_frac": split[0], "test_frac": split[1]}
+
+
+@dataclasses.dataclass
+class TrainedWith:
+    """What a checkpoint records of its training, as the scripts that use the model need it;
+    all None (and no masking) for a model that is no train.py checkpoint."""
+    prompt_style: Optional[str] = None
+    context_length: Optional[int] = None
+    mask_instructions: bool = False
+    data: Optional[str] = None  # the data file, as an absolute path when it was trained
+    data_fingerprint: Optional[dict] = None  # data.data_fingerprint of it
+    split: Optional[tuple] = None  # (train, test) fractions
+    dpo: Optional[dict] = None  # a DPO run's {"beta", "logprobs"}
+
+
+def trained_with(ckpt):
+    """The TrainedWith of a checkpoint dict (None: of no checkpoint)."""
+    if ckpt is None:
+        return TrainedWith()
+    args = ckpt.get("args") or {}
+    split = (ckpt["train_frac"], ckpt["test_frac"]) if "train_frac" in ckpt and "test_frac" in ckpt else None
+    return TrainedWith(prompt_style=ckpt.get("prompt_style"), context_length=ckpt.get("context_length"),
+                       mask_instructions=ckpt.get("mask_instructions", False), data=ckpt.get("data"),
+                       data_fingerprint=ckpt.get("data_fingerprint"), split=split,
+                       dpo={"beta": args.get("beta", 0.1), "logprobs": args.get("dpo_logprobs", "sum")}
+                       if args.get("dpo") else None)
 
 
 def model_from_checkpoint(ckpt, path="checkpoint"):
@@ -248,3 +291,49 @@ def nanogpt_state_dict(ckpt, path):
             if key.endswith(".weight") and key not in ("wte.weight", "wpe.weight"):
                 state[key.removesuffix("weight") + "bias"] = torch.zeros(tensor.shape[0], dtype=tensor.dtype)
     return state, config
+
+
+# ----------------------------------------------------------------------------- models for inference
+
+
+def add_model_args(p):
+    """The flags of every script that loads a model for inference: which model, its prompt
+    style, the device and int8 weights."""
+    p.add_argument("--ckpt", help="a checkpoint written by train.py")
+    p.add_argument("--model", help="instead of --ckpt: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a local HF folder, "
+                   "or a model file (the book's .pth state dict, nanoGPT's ckpt.pt)")
+    p.add_argument("--base", metavar="FOLDER", help="a LoRA --ckpt: the folder its base model moved to "
+                   "(checked against the checkpoint's fingerprint)")
+    p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), help="default: the checkpoint's, else alpaca")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weights for the block linears and the output head: "
+                   "faster decoding on the CPU")
+
+
+def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, device="cpu", quantize=None, base=None):
+    """(model in eval mode on device, its TrainedWith, prompt style): a fine-tuned
+    checkpoint from train.py (its prompt style unless overridden; a LoRA checkpoint's base
+    looked for in the folder `base` if given), a base GPT-2 or a model file
+    (load_model_file: as --model, its TrainedWith is empty), its weights
+    prepared for decoding (quantize.prepare_for_decoding; quantize="int8": int8 weights)."""
+    if (ckpt_path is None) == (model_name is None):
+        raise ValueError("give exactly one of --ckpt (a train.py checkpoint) or --model (a GPT-2 name or folder)")
+    if base is not None and ckpt_path is None:
+        raise ValueError("--base goes with a LoRA --ckpt: the folder its base model moved to")
+    if model_name in PRESETS and model_name not in HF_REPOS:
+        raise ValueError(f"'{model_name}' is a preset without pretrained weights (train.py --init random uses it); "
+                         f"give a --ckpt, a GPT-2 name ({', '.join(HF_REPOS)}) or a local folder")
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path)
+        if base is not None:
+            ckpt = with_base(ckpt, base, ckpt_path)
+        model, style = model_from_checkpoint(ckpt, ckpt_path), prompt_style or ckpt.get("prompt_style", "alpaca")
+    elif os.path.isfile(model_name):
+        model, file_style = load_model_file(model_name)
+        ckpt, style = None, prompt_style or file_style or "alpaca"
+    else:
+        ckpt, model, style = None, build_model(model_name), prompt_style or "alpaca"
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style '{style}'; choose one of {', '.join(PROMPT_STYLES)}")
+    check_vocab(model.config.vocab_size, ckpt_path or model_name)
+    return prepare_for_decoding(model.to(device), quantize), trained_with(ckpt), style

@@ -1,7 +1,7 @@
-"""What every script shares and no other file owns: the device choice, files written atomically
-(JSON included), downloads, a writable output folder, checked argparse types, human durations
-and plurals, a progress line, and run_main, which turns a user mistake into one line and a
-non-zero exit."""
+"""What every script shares and no other file owns: the target id the loss ignores, the device
+choice, files written atomically (JSON included), downloads, a writable output folder and the
+lock that keeps one run to a folder, checked argparse types, human durations and plurals, a
+progress line, and run_main, which turns a user mistake into one line and a non-zero exit."""
 import argparse
 import contextlib
 import json
@@ -14,6 +14,8 @@ import time
 import urllib.request
 
 import torch
+
+IGNORE_INDEX = -100  # a target the loss leaves out (padding, masked prompts): cross_entropy's own default
 
 
 # ----------------------------------------------------------------------------- devices
@@ -87,6 +89,42 @@ def remove_stale_temporaries(folder, names):
     if not removed:
         return ""
     return f"removed {', '.join(removed)} from {folder}: left by a save that was killed before it finished"
+
+
+LOCK_NAME = ".lock"  # the file whose OS lock a run holds in its output folder
+
+
+def lock_folder(folder, what):
+    """lock_file on FOLDER/.lock: one run at a time in an output folder (train.py's, eval.py's)."""
+    return lock_file(os.path.join(folder, LOCK_NAME), what, folder)
+
+
+def lock_file(path, what, name=None):
+    """Hold an OS lock on the file at path (created if missing) for the rest of this process: a
+    second run that asks for it is refused in one sentence naming `name` (default: path) and
+    the process that holds it. The lock is the kernel's (flock), so a run that is killed (kill -9
+    included) releases it with its process, and the next run needs no cleanup; the small file
+    stays and says who held it last. `what` names the run in that message ("train.py").
+    Returns the open lock file (keep it: closing it releases the lock). Where flock is missing
+    (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{name or path} is in use by {holder}; wait for it to end, or give another "
+                         "folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{what} (process {os.getpid()})\n")
+    f.flush()
+    return f
 
 
 @contextlib.contextmanager

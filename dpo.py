@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from common import IGNORE_INDEX
 from data import InstructionDataset, collate
-from model import IGNORE_INDEX
 
 PAIR_KEYS = ("chosen", "rejected")
 LOGPROB_MODES = ("sum", "mean")  # the paper's and TRL's; the book's notebook takes the mean
@@ -194,7 +194,7 @@ def reference_logprobs(model, dataset, collate_fn, batch_size, device, mode="sum
     return result
 
 
-def test_pair_report(model, entries, prompt_style, context_length, batch_size, device, reference_model=None,
+def pair_report(model, entries, prompt_style, context_length, batch_size, device, reference_model=None,
                      beta=0.1, mode="sum"):
     """eval.py on preference entries: with the reference model, pair_metrics of the pairs; without,
     the share of pairs whose chosen response gets the higher log-probability."""

@@ -49,40 +49,39 @@ from collections import Counter
 
 from torch.utils.data import DataLoader
 
-from checkpoint import load_model_file
+from checkpoint import add_model_args, load_for_inference, load_model_file
 from common import (AT_LEAST_1, POSITIVE, Progress, checked, plural, resolve_device, run_main, writable_folder,
     write_json)
-from data import (batch_indices, check_same_data, decode, encode, entry_output, get_prompt_style, prepare_data,
-    read_text, split_fractions)
-from lora import base_fingerprint
-from dpo import check_preference_entries, test_pair_report
-from model import calc_loss_loader
-from generate import add_inference_args, choice_logprobs, decoding_settings, generate, hit_limit, load_for_inference
-from judge import DEFAULT_TIMEOUT, DEFAULT_URL, check_server, check_url, judge_file, load_responses
+from data import batch_indices, check_same_data, prepare_data, read_text, split_fractions
+from decoding import add_decoding_args, choice_logprobs, decoding_settings, generate, hit_limit
+from dpo import check_preference_entries, pair_report
+from judge import judge_file, load_responses
+from llm import DEFAULT_TIMEOUT, DEFAULT_URL, check_server, check_url
+from model import calc_loss_loader, weights_fingerprint
+from prompts import decode, encode, entry_output, get_prompt_style
 
 MAX_LABELS, MAX_LABEL_WORDS = 20, 3  # outputs with fewer distinct values, this short, are labels
 
 # ----------------------------------------------------------------------------- data and loss
 
 
-def load_data(path, ckpt, style, context_length, mask_instructions, split=None):
+def load_data(path, trained, style, context_length, mask_instructions, split=None):
     """The splits of `path` (default: the checkpoint's data) cut as the checkpoint's were, or at
     the (train, test) fractions `split`. The data given must be the checkpoint's (by content,
-    wherever it lies now)."""
-    if path is None and ckpt.get("data") is not None:
-        path = ckpt["data"]
+    wherever it lies now). trained: the checkpoint's TrainedWith."""
+    if path is None and trained.data is not None:
+        path = trained.data
         if not os.path.isfile(path):
             raise FileNotFoundError(f"the checkpoint was trained on {path}, which does not exist here; "
                                     "pass the data with --data PATH")
-    fractions = {key: ckpt[key] for key in ("train_frac", "test_frac") if key in ckpt}  # else data.py's defaults
+    fractions = trained.split  # None: data.py's defaults
     if split is not None:
-        if fractions and tuple(fractions.values()) != split:
-            print(f"warning: the checkpoint was trained on the split {fractions['train_frac']},"
-                  f"{fractions['test_frac']}; the test entries of --split {split[0]},{split[1]} may include entries "
-                  "it was trained on")
-        fractions = dict(zip(("train_frac", "test_frac"), split))
-    splits = prepare_data(path, style, context_length, mask_instructions, **fractions)
-    check_same_data(splits, ckpt.get("data_fingerprint"), ckpt.get("data"))
+        if fractions and tuple(fractions) != split:
+            print(f"warning: the checkpoint was trained on the split {fractions[0]},{fractions[1]}; the test entries "
+                  f"of --split {split[0]},{split[1]} may include entries it was trained on")
+        fractions = split
+    splits = prepare_data(path, style, context_length, mask_instructions, *(fractions or ()))
+    check_same_data(splits, trained.data_fingerprint, trained.data)
     if splits.kind == "instruction" and not splits.test_entries:  # refused by prepare_data unless test_frac is 0
         raise ValueError(f"{splits.path}: the test split is empty (test fraction 0); nothing to evaluate")
     return splits
@@ -459,8 +458,8 @@ def earlier_results(eval_path, responses_path, identity, entries):
 # ----------------------------------------------------------------------------- main
 
 
-def preference_report(model, splits, entries, style, context_length, ckpt, args, device):
-    """eval.json's "pairs" on preference data (dpo.test_pair_report; beta and the log-prob mode of
+def preference_report(model, splits, entries, style, context_length, trained, args, device):
+    """eval.json's "pairs" on preference data (dpo.pair_report; beta and the log-prob mode of
     the DPO run evaluated, else the defaults), printed; None on other data."""
     if args.reference is None and not any("chosen" in entry for entry in splits.test_entries):
         return None
@@ -468,9 +467,9 @@ def preference_report(model, splits, entries, style, context_length, ckpt, args,
     reference = None
     if args.reference is not None:
         reference = load_model_file(args.reference, context_length)[0].to(device).eval()
-    run_args = ckpt.get("args", {}) if ckpt.get("args", {}).get("dpo") else {}
-    report = test_pair_report(model, entries, style, context_length, args.batch_size, device, reference,
-                              run_args.get("beta", 0.1), run_args.get("dpo_logprobs", "sum"))
+    dpo = trained.dpo or {"beta": 0.1, "logprobs": "sum"}
+    report = pair_report(model, entries, style, context_length, args.batch_size, device, reference,
+                         dpo["beta"], dpo["logprobs"])
     line = f"test pairs: chosen response more likely in {report['chosen_more_likely']:.1%}"
     if reference is not None:
         line += (f"; against {args.reference}: DPO loss {report['loss']:.4f}, reward margin "
@@ -500,7 +499,8 @@ def loss_text(name, loss):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_inference_args(p)
+    add_model_args(p)
+    add_decoding_args(p)
     p.add_argument("--data", help="instruction data (.json/.jsonl), or the raw text (.txt) of a checkpoint trained "
                    "on one; default: the checkpoint's, else the chapter's data set")
     p.add_argument("--mask-instructions", action=argparse.BooleanOptionalAction,
@@ -556,16 +556,16 @@ def evaluate(p, args, judge_url):
     decoding = decoding_settings(args)
     out_dir = writable_folder(args.out or os.path.dirname(args.ckpt or "") or ".")  # before any work
     responses_path, eval_path = os.path.join(out_dir, "test-responses.json"), os.path.join(out_dir, "eval.json")
-    model, ckpt, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize, args.base)
-    ckpt = ckpt or {}
-    context_length = ckpt.get("context_length") or model.config.context_length
-    mask = ckpt.get("mask_instructions", False) if args.mask_instructions is None else args.mask_instructions
-    splits = load_data(args.data, ckpt, style, context_length, mask, args.split)
+    model, trained, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize,
+                                               args.base)
+    context_length = trained.context_length or model.config.context_length
+    mask = trained.mask_instructions if args.mask_instructions is None else args.mask_instructions
+    splits = load_data(args.data, trained, style, context_length, mask, args.split)
     if args.reference is not None and splits.kind != "text":  # bad data before any comparison or work
         check_preference_entries(splits.path, splits.train_entries + splits.test_entries + splits.val_entries)
     source = {"checkpoint": args.ckpt} if args.ckpt else {"model": args.model}
-    identity = {"weights_sha256": base_fingerprint(model), "data_sha256": splits.fingerprint["sha256"],
-                "context_length": context_length}
+    identity = {"weights_sha256": weights_fingerprint(model.state_dict().items()),
+                "data_sha256": splits.fingerprint["sha256"], "context_length": context_length}
     if splits.kind == "text":
         return evaluate_text(p, args, model, splits, device, source, identity, eval_path)
 
@@ -595,7 +595,7 @@ def evaluate(p, args, judge_url):
             test_loss, n_targets = split_loss(model, splits.test, splits.collate_fn, args.batch_size, device,
                                               len(entries), "test loss")
             val_loss, _ = split_loss(model, splits.val, splits.collate_fn, args.batch_size, device, what="val loss")
-            pairs = preference_report(model, splits, entries, style, context_length, ckpt, args, device)
+            pairs = preference_report(model, splits, entries, style, context_length, trained, args, device)
         except KeyboardInterrupt:
             kept = f"{responses_path} keeps the {plural(made, 'response')} made before" if made else \
                 "nothing was written"

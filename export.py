@@ -27,8 +27,8 @@ import signal
 
 from checkpoint import load_model_file
 from common import atomic_write, check_interrupted, run_main, stop_on_interrupt, writable_folder, write_json
-from data import EOT, EOT_ID, check_vocab, get_prompt_style, get_tokenizer
 from model import transposed_in_hf
+from prompts import EOT, EOT_ID, check_vocab, get_prompt_style, get_tokenizer
 
 # What an export folder holds: --force replaces a folder of these files and nothing else.
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "merges.txt",
@@ -141,7 +141,7 @@ def jinja_format(template, **values):
 
 def chat_template(style):
     """The prompt style as a Jinja chat template that renders a conversation as training does
-    (data.render_text): an optional system message first, user and assistant turns in
+    (prompts.render_text): an optional system message first, user and assistant turns in
     alternation, each assistant message as the response header, its content and <|endoftext|>.
     A user message right after another user message is the optional input of the first (the
     Alpaca input block; left out when empty, as in format_prompt). With add_generation_prompt
@@ -425,7 +425,7 @@ def go_format(template, **values):
 
 def ollama_template(style):
     """The prompt style as an Ollama TEMPLATE (Go's text/template over .Messages), rendering what
-    chat_template renders, and so what training renders (data.render_text): a system message
+    chat_template renders, and so what training renders (prompts.render_text): a system message
     first, a user message in the style's first-turn form (after a system message, its system
     form), a user message right after another one as its optional input, a user message after
     an answer in the style's later-turn form, an assistant message as the response header, its

@@ -6,6 +6,7 @@ data loader, and loading Hugging Face GPT-2 weights (hub names or local folders)
     python model.py PATH            # check that a Hugging Face GPT-2 folder loads
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -15,9 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import download, run_main
+from common import IGNORE_INDEX, download, run_main
 
-IGNORE_INDEX = -100  # targets equal to this are left out of the loss (padding, masked prompts)
 EXACT_TOP = 8  # an int8 output head's best tokens whose logits are recomputed in float
 
 
@@ -54,19 +54,27 @@ def config_for(name, **overrides):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer=0):
         super().__init__()
         assert cfg.emb_dim % cfg.n_heads == 0, "emb_dim must be divisible by n_heads"
-        self.n_heads, self.drop_rate = cfg.n_heads, cfg.drop_rate
+        self.n_heads, self.drop_rate, self.layer = cfg.n_heads, cfg.drop_rate, layer
         self.c_attn = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
         self.c_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
         self.resid_drop = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x):
+    def forward(self, x, cache=None, mask=None):
+        """x (B, T, C) attends causally to itself, and in generation to the keys and values of
+        the positions before it in `cache`, where its own are appended. mask: a boolean mask of
+        the keys each query may see (KVCache.attn_mask), None where plain causal attention is
+        right (training; a cache without padding, for a fresh prompt or one new token a row)."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        # q, k and v of every head, (3, B, heads, T, head size): views of c_attn's output
+        qkv = self.c_attn(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv
+        if cache is not None:
+            k, v = cache.update(self.layer, qkv[1:])  # keys and values together: one copy
         dropout = self.drop_rate if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T > 1)
         return self.resid_drop(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -82,34 +90,19 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    """A transformer block, pre-norm: attention, then the MLP, each added to the residual stream.
+    The one forward of training and generation (which passes the KV cache)."""
+
+    def __init__(self, cfg, layer=0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.emb_dim)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, layer)
         self.ln_2 = nn.LayerNorm(cfg.emb_dim)
         self.mlp = MLP(cfg)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, mask)
         return x + self.mlp(self.ln_2(x))
-
-    def forward_cached(self, x, cache, layer, mask=None):
-        """forward() for generation: the new positions x (B, T, C) attend to everything in the
-        cache and append their keys and values to it. The same computation without dropout,
-        written out with plain functions where forward() calls modules (a step of one token a
-        row is short enough for their overhead to show)."""
-        B, T, C = x.shape
-        attn, mlp = self.attn, self.mlp
-        x = x.view(B * T, C)
-        h = F.layer_norm(x, (C,), self.ln_1.weight, self.ln_1.bias, self.ln_1.eps)
-        # q, k and v of every head, (3, B, heads, T, head size): views of c_attn's output
-        qkv = attn.c_attn(h).view(B, T, 3, attn.n_heads, C // attn.n_heads).permute(2, 0, 3, 1, 4)
-        k, v = cache.update(layer, qkv[1:])
-        # no mask: a fresh cache without padding (plain causal prefill) or one new token a row
-        y = F.scaled_dot_product_attention(qkv[0], k, v, attn_mask=mask, is_causal=mask is None and T > 1)
-        x = attn.c_proj(y.transpose(1, 2).reshape(B * T, C)).add_(x)
-        h = F.layer_norm(x, (C,), self.ln_2.weight, self.ln_2.bias, self.ln_2.eps)
-        return mlp.c_proj(F.gelu(mlp.c_fc(h), approximate="tanh")).add_(x).view(B, T, C)
 
 
 class TiedEmbedding(nn.Module):
@@ -150,7 +143,7 @@ class GPT(nn.Module):
         self.wte = TiedEmbedding(cfg.vocab_size, cfg.emb_dim, cfg.tied_head)
         self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop = nn.Dropout(cfg.drop_rate)
-        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.h = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.emb_dim)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
@@ -210,11 +203,22 @@ class GPT(nn.Module):
             raise ValueError(f"KV cache full: {cache.pos} + {T} tokens > {cache.max_len}")
         x = self.wte(idx) + self.wpe(cache.positions(T))
         mask = cache.attn_mask(T)  # the same for every layer
-        for layer, block in enumerate(self.h):
-            x = block.forward_cached(x, cache, layer, mask)
+        for block in self.h:
+            x = block(x, cache, mask)
         cache.pos += T
         x = self.ln_f(x if all_positions else x[:, -1])
         return self.wte.logits(x)
+
+
+def weights_fingerprint(tensors):
+    """sha256 over the names, dtypes, shapes and bytes of (name, tensor) pairs, in name order:
+    what identifies weights wherever they lie (eval.py's results, a LoRA checkpoint's base)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors, key=lambda item: item[0]):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -246,7 +250,7 @@ class KVCache:
         # keys and values side by side, so that a layer's new ones go in with one copy
         shape = (cfg.n_layers, 2, batch_size, cfg.n_heads, max_len, cfg.emb_dim // cfg.n_heads)
         self.kv = torch.empty(shape, device=device, dtype=dtype)
-        self.max_len, self.pos = max_len, 0
+        self.cfg, self.max_len, self.pos = cfg, max_len, 0
         self.pad_lens = None
         if pad_lens is not None and any(pad_lens):
             self.pad_lens = torch.as_tensor(pad_lens, device=device).view(-1, 1)
@@ -278,6 +282,29 @@ class KVCache:
         # would give NaN, and NaN values times zero weights would still leak into real rows).
         real = keys[None, None, :] >= self.pad_lens[:, :, None]
         return (mask[None] & (real | (keys[None, :] == queries[:, None])[None]))[:, None]
+
+    def length(self, row):
+        """The number of real (not padding) positions of a row."""
+        return self.pos - (0 if self.pad_lens is None else self.pad_lens[row].item())
+
+    @classmethod
+    def merge(cls, rows, room):
+        """A new cache of the rows (cache, row) of other caches, in that order: continuous
+        batching's way to let new sequences join running ones. Each row's real positions are
+        copied to end at one common position, the shorter rows padded anew on the left; row j
+        keeps room[j] free positions after it."""
+        lengths = [cache.length(row) for cache, row in rows]
+        pos = max(lengths)
+        pads = [pos - n for n in lengths]
+        first = rows[0][0]
+        max_len = max(pos, max(pad + n + extra for pad, n, extra in zip(pads, lengths, room)))
+        merged = cls(first.cfg, len(rows), max_len, first.kv.device, first.kv.dtype, pads)
+        for j, ((cache, row), pad, n) in enumerate(zip(rows, pads, lengths)):
+            merged.kv[:, :, j, :, pad:pos] = cache.kv[:, :, row, :, cache.pos - n:cache.pos]
+            # padding is never attended to, but its weight 0 times a NaN left in fresh memory is NaN
+            merged.kv[:, :, j, :, :pad] = 0
+        merged.pos = pos
+        return merged
 
     def reorder(self, rows):
         """Batch row j becomes what row rows[j] was: drops finished sequences, and copies beams

@@ -25,10 +25,11 @@ from urllib.parse import urlsplit
 
 import torch
 
+from checkpoint import add_model_args, load_for_inference
 from common import AT_LEAST_1, POSITIVE, checked, resolve_device, run_main
-from data import EOT_ID, ROLES, decode, encode, encode_conversation
-from generate import add_model_args, load_for_inference, prefill, row_generators, sample_next
+from decoding import prefill, row_generators, sample_next
 from model import KVCache
+from prompts import EOT_ID, ROLES, decode, encode, encode_conversation
 
 DEFAULT_SEED = 123  # a request without "seed" samples as generate.py does by default: the same reply every time
 MAX_BODY = 1 << 20  # bytes of a request body; more is refused with 413
@@ -92,7 +93,7 @@ class Request:
 class Engine:
     """Continuous batching: one thread runs the model over the batch of running requests, one
     token each per step. The requests that arrived since the last step are prefilled together
-    (generate.prefill) and merged into the batch's KV cache, every row re-padded on the left to
+    (decoding.prefill) and merged into the batch's KV cache, every row re-padded on the left to
     the longest; a finished or abandoned one leaves the cache. Each row keeps its own positions
     and sees only its own keys (KVCache's pad_lens), so its tokens are the ones it would get alone."""
 
@@ -161,7 +162,7 @@ class Engine:
         self.rows, self.cache, self.logits = [], None, None
 
     def join(self, requests):
-        """Prefill the requests together (generate.prefill, as generate() does: a row's result is
+        """Prefill the requests together (decoding.prefill, as generate() does: a row's result is
         the same as alone), then merge their cache and logits into the batch's."""
         ctx = self.model.config.context_length
         logits, cache, _ = prefill(self.model, [r.prompt for r in requests], max(r.max_tokens or ctx for r in requests))
@@ -171,19 +172,10 @@ class Engine:
             self.rows, self.cache, self.logits = list(requests), cache, logits
             return
         rows = self.rows + list(requests)
-        caches = [(self.cache, i) for i in range(len(self.rows))] + [(cache, i) for i in range(len(requests))]
-        pads = [0 if c.pad_lens is None else c.pad_lens[i].item() for c, i in caches]
-        lengths = [c.pos - pad for (c, _), pad in zip(caches, pads)]  # each row's real tokens
-        pos = max(lengths)
-        new_pads = [pos - n for n in lengths]
         # a row still feeds back all but the last of the tokens it may yet make
-        max_len = max(pad + n + r.budget - len(r.tokens) - 1 for pad, n, r in zip(new_pads, lengths, rows))
-        merged = KVCache(self.model.config, len(rows), max(max_len, pos), self.device, cache.kv.dtype, new_pads)
-        for j, ((c, i), pad) in enumerate(zip(caches, new_pads)):
-            merged.kv[:, :, j, :, pad:pos] = c.kv[:, :, i, :, c.pos - lengths[j]:c.pos]
-            # padding is never attended to, but its weight 0 times a NaN left in fresh memory is NaN
-            merged.kv[:, :, j, :, :pad] = 0
-        merged.pos = pos
+        merged = KVCache.merge([(self.cache, i) for i in range(len(self.rows))] +
+                               [(cache, i) for i in range(len(requests))],
+                               [r.budget - len(r.tokens) - 1 for r in rows])
         self.rows, self.cache, self.logits = rows, merged, torch.cat([self.logits, logits])
 
     def step(self):

@@ -29,25 +29,22 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from checkpoint import (build_base, build_start_model, load_checkpoint, lora_checkpoint, lora_model_from_checkpoint,
-    model_file_settings, model_from_checkpoint, save_checkpoint, with_base)
-from common import (AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, atomic_write, check_writable_folder,
-    StatusLine, checked, duration, plural, remove_stale_temporaries, resolve_device, run_main)
-from data import (PROMPT_STYLES, batch_indices, check_batchable, check_same_data, check_vocab, decode,
-    prepare_data, prompt_ids, split_fractions, summarize_data)
+    model_file_settings, model_from_checkpoint, run_record, save_checkpoint, with_base)
+from common import (AT_LEAST_0, AT_LEAST_1, IGNORE_INDEX, NON_NEGATIVE, POSITIVE, SEED, StatusLine, atomic_write,
+    check_writable_folder, checked, duration, plural, remove_stale_temporaries, resolve_device, run_main)
+from data import (TEST_FRAC, TRAIN_FRAC, batch_indices, check_batchable, check_same_data, prepare_data, split_fractions,
+    summarize_data)
+from decoding import generate, respond
 from dpo import DPO, LOGPROB_MODES, dpo_metrics, preference_splits, reference_logprobs, summarize_pairs
 from lora import LORA_TARGETS, add_lora, parameter_counts
-from model import IGNORE_INDEX, PRESETS, calc_loss_loader
-from generate import generate, respond
+from model import PRESETS, calc_loss_loader
+from prompts import PROMPT_STYLES, check_vocab, decode, prompt_ids
 
-TRAIN_FRAC, TEST_FRAC = 0.85, 0.10  # the chapter's split (--split); eval.py reads it from the checkpoint
 # What a resumed run may change; everything else comes from the checkpoint's arguments.
 # The optimizer's settings may change (say a lower --lr after a NaN); the data order and batches may not.
 CHANGEABLE_ON_RESUME = {"epochs", "max_steps", "eval_every", "eval_batches", "save_every", "device", "dtype",
                         "compile", "num_workers", "out", "resume",
                         "lr", "warmup_steps", "lr_schedule", "weight_decay", "grad_clip"}
-# What generate.py, eval.py and export.py read from a checkpoint besides the weights.
-INFERENCE_KEYS = ("config", "prompt_style", "mask_instructions", "context_length", "data", "data_fingerprint",
-                  "train_frac", "test_frac")
 OUTPUTS = ("ckpt.pt", "best.pt", "metrics.jsonl", "loss.png")  # what a run writes in OUT
 # Seconds between progress lines: rewritten in place on a terminal, appended to a log (kept short).
 PROGRESS_EVERY = {"terminal": 2.0, "log": 10.0}
@@ -536,17 +533,6 @@ def set_reference(run, ckpt, log):
 # ----------------------------------------------------------------------------- one evaluation, one save
 
 
-def inference_info(run):
-    """What generate.py, eval.py and export.py need besides the weights (see INFERENCE_KEYS)."""
-    args, splits = run.args, run.splits
-    return {"config": dataclasses.asdict(run.raw_model.config),
-            # raw text is continued as it is, instruction data prompted in the run's style
-            "prompt_style": "none" if splits.kind == "text" else args.prompt_style,
-            "mask_instructions": args.mask_instructions, "context_length": run.raw_model.config.context_length,
-            "data": os.path.abspath(splits.path), "data_fingerprint": splits.fingerprint,
-            "train_frac": args.split[0], "test_frac": args.split[1]}
-
-
 def weights(run):
     """The weights a checkpoint holds: all of them, or for LoRA the adapters alone, with the
     settings and the base's identity (a LoRA checkpoint of gpt2-xl is megabytes)."""
@@ -562,7 +548,8 @@ def save_run(run):
     args, state = run.args, run.state
     started = time.time()
     state["elapsed"] = run.start_elapsed + started - run.started
-    info = {**inference_info(run), "args": vars(args), "step": state["step"], "world_size": run.world_size}
+    info = {**run_record(run.raw_model, run.splits, args.prompt_style, args.mask_instructions, args.split),
+            "args": vars(args), "step": state["step"], "world_size": run.world_size}
     if run.best_weights is not None:
         save_checkpoint({**info, **run.best_weights, "val_loss": state["best_val_loss"],
                          "best_val_loss": state["best_val_loss"], "step": run.best_step}, run.path("best.pt"))

@@ -21,10 +21,11 @@ SHARED = os.path.join(ROOT, "..", "shared")
 if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(os.path.join(SHARED, "tiktoken")):
     os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(SHARED, "tiktoken")
 
-from data import encode, format_prompt, prepare_data  # noqa: E402
+from data import prepare_data  # noqa: E402
+from prompts import encode, format_prompt  # noqa: E402
 from model import GPT, config_for  # noqa: E402
 from quantize import Int8Linear, prepare_for_decoding, quantize_int8  # noqa: E402
-from generate import choice_logprobs, generate  # noqa: E402
+from decoding import choice_logprobs, generate  # noqa: E402
 from eval import response_batches  # noqa: E402
 
 
@@ -279,7 +280,7 @@ def lora_variant(variant):
     import resource
 
     from data import batch_indices
-    from model import add_lora, base_fingerprint, lora_state_dict
+    from lora import add_lora, base_fingerprint, lora_state_dict
     from train import count_tokens, make_optimizer, train_step
 
     splits = prepare_data(default_data_path())

@@ -7,7 +7,7 @@ import torch
 
 from checkpoint import load_checkpoint, load_model_file, model_file_settings, model_from_checkpoint, save_checkpoint
 from export import export
-from generate import load_for_inference
+from checkpoint import load_for_inference
 from model import GPT, config_for, from_pretrained
 from test_model import tiny
 

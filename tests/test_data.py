@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import data
-from data import EOT_ID
-from model import IGNORE_INDEX
+import prompts
+from prompts import EOT_ID
+from common import IGNORE_INDEX
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALPACA_HEAD = ("Below is an instruction that describes a task. "
@@ -33,40 +34,40 @@ def write_json(tmp_path, value, name="data.json"):
 
 def test_encode_round_trips_unicode_emoji_and_literal_endoftext():
     text = "Grüße, 日本語 🙂🚀 and a literal <|endoftext|> in the middle"
-    ids = data.encode(text)
+    ids = prompts.encode(text)
     assert EOT_ID not in ids
-    assert data.decode(ids) == text
-    assert data.decode(torch.tensor(ids)) == text
-    assert data.encode("<|endoftext|>") == [27, 91, 437, 1659, 5239, 91, 29]
+    assert prompts.decode(ids) == text
+    assert prompts.decode(torch.tensor(ids)) == text
+    assert prompts.encode("<|endoftext|>") == [27, 91, 437, 1659, 5239, 91, 29]
 
 
 # ---------------------------------------------------------------------------- prompt styles
 
 def test_alpaca_prompt_is_byte_for_byte_the_chapters_format():
     entry = {"instruction": "Edit the sentence.", "input": "He go home.", "output": "He goes home."}
-    assert data.format_input(entry) == (
+    assert prompts.format_input(entry) == (
         ALPACA_HEAD + "\n\n### Instruction:\nEdit the sentence.\n\n### Input:\nHe go home.")
-    assert data.format_prompt(entry) == data.format_input(entry) + "\n\n### Response:\n"
+    assert prompts.format_prompt(entry) == prompts.format_input(entry) + "\n\n### Response:\n"
     no_input = {"instruction": "Name a color.", "input": "", "output": "Blue."}
-    assert data.format_prompt(no_input) == ALPACA_HEAD + "\n\n### Instruction:\nName a color.\n\n### Response:\n"
-    assert data.format_prompt({"instruction": "Name a color.", "output": "x"}) == data.format_prompt(no_input)
+    assert prompts.format_prompt(no_input) == ALPACA_HEAD + "\n\n### Instruction:\nName a color.\n\n### Response:\n"
+    assert prompts.format_prompt({"instruction": "Name a color.", "output": "x"}) == prompts.format_prompt(no_input)
 
 
 def test_phi3_prompt_uses_plain_text_markers():
     entry = {"instruction": "Edit the sentence.", "input": "He go home.", "output": "He goes home."}
-    assert data.format_prompt(entry, "phi3") == "<|user|>\nEdit the sentence.\nHe go home.\n<|assistant|>:\n"
+    assert prompts.format_prompt(entry, "phi3") == "<|user|>\nEdit the sentence.\nHe go home.\n<|assistant|>:\n"
     entry["input"] = ""
-    assert data.format_prompt(entry, "phi3") == "<|user|>\nEdit the sentence.\n<|assistant|>:\n"
+    assert prompts.format_prompt(entry, "phi3") == "<|user|>\nEdit the sentence.\n<|assistant|>:\n"
 
 
 def test_braces_in_user_text_are_kept_verbatim():
     entry = {"instruction": "Fill {input} and {0}", "input": "{instruction}", "output": ""}
-    assert data.format_prompt(entry, "phi3") == "<|user|>\nFill {input} and {0}\n{instruction}\n<|assistant|>:\n"
+    assert prompts.format_prompt(entry, "phi3") == "<|user|>\nFill {input} and {0}\n{instruction}\n<|assistant|>:\n"
 
 
 def test_unknown_prompt_style_lists_the_known_ones(tmp_path):
     with pytest.raises(ValueError, match=r"unknown prompt style 'chatml'; known styles: alpaca, phi3"):
-        data.format_prompt({"instruction": "x", "output": "y"}, "chatml")
+        prompts.format_prompt({"instruction": "x", "output": "y"}, "chatml")
     with pytest.raises(ValueError, match="known styles: alpaca, phi3"):
         data.prepare_data(write_json(tmp_path, make_entries(20)), prompt_style="chatml")
 
@@ -186,14 +187,14 @@ def test_tokenizer_download_failure_says_what_failed_and_how_to_work_offline(mon
     def no_network(name):
         raise requests.exceptions.ConnectionError("HTTPSConnectionPool(host='...'): Max retries exceeded")
 
-    monkeypatch.setattr(data.tiktoken, "get_encoding", no_network)
-    data.get_tokenizer.cache_clear()
+    monkeypatch.setattr(prompts.tiktoken, "get_encoding", no_network)
+    prompts.get_tokenizer.cache_clear()
     try:
         with pytest.raises(OSError, match=r"^could not load GPT-2's tokenizer files \(ConnectionError\); tiktoken "
                            r"downloads them once, so check the network, or for offline use set TIKTOKEN_CACHE_DIR"):
-            data.encode("hello")
+            prompts.encode("hello")
     finally:
-        data.get_tokenizer.cache_clear()
+        prompts.get_tokenizer.cache_clear()
 
 
 def test_data_fingerprint_names_the_content_not_the_path(tmp_path):
@@ -264,18 +265,18 @@ def test_instruction_dataset_tokenizes_prompt_and_response_separately():
     entries = [{"instruction": "Say hi 🙂", "input": "<|endoftext|>", "output": "Hi!"},
                {"instruction": "Count.", "input": "", "output": ""}]
     ds = data.InstructionDataset(entries)
-    prompt = data.encode(data.format_prompt(entries[0]))
-    assert ds[0] == prompt + data.encode("Hi!")
+    prompt = prompts.encode(prompts.format_prompt(entries[0]))
+    assert ds[0] == prompt + prompts.encode("Hi!")
     assert ds.prompt_lengths[0] == len(prompt)
-    assert ds.lengths == [len(ds[0]), len(data.encode(data.format_prompt(entries[1])))]
+    assert ds.lengths == [len(ds[0]), len(prompts.encode(prompts.format_prompt(entries[1])))]
     assert ds.entries is entries and len(ds) == 2
-    assert data.decode(ds[0]) == data.format_prompt(entries[0]) + "Hi!"
+    assert prompts.decode(ds[0]) == prompts.format_prompt(entries[0]) + "Hi!"
 
     masked = data.InstructionDataset(entries, prompt_style="phi3", mask_instructions=True)
     ids, n_prompt = masked[0]
-    assert n_prompt == len(data.encode("<|user|>\nSay hi 🙂\n<|endoftext|>\n<|assistant|>:\n"))
-    assert data.decode(ids[:n_prompt]).endswith("<|assistant|>:\n")
-    assert data.decode(ids[n_prompt:]) == "Hi!"
+    assert n_prompt == len(prompts.encode("<|user|>\nSay hi 🙂\n<|endoftext|>\n<|assistant|>:\n"))
+    assert prompts.decode(ids[:n_prompt]).endswith("<|assistant|>:\n")
+    assert prompts.decode(ids[n_prompt:]) == "Hi!"
     assert EOT_ID not in ids
 
 
@@ -344,7 +345,7 @@ def test_prepare_text_data_splits_90_10_by_characters(tmp_path):
     path.write_text(text, encoding="utf-8")
     splits = data.prepare_data(str(path), context_length=16)
     split_idx = int(0.9 * len(text))
-    train_ids, val_ids = data.encode(text[:split_idx]), data.encode(text[split_idx:])
+    train_ids, val_ids = prompts.encode(text[:split_idx]), prompts.encode(text[split_idx:])
     assert splits.kind == "text" and splits.test is None and splits.collate_fn is None
     assert splits.train_entries is None and splits.val_entries is None
     assert len(splits.train) == len(range(0, len(train_ids) - 16, 16))
@@ -492,33 +493,33 @@ SHAREGPT = [{"from": "system", "value": "Be brief."},
     ("none", "Be brief.\nHi.Hello!<|endoftext|>\nName a color.Blue.<|endoftext|>"),
 ])
 def test_multi_turn_rendering_and_its_loss_mask(style, text):
-    assert data.render_text(TWO_TURNS, style) == text
-    ids, learned = data.encode_conversation(TWO_TURNS, style)
-    assert data.decode(ids) == text.removesuffix("<|endoftext|>") and ids.count(EOT_ID) == 1
+    assert prompts.render_text(TWO_TURNS, style) == text
+    ids, learned = prompts.encode_conversation(TWO_TURNS, style)
+    assert prompts.decode(ids) == text.removesuffix("<|endoftext|>") and ids.count(EOT_ID) == 1
     # learned: exactly the two responses and the end-of-text between them, each a run of its own
-    assert data.decode([t for t, keep in zip(ids, learned) if keep]) == "Hello!<|endoftext|>Blue."
+    assert prompts.decode([t for t, keep in zip(ids, learned) if keep]) == "Hello!<|endoftext|>Blue."
     runs = [keep for i, keep in enumerate(learned) if i == 0 or keep != learned[i - 1]]
     assert runs == [False, True, False, True]
     # through collate with masking: targets are the two responses and both end-of-texts
     ds = data.InstructionDataset([{"messages": TWO_TURNS}], style, mask_instructions=True)
     _, targets = data.collate([ds[0]])
     kept = [t for t in targets[0].tolist() if t != IGNORE_INDEX]
-    assert kept == data.encode("Hello!") + [EOT_ID] + data.encode("Blue.") + [EOT_ID]
+    assert kept == prompts.encode("Hello!") + [EOT_ID] + prompts.encode("Blue.") + [EOT_ID]
     # the prompt eval.py generates from: everything before the last assistant turn
-    assert ds.token_ids[0][:ds.prompt_lengths[0]] == data.prompt_ids({"messages": TWO_TURNS}, style)
-    assert data.decode(data.prompt_ids({"messages": TWO_TURNS}, style)) == data.render_text(TWO_TURNS[:-1], style)
-    assert data.entry_output({"messages": TWO_TURNS}) == "Blue."
+    assert ds.token_ids[0][:ds.prompt_lengths[0]] == prompts.prompt_ids({"messages": TWO_TURNS}, style)
+    assert prompts.decode(prompts.prompt_ids({"messages": TWO_TURNS}, style)) == prompts.render_text(TWO_TURNS[:-1], style)
+    assert prompts.entry_output({"messages": TWO_TURNS}) == "Blue."
 
 
 def test_an_alpaca_entry_is_the_one_turn_conversation_it_always_was():
     entry = {"instruction": "Rewrite: {x}", "input": "The car is fast.", "output": "The car is as fast as light."}
     messages = [{"role": "user", "content": entry["instruction"], "input": entry["input"]},
                 {"role": "assistant", "content": entry["output"]}]
-    assert data.entry_messages(entry) == messages
-    for style in data.PROMPT_STYLES:
-        ids, learned = data.encode_conversation(messages, style)
-        prompt = data.encode(data.format_prompt(entry, style))
-        assert ids == prompt + data.encode(entry["output"]) and data.prompt_ids(entry, style) == prompt
+    assert prompts.entry_messages(entry) == messages
+    for style in prompts.PROMPT_STYLES:
+        ids, learned = prompts.encode_conversation(messages, style)
+        prompt = prompts.encode(prompts.format_prompt(entry, style))
+        assert ids == prompt + prompts.encode(entry["output"]) and prompts.prompt_ids(entry, style) == prompt
         assert learned == [False] * len(prompt) + [True] * (len(ids) - len(prompt))
         masked = data.InstructionDataset([entry], style, mask_instructions=True)
         assert masked[0] == (ids, len(prompt))  # the chapter's (tokens, n_prompt_tokens) item

@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 import eval as ev
-from data import encode
+from prompts import encode
 from model import GPTConfig
-from generate import generate, respond
+from decoding import generate, respond
 from test_eval import make_entries, save_ckpt, write_data
 from test_generate import run_script, save_tiny_checkpoint, tiny_gpt2_vocab
 

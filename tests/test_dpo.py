@@ -10,10 +10,12 @@ import torch.nn.functional as F
 
 from checkpoint import load_checkpoint
 from common import write_json
-from data import EOT_ID, prepare_data
+from data import prepare_data
+from prompts import EOT_ID
 from dpo import (DPO, PreferenceDataset, check_preference_entries, collate_pairs, dpo_metrics, preference_splits,
                  reference_logprobs)
-from model import GPT, IGNORE_INDEX, config_for
+from common import IGNORE_INDEX
+from model import config_for, GPT
 from test_train import (LORA, TINY, WORDS, base_folder, losses, metrics, run, run_cli, script,  # noqa: F401
                         assert_same_weights, stop_with_ctrl_c)
 

@@ -14,9 +14,11 @@ import torch.nn.functional as F
 
 import eval as ev
 from checkpoint import save_checkpoint
-from data import EOT_ID, InstructionDataset, batch_indices, collate, decode, encode, format_prompt, prepare_data, prompt_ids
-from model import GPT, IGNORE_INDEX, config_for
-from generate import generate, respond
+from data import batch_indices, collate, InstructionDataset, prepare_data
+from prompts import decode, encode, EOT_ID, format_prompt, prompt_ids
+from common import IGNORE_INDEX
+from model import config_for, GPT
+from decoding import generate, respond
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRACTIONS = dict(train_frac=0.5, test_frac=0.3)  # 20 entries -> 10 train, 6 test (entries 10-15), 4 val

@@ -18,12 +18,13 @@ import torch
 from safetensors import safe_open
 
 import data
+import prompts
 import export as export_script
 from checkpoint import save_checkpoint
-from data import EOT_ID, PROMPT_STYLES, decode, encode, format_input, format_prompt, render_text
+from prompts import decode, encode, EOT_ID, format_input, format_prompt, PROMPT_STYLES, render_text
 from model import GPT, config_for, from_pretrained
 from export import chat_template, export
-from generate import respond
+from decoding import respond
 from test_model import FIXTURE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,7 +166,7 @@ def test_vocab_and_merges_tokenize_as_tiktoken(exported):
         ids = encode_text(text)
         assert ids == encode(text), text
         assert decode(ids) == text
-    assert EOT_ID not in encode_text(SAMPLES[4])  # a typed <|endoftext|> is text, as in data.encode
+    assert EOT_ID not in encode_text(SAMPLES[4])  # a typed <|endoftext|> is text, as in prompts.encode
 
 
 def test_vocab_and_merges_are_gpt2s_original_files(exported):
@@ -247,12 +248,12 @@ def test_chat_template_renders_conversations_as_training_does(style, trim):
         assert render(template, prompt, True, trim) == render_text(prompt, style)
         if messages[-1]["role"] == "assistant":  # the training text, <|endoftext|> after every assistant turn
             assert render(template, messages, False, trim) == render_text(messages, style)
-            assert data.decode(data.encode_conversation(messages, style)[0]) + "<|endoftext|>" == \
+            assert prompts.decode(prompts.encode_conversation(messages, style)[0]) + "<|endoftext|>" == \
                 render_text(messages, style)
 
 
 def test_a_new_prompt_style_exports_too(monkeypatch):
-    monkeypatch.setitem(data.PROMPT_STYLES, "odd", {
+    monkeypatch.setitem(prompts.PROMPT_STYLES, "odd", {
         "instruction": '{{literal braces}} "quotes" \\backslash\\ {{% tag %}} ünï 😀\n\n{instruction} and again {instruction}',
         "input": "\n\t[{input}]\n",
         "response": "\n}} %} Answer \\n:\n",

@@ -8,10 +8,12 @@ import torch
 
 from checkpoint import save_checkpoint
 from common import resolve_device
+import decoding
 import generate as generate_script
-from data import EOT_ID, decode, encode, encode_conversation, format_prompt
+from prompts import decode, encode, encode_conversation, EOT_ID, format_prompt
 from model import GPT, config_for, from_pretrained
-from generate import choice_logprobs, generate, load_for_inference, prefill, respond, sample_next, stream
+from checkpoint import load_for_inference
+from decoding import choice_logprobs, generate, prefill, respond, sample_next, stream
 from test_model import FIXTURE, REFERENCE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,7 +144,7 @@ def test_ragged_prompts_pad_with_a_token_every_model_has(monkeypatch):
     prompts = [encode(t) for t in PROMPTS]
     with torch.inference_mode():
         padded_with_0 = prefill(model, prompts, 5)[0]
-        monkeypatch.setattr(generate_script, "PAD_ID", EOT_ID)
+        monkeypatch.setattr(decoding, "PAD_ID", EOT_ID)
         assert torch.equal(prefill(model, prompts, 5)[0], padded_with_0)
 
 

@@ -16,9 +16,9 @@ import torch
 
 import export as export_script
 from checkpoint import save_checkpoint
-from data import EOT_ID, encode, format_prompt, get_tokenizer, render_text
+from prompts import encode, EOT_ID, format_prompt, get_tokenizer, render_text
 from export import MODELFILE_HEADER, chat_template, export_gguf
-from generate import generate
+from decoding import generate
 from model import GPT, config_for, from_pretrained
 from test_export import ENTRIES, ROOT, SAMPLES, bpe_tokenizer, render, save_tiny_checkpoint
 from test_lora import hf_base, lora_run  # noqa: F401 (hf_base is a fixture)

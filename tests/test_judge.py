@@ -12,6 +12,7 @@ import torch
 
 import eval as ev
 import judge
+import llm
 from checkpoint import save_checkpoint
 from common import run_main
 from model import GPT, config_for
@@ -23,7 +24,7 @@ OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch):
-    monkeypatch.setattr(judge, "BACKOFF", 0.01)
+    monkeypatch.setattr(llm, "BACKOFF", 0.01)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
 
 
@@ -53,15 +54,15 @@ PARSING = ["85", "Score: 85", "eighty", "150", ""]  # echoed by the server: 85, 
 def test_the_prompt_is_the_books_text():
     entry = {"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.",
              "output": "The car is as fast as lightning.", "model_response": "The car is as fast as a bullet."}
-    assert judge.judge_prompt(entry) == (
+    assert llm.judge_prompt(entry) == (
         "Given the input `Below is an instruction that describes a task. Write a response that appropriately "
         "completes the request.\n\n### Instruction:\nRewrite the sentence using a simile.\n\n### Input:\n"
         "The car is very fast.` and correct output `The car is as fast as lightning.`, score the model response "
         "`The car is as fast as a bullet.` on a scale from 0 to 100, where 100 is the best score. "
         "Respond with the integer number only.")
     no_input = {**entry, "input": ""}
-    assert "### Input" not in judge.judge_prompt(no_input)
-    assert judge.judge_prompt(no_input).startswith("Given the input `Below is an instruction that describes a task. "
+    assert "### Input" not in llm.judge_prompt(no_input)
+    assert llm.judge_prompt(no_input).startswith("Given the input `Below is an instruction that describes a task. "
                                                    "Write a response that appropriately completes the request."
                                                    "\n\n### Instruction:\nRewrite the sentence using a simile.` ")
 
@@ -70,33 +71,33 @@ def test_a_conversation_is_judged_on_its_last_user_turn_with_the_earlier_turns_a
     record = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."},
                            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a color."},
                            {"role": "assistant", "content": "Blue."}], "model_response": "Red."}
-    assert judge.judge_prompt(record) == (
+    assert llm.judge_prompt(record) == (
         "Given the conversation so far\n```\nsystem: Be brief.\nuser: Hi.\nassistant: Hello!\n```\n"
         "and the input `Below is an instruction that describes a task. Write a response that appropriately "
         "completes the request.\n\n### Instruction:\nName a color.` and correct output `Blue.`, score the model "
         "response `Red.` on a scale from 0 to 100, where 100 is the best score. Respond with the integer number only.")
     one_turn = {"messages": record["messages"][3:], "model_response": "Red."}  # no earlier turns: the book's prompt
-    assert judge.judge_prompt(one_turn) == judge.judge_prompt(
+    assert llm.judge_prompt(one_turn) == llm.judge_prompt(
         {"instruction": "Name a color.", "input": "", "output": "Blue.", "model_response": "Red."})
 
 
 def test_parse_score_takes_the_first_integer_from_0_to_100():
-    assert [judge.parse_score(r) for r in PARSING] == [85, 85, None, None, None]
-    assert judge.parse_score("100") == 100 and judge.parse_score("0") == 0
-    assert judge.parse_score("I would say 70/100, because 3 words are wrong.") == 70
-    assert judge.parse_score("-5") is None and judge.parse_score("101") is None
+    assert [llm.parse_score(r) for r in PARSING] == [85, 85, None, None, None]
+    assert llm.parse_score("100") == 100 and llm.parse_score("0") == 0
+    assert llm.parse_score("I would say 70/100, because 3 words are wrong.") == 70
+    assert llm.parse_score("-5") is None and llm.parse_score("101") is None
 
 
 def test_check_url():
-    assert judge.check_url("http://localhost:11434/") == "http://localhost:11434"
-    assert judge.check_url("https://api.openai.com/v1") == "https://api.openai.com/v1"
+    assert llm.check_url("http://localhost:11434/") == "http://localhost:11434"
+    assert llm.check_url("https://api.openai.com/v1") == "https://api.openai.com/v1"
     for bad in ["localhost:11434", "ftp://host", "http://", "http://host:port", "http://host/?a=1"]:
         with pytest.raises(ValueError, match=f"--judge-url must be a server's http\\(s\\) address .* got '{re.escape(bad)}'"):
-            judge.check_url(bad)
+            llm.check_url(bad)
     with pytest.raises(ValueError, match="address without the endpoint: http://host:11434, not http://host:11434/api"):
-        judge.check_url("http://host:11434/api/chat")
+        llm.check_url("http://host:11434/api/chat")
     with pytest.raises(ValueError, match="without the endpoint: http://host/v1, not http://host/v1/chat/completions"):
-        judge.check_url("http://host/v1/chat/completions")
+        llm.check_url("http://host/v1/chat/completions")
 
 
 # ----------------------------------------------------------------------------- the two protocols
@@ -111,7 +112,7 @@ def test_ollama_requests_replies_and_the_responses_file(tmp_path, monkeypatch, s
         summary = judge.judge_file(path, "llama3", server.url)
     # the book's request, for every non-empty response, with no key sent to Ollama
     assert sorted((r["path"], json.dumps(r["body"])) for r in server.requests) == sorted(
-        ("/api/chat", json.dumps({"model": "llama3", "messages": [{"role": "user", "content": judge.judge_prompt(e)}],
+        ("/api/chat", json.dumps({"model": "llama3", "messages": [{"role": "user", "content": llm.judge_prompt(e)}],
                                   "options": OPTIONS})) for e in records[:4])
     assert all("Authorization" not in r["headers"] for r in server.requests)
     replies = [None, None, {"judge_replies": {"llama3": "eighty"}}, {"judge_replies": {"llama3": "150"}}, None]
@@ -129,10 +130,10 @@ def test_openai_compatible_request_and_key(tmp_path, monkeypatch):
     with judge_server() as server:
         assert judge.judge_file(path, "gpt-x", server.url + "/v1")["mean"] == 65
         monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-        assert judge.ask(server.url + "/v1", "gpt-x", judge.judge_prompt(records[0])) == "90"
+        assert llm.ask(server.url + "/v1", "gpt-x", llm.judge_prompt(records[0])) == "90"
     assert [r["path"] for r in server.requests] == ["/v1/chat/completions"] * 3
     assert server.requests[-1]["body"] == {"model": "gpt-x", "temperature": 0, "seed": 123,
-                                           "messages": [{"role": "user", "content": judge.judge_prompt(records[0])}]}
+                                           "messages": [{"role": "user", "content": llm.judge_prompt(records[0])}]}
     assert [r["headers"].get("Authorization") for r in server.requests] == [None, None, "Bearer sk-test"]
     assert [r["judge_scores"] for r in read(path)] == [{"gpt-x": 90}, {"gpt-x": 40}]
 
@@ -160,7 +161,7 @@ def test_failures_are_one_clear_sentence_and_leave_the_file_intact(tmp_path):
     with judge_server(status=lambda n: 500) as server:
         with pytest.raises(OSError, match=r"answered HTTP 500 Internal Server Error: the server failed \(5 tries\)"):
             judge.judge_file(path, "llama3", server.url)
-    assert len(server.requests) == judge.RETRIES + 1
+    assert len(server.requests) == llm.RETRIES + 1
     assert open(path).read() == before and os.listdir(tmp_path) == ["r.json"]
 
 
@@ -174,15 +175,15 @@ def test_a_server_error_is_retried(tmp_path, status):
 
 def test_reply_text_of_each_protocol_and_of_a_reply_that_is_neither():
     ollama_object = '{\n  "message": {"role": "assistant", "content": "70"},\n  "done": true\n}'
-    assert judge.reply_text(ollama_object.encode(), "http://h") == "70"  # one object, even across lines
-    assert judge.reply_text(b'{"message": {"content": "7"}}\n{"message": {"content": "5"}}\n', "http://h") == "75"
-    assert judge.reply_text(b'{"choices": [{"message": {"content": null}}]}', "http://h/v1") == ""
+    assert llm.reply_text(ollama_object.encode(), "http://h") == "70"  # one object, even across lines
+    assert llm.reply_text(b'{"message": {"content": "7"}}\n{"message": {"content": "5"}}\n', "http://h") == "75"
+    assert llm.reply_text(b'{"choices": [{"message": {"content": null}}]}', "http://h/v1") == ""
     with pytest.raises(ValueError, match=r"at http://h did not send an Ollama chat reply: '\{\"choices\": \[\]\}'"):
-        judge.reply_text(b'{"choices": []}', "http://h")
+        llm.reply_text(b'{"choices": []}', "http://h")
     with pytest.raises(ValueError, match="at http://h/v1 did not send an OpenAI chat reply: '<html>'"):
-        judge.reply_text(b"<html>", "http://h/v1")
+        llm.reply_text(b"<html>", "http://h/v1")
     with pytest.raises(ValueError, match="did not send an Ollama chat reply"):
-        judge.reply_text(b"\xff\xfe", "http://h")
+        llm.reply_text(b"\xff\xfe", "http://h")
 
 
 def test_an_interrupted_judging_resumes_where_it_stopped(tmp_path):
@@ -195,7 +196,7 @@ def test_an_interrupted_judging_resumes_where_it_stopped(tmp_path):
         + [{**e, "judge_scores": {}} for e in records[3:]]
     with judge_server() as server:
         summary = judge.judge_file(path, "llama3", server.url)
-    assert [r["body"]["messages"][0]["content"] for r in server.requests] == list(map(judge.judge_prompt, records[3:]))
+    assert [r["body"]["messages"][0]["content"] for r in server.requests] == list(map(llm.judge_prompt, records[3:]))
     assert read(path) == [{**e, "judge_scores": {"llama3": 10 * i}} for i, e in enumerate(records)]
     assert summary["mean"] == 35 and summary["scored"] == 8
 
@@ -222,7 +223,7 @@ def test_a_reply_without_a_score_is_kept_and_asked_again(tmp_path, capsys):
     assert "entry 1: no score from 0 to 100 in the reply 'I cannot say.'" in capsys.readouterr().err
     with judge_server() as server:
         summary = judge.judge_file(path, "llama3", server.url)
-    assert [r["body"]["messages"][0]["content"] for r in server.requests] == [judge.judge_prompt(records[1])]
+    assert [r["body"]["messages"][0]["content"] for r in server.requests] == [llm.judge_prompt(records[1])]
     assert "2 entries of 3 were scored by llama3 before" in capsys.readouterr().out
     assert read(path) == [{**e, "judge_scores": {"llama3": s}} for e, s in zip(records, [70, 80, 90])]
     assert summary["mean"] == 80 and summary["unparsed"] == 0
@@ -266,7 +267,7 @@ def test_eval_judges_its_responses_and_writes_both_files(tmp_path, capsys, monke
         ev.main([*command, "--judge", "llama3", "--judge-url", server.url, "--judge-workers", "2"])
         assert server.model_lists == ["/api/tags"] and len(server.requests) > 0
         records, report = read(tmp_path / "run" / "test-responses.json"), read(tmp_path / "run" / "eval.json")
-        expected = [len(judge.judge_prompt(r)) % 101 if r["model_response"].strip() else 0 for r in records]
+        expected = [len(llm.judge_prompt(r)) % 101 if r["model_response"].strip() else 0 for r in records]
         assert [r["judge_scores"] for r in records] == [{"llama3": s} for s in expected] and len(records) == 6
         assert list(report["judge"]) == ["llama3"]
         assert list(report["judge"]["llama3"]) == ["url", "mean", "scored", "unparsed", "seconds"]
@@ -388,20 +389,20 @@ def test_judge_server_down_is_one_line_and_exit_status_1(tmp_path):
 
 def test_check_server_reads_the_model_list_of_each_protocol(monkeypatch):
     with judge_server(models=("llama3", "phi3:mini", "gpt-x")) as server:
-        judge.check_server(server.url, "llama3")  # Ollama lists it as llama3:latest
-        judge.check_server(server.url, "phi3:mini")
+        llm.check_server(server.url, "llama3")  # Ollama lists it as llama3:latest
+        llm.check_server(server.url, "phi3:mini")
         with pytest.raises(OSError, match=r"does not have the model 'phi3' \(it has llama3:latest, phi3:mini, "
                                           r"gpt-x:latest\); run `ollama pull phi3`$"):
-            judge.check_server(server.url, "phi3")
+            llm.check_server(server.url, "phi3")
         monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-        judge.check_server(server.url + "/v1", "gpt-x")
+        llm.check_server(server.url + "/v1", "gpt-x")
         with pytest.raises(OSError, match=r"does not serve the model 'llama3:latest' \(it has llama3, phi3:mini, "
                                           r"gpt-x\); check --judge$"):
-            judge.check_server(server.url + "/v1", "llama3:latest")
+            llm.check_server(server.url + "/v1", "llama3:latest")
         with pytest.raises(OSError, match=f"^the judge server at {server.url}/api answered GET "
                                           f"{server.url}/api/api/tags with HTTP 404 Not Found: not found; "
                                           r"is it an Ollama server\?$"):
-            judge.check_server(server.url + "/api", "llama3")
+            llm.check_server(server.url + "/api", "llama3")
     assert server.model_lists == ["/api/tags"] * 3 + ["/v1/models"] * 2 + ["/api/api/tags"]
     assert server.requests == []
 

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 import model as model_module
 from export import config_json, export, hf_state_dict
-from generate import load_for_inference, respond
+from checkpoint import load_for_inference
+from decoding import respond
 from checkpoint import build_base, lora_checkpoint, lora_model_from_checkpoint, model_from_checkpoint, save_checkpoint
 from lora import (LORA_TARGETS, LoRALinear, add_lora, base_fingerprint, lora_modules, lora_state_dict, merge_lora,
     parameter_counts)

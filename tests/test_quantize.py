@@ -7,9 +7,10 @@ import torch
 import torch.nn as nn
 
 import quantize
-from data import encode
+from prompts import encode
 from export import export
-from generate import generate, load_for_inference, respond
+from checkpoint import load_for_inference
+from decoding import generate, respond
 from model import EXACT_TOP
 from quantize import Int8Linear, prepare_for_decoding, quantize_int8
 from test_decoding import PROMPTS

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import judge
+import llm
 import serve
 from checkpoint import save_checkpoint
-from data import decode, encode, encode_conversation
-from generate import generate
+from prompts import decode, encode, encode_conversation
+from decoding import generate
 from model import GPT, config_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -360,9 +361,9 @@ def test_the_judge_scores_with_this_server(server, model, monkeypatch):
     """judge.py's OpenAI request (eval.py --judge-url http://127.0.0.1:PORT/v1) is answered."""
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     prompt = "Score this: 42"
-    reply = judge.ask(f"http://127.0.0.1:{server.port}/v1", "any-name", prompt)
+    reply = llm.ask(f"http://127.0.0.1:{server.port}/v1", "any-name", prompt)
     ids = encode_conversation([{"role": "user", "content": prompt}], "alpaca")[0]
-    assert judge.OPTIONS["temperature"] == 0 and reply == reference(model, ids, 128)  # greedy, to the end of the context
+    assert llm.OPTIONS["temperature"] == 0 and reply == reference(model, ids, 128)  # greedy, to the end of the context
 
 
 def test_cli_serves_a_checkpoint_and_stops_on_sigterm(tmp_path):

@@ -24,7 +24,7 @@ from checkpoint import load_checkpoint, save_checkpoint
 from common import run_main, write_json
 from model import GPT, config_for, from_pretrained
 from export import config_json, hf_state_dict
-from generate import load_for_inference
+from checkpoint import load_for_inference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--init", "random", "--context-length", "64", "--batch-size", "2", "--eval-batches", "2"]
