@@ -15,7 +15,6 @@ import datetime
 import functools
 import json
 import os
-import re
 
 import jinja2
 import jinja2.ext
@@ -461,8 +460,8 @@ def render_text(messages: list[dict], style: str = "alpaca", tokenizer=GPT2) -> 
     for the same messages."""
     if style == CHAT_TEMPLATE:
         return render_chat(tokenizer, chat_messages(messages), messages[-1]["role"] != "assistant")
-    return tokenizer.decode(tokenizer.bos_ids) + "".join(
-        text + tokenizer.eot * is_assistant for text, is_assistant in render_turns(messages, style))
+    bos = tokenizer.decode(tokenizer.bos_ids) if tokenizer.bos_ids else ""
+    return bos + "".join(text + tokenizer.eot * is_assistant for text, is_assistant in render_turns(messages, style))
 
 
 def encode_conversation(messages: list[dict], style: str = "alpaca", tokenizer=GPT2) -> tuple[list[int], list[bool]]:
