@@ -100,18 +100,25 @@ class HFTokenizer:
         self.plain.normalizer, self.plain.pre_tokenizer = self.tokenizer.normalizer, self.tokenizer.pre_tokenizer
         self.added = {token.content: i for i, token in self.tokenizer.get_added_tokens_decoder().items()}
         self.added_ids = frozenset(self.added.values())
-        vocab = self.tokenizer.get_vocab()
-        self.vocab_size = max(vocab.values()) + 1
-        self.eot = next((t for t in END_OF_TEXT if t in vocab), self.special_tokens.get("eos_token"))
-        if self.eot not in vocab:
+        # the model's ids are 0..n-1, the added tokens' may go past them
+        self.vocab_size = max(self.tokenizer.get_vocab_size(with_added_tokens=False),
+                              max(self.added_ids, default=-1) + 1)
+        token_id = self.token_id
+        self.eot = next((t for t in END_OF_TEXT if token_id(t) is not None), self.special_tokens.get("eos_token"))
+        if token_id(self.eot) is None:
             raise ValueError(f"the tokenizer of {name} has no end-of-text token (no {' or '.join(END_OF_TEXT)}, "
                              f"no eos_token in tokenizer_config.json)")
-        self.eot_id = vocab[self.eot]
-        self.pad_id = vocab.get(self.special_tokens.get("pad_token"), self.eot_id)
-        named = (*END_OF_TEXT, *END_OF_TURN, self.special_tokens.get("eos_token"))
-        self.stop_ids = tuple(sorted({*self.eos_token_ids, *(vocab[t] for t in named if t in vocab)}))
+        self.eot_id = token_id(self.eot)
+        pad_id = token_id(self.special_tokens.get("pad_token"))
+        self.pad_id = self.eot_id if pad_id is None else pad_id
+        named = (token_id(t) for t in (*END_OF_TEXT, *END_OF_TURN, self.special_tokens.get("eos_token")))
+        self.stop_ids = tuple(sorted({*self.eos_token_ids, *(i for i in named if i is not None)}))
         with_specials, plain = self.tokenizer.encode("a").ids, self.plain.encode("a").ids
         self.bos_ids = tuple(with_specials[:with_specials.index(plain[0])])
+
+    def token_id(self, token):
+        """The id of a token (its text, as "<|im_end|>"), None if there is no such token."""
+        return None if token is None else self.tokenizer.token_to_id(token)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` as ordinary text: a typed special token is the characters it is made of."""

@@ -300,7 +300,7 @@ def test_masks_cover_exactly_the_assistant_turns_and_their_end_token(family_fold
     exactly those tokens, the last answer's end token included."""
     family, folder = family_folder
     tokenizer = prompts.load_tokenizer(folder)
-    end = tokenizer.tokenizer.token_to_id(END[family])
+    end = tokenizer.token_id(END[family])
     assert prompts.turn_end_id(CHAT, tokenizer) == end
     last = "Blue, 42 times." if family == "llama3.2" else " Blue, 42 times. \n"  # Llama's template trims
     ids, learned = prompts.encode_conversation(SEVERAL, CHAT, tokenizer)
@@ -401,8 +401,8 @@ def test_prompt_styles_run_on_any_tokenizer_each_turn_ended_by_its_end_of_text(f
     family, folder = family_folder
     tokenizer = prompts.load_tokenizer(folder)
     eot = {"llama3.2": "<|end_of_text|>"}.get(family, "<|endoftext|>")
-    assert tokenizer.eot == eot and tokenizer.eot_id == tokenizer.tokenizer.token_to_id(eot)
-    bos = [tokenizer.tokenizer.token_to_id("<|begin_of_text|>")] if family == "llama3.2" else []
+    assert tokenizer.eot == eot and tokenizer.eot_id == tokenizer.token_id(eot)
+    bos = [tokenizer.token_id("<|begin_of_text|>")] if family == "llama3.2" else []
     assert list(tokenizer.bos_ids) == bos
     entry = {"instruction": "Say <|im_end|> twice.", "input": "", "output": "<|im_end|> <|im_end|>"}
     for style in prompts.PROMPT_STYLES:
@@ -444,9 +444,9 @@ def test_stop_ids_are_the_end_tokens_and_generation_configs_list(family_folder):
     family, folder = family_folder
     tokenizer = prompts.load_tokenizer(folder)
     names = {"llama3.2": ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]}.get(family, ["<|endoftext|>", "<|im_end|>"])
-    assert tokenizer.stop_ids == tuple(sorted(tokenizer.tokenizer.token_to_id(t) for t in names))
+    assert tokenizer.stop_ids == tuple(sorted(tokenizer.token_id(t) for t in names))
     pad = {"smollm2": "<|im_end|>", "llama3.2": "<|end_of_text|>"}.get(family, "<|endoftext|>")
-    assert tokenizer.pad_id == tokenizer.tokenizer.token_to_id(pad)
+    assert tokenizer.pad_id == tokenizer.token_id(pad)
 
 
 def test_gpt2_keeps_tiktoken_and_its_ids(tmp_path):
