@@ -294,9 +294,37 @@ def test_data_is_recognised_by_content_and_a_changed_file_refused(tmp_path):
     os.remove(data)
     moved_report, _ = run_eval("--ckpt", ckpt, "--data", moved, "--limit", 1, "--max-new-tokens", 2, "--force")
     assert moved_report["test_loss"] == report["test_loss"] and moved_report["data"] == moved
-    changed = write_data(tmp_path, entries[:-1] + [{**entries[-1], "output": "changed"}], "changed.json")
-    with pytest.raises(ValueError, match=f"^{changed} is not the data the checkpoint was trained on \\({data}\\)"):
-        ev.main(["--ckpt", ckpt, "--data", changed])
+
+    # the checkpoint's own file, changed since: refused, saying how to evaluate on it as it is now
+    changed_entries = entries[:-1] + [{**entries[-1], "output": "changed"}]
+    write_data(tmp_path, changed_entries)
+    with pytest.raises(ValueError, match=f"^{data} is not the data the checkpoint was trained on \\({data}\\): its "
+                                         f"content differs .*; to evaluate on it as it is now, give --data {data}$"):
+        ev.main(["--ckpt", ckpt, "--out", str(tmp_path / "refused")])
+
+
+def test_other_data_is_evaluated_on_its_own_test_split(tmp_path):
+    """eval.py --ckpt X --data OTHER, as a user runs it: OTHER's test split, a line saying so, and
+    eval.json recording OTHER."""
+    entries = make_entries()
+    data = write_data(tmp_path, entries)
+    model = tiny_model()
+    ckpt = save_ckpt(tmp_path / "run" / "ckpt.pt", model, data=data, data_fingerprint=prepare_data(data).fingerprint)
+    other_entries = [{**e, "output": f"Other answer {i}."} for i, e in enumerate(make_entries(30))]
+    other = write_data(tmp_path, other_entries, "other.json")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--ckpt", ckpt, "--data", other, "--out",
+                             str(tmp_path / "other"), "--max-new-tokens", "2", "--device", "cpu"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stdout.splitlines() if "not the data" in line]
+    assert notes == [f"note: {other} is not the data the checkpoint was trained on ({data}); evaluating on its test "
+                     "split"]
+    report, records = read_json(tmp_path / "other" / "eval.json"), read_json(tmp_path / "other" / "test-responses.json")
+    assert [{k: r[k] for k in e} for e, r in zip(other_entries[15:24], records)] == other_entries[15:24]
+    assert len(records) == report["n_test_entries"] == 9  # 0.5,0.3 of 30 entries: the checkpoint's fractions
+    assert report["data"] == other and report["data_sha256"] == prepare_data(other).fingerprint["sha256"]
+    assert report["test_loss"] == pytest.approx(loss_by_hand(model, other_entries[15:24], "alpaca", False, 16, 128),
+                                                abs=1e-5)
 
 
 def test_an_unwritable_out_fails_before_any_work(tmp_path, monkeypatch):
@@ -325,7 +353,7 @@ def test_an_interrupted_run_leaves_no_half_written_json(tmp_path, monkeypatch):
         f.write('{"half": ')
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ev.json, "dump", dump_half_then_interrupt)
+    monkeypatch.setattr(json, "dump", dump_half_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         ev.write_json({"new": True}, str(tmp_path / "eval.json"))
     assert (tmp_path / "eval.json").read_text() == '{"old": true}\n'
@@ -337,7 +365,7 @@ def test_an_interrupted_run_leaves_no_half_written_json(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as stopped:  # Ctrl-C before the first batch is done: the files say so
         ev.main(["--ckpt", ckpt, "--device", "cpu"])
     assert stopped.value.code == 130
-    assert sorted(os.listdir(tmp_path / "run")) == ["ckpt.pt", "eval.json", "test-responses.json"]
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock", "ckpt.pt", "eval.json", "test-responses.json"]
     assert read_json(tmp_path / "run" / "test-responses.json") == [{**e, "model_response": None}
                                                                   for e in make_entries()[10:16]]
     report = read_json(tmp_path / "run" / "eval.json")
@@ -414,7 +442,7 @@ def test_ctrl_c_or_sigterm_during_the_losses_writes_nothing(tmp_path, signum):
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     assert stdout.splitlines()[-1] == "interrupted: nothing was written; run the same command again"
-    assert os.listdir(tmp_path / "run") == ["ckpt.pt"]
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock", "ckpt.pt"]  # .lock: the lock eval.py held
 
 
 def test_a_second_evaluation_does_not_destroy_the_first(tmp_path, capsys):
@@ -472,7 +500,7 @@ def test_raw_text_checkpoints_get_their_validation_loss(tmp_path, capsys):
     assert report["val_loss"] == pytest.approx(by_hand.mean().item(), abs=1e-5)
     assert report["val_perplexity"] == pytest.approx(math.exp(report["val_loss"]), rel=1e-6)
     assert report["n_val_windows"] == len(splits.val) > 1 and "test_loss" not in report
-    assert sorted(os.listdir(tmp_path / "run")) == ["ckpt.pt", "eval.json"]
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock", "ckpt.pt", "eval.json"]
     assert f"val loss {report['val_loss']:.4f}" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"story.txt is raw text, with no test entries to respond to: eval.py reports "
                                          r"its validation loss and perplexity only; drop --limit, --max-new-tokens$"):
@@ -657,7 +685,7 @@ def test_choice_flag_mistakes_are_one_sentence(tmp_path):
         ev.main(["--ckpt", ckpt, "--choices", "a,b", "--max-new-tokens", "5", "--temperature", "1"])
     with pytest.raises(ValueError, match="^--choice-norm goes with --choices$"):
         ev.main(["--ckpt", ckpt, "--choice-norm"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "data.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "ckpt.pt", "data.json"]  # no results
 
 
 def test_split_overrides_the_checkpoints_fractions(tmp_path, capsys):
