@@ -53,8 +53,8 @@ from typing import Optional
 
 from torch.utils.data import DataLoader
 
-from checkpoint import (TrainedWith, add_model_args, load_checkpoint, load_for_inference, load_model_file,
-    model_file_settings)
+from checkpoint import (TrainedWith, add_model_args, check_model_args, load_checkpoint, load_for_inference,
+    load_model_file, model_file_settings)
 from common import (AT_LEAST_1, Progress, lock_folder, plural, resolve_device, run_main, writable_folder,
     write_json)
 from data import DataSplits, batch_indices, check_same_data, prepare_data, split_fractions
@@ -146,6 +146,7 @@ def evaluate(p, args):
 
 def check_flags(p, args):
     """ValueError, before any work, for flags that do not go together."""
+    check_model_args(args.ckpt, args.model, args.base)
     if args.out == "":
         raise ValueError(f"--out is empty; give the folder for {RESPONSES} and {SUMMARY}")
     if args.model is not None and args.ckpt is None and args.out is None:  # say so before any download
