@@ -94,53 +94,62 @@ def judge_file(path, model, url=DEFAULT_URL, workers=1, timeout=DEFAULT_TIMEOUT)
         write_json(records, path)
     todo = [i for i in todo if records[i]["model_response"].strip()]
 
+    def on_reply(i, reply, progress):
+        record_reply(records[i], model, reply)
+        if records[i]["judge_scores"][model] is None:
+            progress.note(f"entry {i}: no score from 0 to 100 in the reply {reply[:80]!r}")
+        write_json(records, path)
+
+    ask_all({i: judge_prompt(records[i]) for i in todo}, model, url, workers, timeout, on_reply)
+
+    parsed = [s[model] for s in scores if s[model] is not None]
+    return {"url": url, "mean": sum(parsed) / len(parsed) if parsed else None,
+            "scored": len(parsed), "unparsed": len(records) - len(parsed),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def ask_all(prompts, model, url, workers, timeout, on_reply):
+    """Ask the model for a reply to each of prompts ({key: prompt}), `workers` requests at a
+    time, calling on_reply(key, reply, progress) in this thread as each arrives. A failed
+    request is raised once those under way have been answered (no new one is made after it)."""
     # Daemon threads make the requests: an interruption (Ctrl-C) does not wait for those under way.
-    # After a failure no new request is made; the replies of those under way are still kept.
     jobs, replies, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
-    for i in todo:
-        jobs.put(i)
+    for key in prompts:
+        jobs.put(key)
 
     def work():
         while not stop.is_set():
             try:
-                i = jobs.get_nowait()
+                key = jobs.get_nowait()
             except queue.Empty:
                 return
             try:
-                replies.put((i, ask(url, model, judge_prompt(records[i]), timeout), None))
+                replies.put((key, ask(url, model, prompts[key], timeout), None))
             except Exception as e:  # noqa: BLE001  (handed to the main thread, which raises it)
                 stop.set()
-                replies.put((i, None, e))
+                replies.put((key, None, e))
 
-    threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(todo)))]
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(prompts)))]
     for thread in threads:
         thread.start()
     error, done = None, 0
-    with Progress(f"judged by {model}:", len(todo)) as progress:
+    with Progress(f"judged by {model}:", len(prompts)) as progress:
         try:
             while any(thread.is_alive() for thread in threads) or not replies.empty():
                 try:
-                    i, reply, failed = replies.get(timeout=0.1)
+                    key, reply, failed = replies.get(timeout=0.1)
                 except queue.Empty:
                     continue
                 if failed is not None:
                     error = error or failed
                     continue
-                record_reply(records[i], model, reply)
-                if records[i]["judge_scores"][model] is None:
-                    progress.note(f"entry {i}: no score from 0 to 100 in the reply {reply[:80]!r}")
-                write_json(records, path)
+                on_reply(key, reply, progress)
                 done += 1
                 progress.update(done)
         finally:
             stop.set()
     if error is not None:
         raise error
-
-    parsed = [s[model] for s in scores if s[model] is not None]
-    return {"url": url, "mean": sum(parsed) / len(parsed) if parsed else None,
-            "scored": len(parsed), "unparsed": len(records) - len(parsed),
-            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def record_reply(record, model, reply):

@@ -400,12 +400,19 @@ def test_judge_py_mistakes_are_found_before_any_request(tmp_path, capsys):
     assert open(path).read() == before and (tmp_path / "eval.json").read_text() == "{not json"
 
 
-def test_judge_py_on_a_missing_file_or_a_server_that_is_down_is_one_line_and_exit_status_1(tmp_path):
+def test_judge_py_on_a_file_that_is_no_responses_or_a_server_that_is_down_is_one_line_and_exit_1(tmp_path):
     missing = tmp_path / "out" / "nope.json"
+    missing.parent.mkdir()
     result = judge_py(missing, "--judge", "llama3")
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == (f"error: {missing}: no such responses file (eval.py writes test-responses.json in its "
                              "--out folder)\n")
+    summary = tmp_path / "out" / "eval.json"  # the other file eval.py writes
+    summary.write_text('{"f1": 0.5}')
+    result = judge_py(summary, "--judge", "llama3")
+    assert result.returncode == 1 and result.stderr == (
+        f"error: {summary} is eval.py's summary, not its responses; give the responses file "
+        f"{tmp_path / 'out' / 'test-responses.json'} (eval.py writes both in its --out folder)\n")
     path = write_records(tmp_path / "r.json", records_with(["85"]))
     url = closed_port_url()
     result = judge_py(path, "--judge", "llama3", "--url", url)
