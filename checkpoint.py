@@ -310,12 +310,8 @@ def add_model_args(p):
                    "faster decoding on the CPU")
 
 
-def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, device="cpu", quantize=None, base=None):
-    """(model in eval mode on device, its TrainedWith, prompt style): a fine-tuned
-    checkpoint from train.py (its prompt style unless overridden; a LoRA checkpoint's base
-    looked for in the folder `base` if given), a base GPT-2 or a model file
-    (load_model_file: as --model, its TrainedWith is empty), its weights
-    prepared for decoding (quantize.prepare_for_decoding; quantize="int8": int8 weights)."""
+def check_model_args(ckpt_path=None, model_name=None, base=None):
+    """ValueError, before any work, unless the add_model_args flags name one model to load."""
     if (ckpt_path is None) == (model_name is None):
         raise ValueError("give exactly one of --ckpt (a train.py checkpoint) or --model (a GPT-2 name or folder)")
     if base is not None and ckpt_path is None:
@@ -323,6 +319,15 @@ def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, devic
     if model_name in PRESETS and model_name not in HF_REPOS:
         raise ValueError(f"'{model_name}' is a preset without pretrained weights (train.py --init random uses it); "
                          f"give a --ckpt, a GPT-2 name ({', '.join(HF_REPOS)}) or a local folder")
+
+
+def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, device="cpu", quantize=None, base=None):
+    """(model in eval mode on device, its TrainedWith, prompt style): a fine-tuned
+    checkpoint from train.py (its prompt style unless overridden; a LoRA checkpoint's base
+    looked for in the folder `base` if given), a base GPT-2 or a model file
+    (load_model_file: as --model, its TrainedWith is empty), its weights
+    prepared for decoding (quantize.prepare_for_decoding; quantize="int8": int8 weights)."""
+    check_model_args(ckpt_path, model_name, base)
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path)
         if base is not None:

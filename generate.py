@@ -15,6 +15,11 @@ from decoding import add_decoding_args, decoding_settings, generate, hit_limit, 
 from prompts import decode, encode, encode_conversation, format_prompt
 
 
+def emptiness(ids):
+    """Why a response that is empty once stripped is so."""
+    return "only whitespace" if ids else "the model ended it at once"
+
+
 def headline(instruction, width=60):
     """The instruction on one line, cut to width characters: what marks its answer."""
     line = " ".join(instruction.split())
@@ -60,7 +65,7 @@ def answer_all(args):
                 print(f"(cut at {len(ids)} tokens: --max-new-tokens {args.max_new_tokens} or the end of the "
                       f"context of {model.config.context_length})", file=sys.stderr)
             elif not text:
-                print("(empty response: the model ended it at once)", file=sys.stderr)
+                print(f"(empty response: {emptiness(ids)})", file=sys.stderr)
 
     if args.prompt:
         answer(args.prompt, args.seed)
@@ -118,7 +123,8 @@ def stream_reply(model, prompt, max_new_tokens, sampling):
 def chat(model, style, args, sampling):
     """The interactive chat: each line is a user turn, the reply streams as it is made, and the
     conversation is kept (its oldest exchanges dropped, with a note, when the context fills).
-    /reset starts over; Ctrl-C stops a reply and the chat goes on; an empty line or Ctrl-D quits."""
+    /reset starts over; Ctrl-C stops a reply and the chat goes on; a reply that is empty once
+    stripped is said so and left out, with its message; an empty line or Ctrl-D quits."""
     ctx = model.config.context_length
     reserve = min(args.max_new_tokens, ctx // 2)  # room kept for a reply
     start = [{"role": "system", "content": args.system}] if args.system else []
@@ -129,7 +135,8 @@ def chat(model, style, args, sampling):
     for turn in itertools.count():
         try:
             line = input("> ").strip()
-        except EOFError:
+        except EOFError:  # Ctrl-D: end the "> " line, so that the shell's prompt starts a line of its own
+            print()
             break
         if not line:
             break
@@ -153,7 +160,13 @@ def chat(model, style, args, sampling):
         elif hit_limit(prompt, ids, args.max_new_tokens, ctx):
             print(f"(cut at {len(ids)} tokens: --max-new-tokens {args.max_new_tokens} or the end of the "
                   f"context of {ctx})", file=sys.stderr)
-        messages.append({"role": "assistant", "content": decode(ids).strip()})
+        reply = decode(ids).strip()
+        if not reply:  # kept, an empty turn would stand in the prompt of every later reply
+            why = "stopped before any text" if stopped else emptiness(ids)
+            print(f"(empty reply: {why}; this exchange is left out of the conversation)", file=sys.stderr)
+            messages = messages[:-1]
+            continue
+        messages.append({"role": "assistant", "content": reply})
 
 
 if __name__ == "__main__":

@@ -1,16 +1,23 @@
-"""Score model responses with an LLM judge, as the chapter's evaluation step does with Llama 3
-through Ollama: a larger model reads each test entry, its expected output and the model's
-response, and answers with a score from 0 to 100. It has no command line of its own: eval.py
-runs it (--judge MODEL after the responses, or --judge-only FILE for a responses file).
+"""Score model responses with an LLM judge, the chapter's second evaluation step (the book's
+ollama_evaluate.py): a larger model (Llama 3 through Ollama in the book) reads each test entry,
+its expected output and the model's response, and answers with a score from 0 to 100.
 
-The server is Ollama (POST URL/api/chat, the book's request) unless the URL ends in /v1: then
-it is an OpenAI-compatible server (POST URL/chat/completions; vLLM, llama.cpp's server, LM
-Studio, OpenAI itself), sent $OPENAI_API_KEY when it is set. check_server asks the server for
-its models (Ollama's /api/tags, /v1/models) before anything is scored. Each score is written
-into the responses file as it arrives, under its judge's name ("judge_scores": {MODEL: an int,
-or null when the reply holds no integer from 0 to 100}, and that reply in "judge_replies":
-{MODEL: text}), so an interrupted run loses nothing, a re-run with the same judge model asks
-only for the rest and for the nulls, and the scores of several judges stand side by side.
+    python eval.py --ckpt out/ckpt.pt                              # first: the responses
+    python judge.py out/test-responses.json --judge llama3         # then: their scores
+    python judge.py out/test-responses.json --judge qwen2.5:7b --workers 4
+    python judge.py out/test-responses.json --judge gpt-4o-mini --url https://api.openai.com/v1
+
+FILE is a responses file eval.py wrote. The server is Ollama (POST URL/api/chat, the book's
+request) unless the URL ends in /v1: then it is an OpenAI-compatible server (POST
+URL/chat/completions; vLLM, llama.cpp's server, LM Studio, OpenAI itself, our serve.py), sent
+$OPENAI_API_KEY when it is set. The server is asked for its models before anything is scored.
+Each score is written into FILE as it arrives, under its judge's name ("judge_scores": {MODEL: an
+int, or null when the reply holds no integer from 0 to 100}, and that reply in "judge_replies":
+{MODEL: text}), so an interrupted run loses nothing, the same command asks only for the rest and
+for the nulls, and the scores of several judges stand side by side. An empty response scores 0
+with no request, as in the book. The summary (url, mean, scored, unparsed, seconds) goes into the
+eval.json beside FILE under "judge": {MODEL: ...}, beside the other judges' (a new eval.json if
+there is none); eval.py, run again, keeps it.
 """
 import argparse
 import os
@@ -18,34 +25,52 @@ import queue
 import threading
 import time
 
-from common import Progress, plural, write_json
-from data import load_instruction_data
-from llm import DEFAULT_TIMEOUT, DEFAULT_URL, ask, judge_prompt, parse_score
+from common import (AT_LEAST_1, POSITIVE, Progress, checked, lock_folder, plural, run_main, stop_on_interrupt,
+    writable_folder, write_json)
+from llm import DEFAULT_TIMEOUT, DEFAULT_URL, ask, check_server, check_url, judge_prompt, parse_score
+from results import RESPONSES, SUMMARY, load_responses, read_summary
 
 
-def load_responses(path, unfinished=False):
-    """The records of a responses file as eval.py writes it: a JSON array of entries, each with
-    a model_response (null for one not made yet, with unfinished=True) and perhaps its judges'
-    judge_scores and judge_replies. ValueError naming the entry that is not."""
-    if not path.endswith(".json"):
-        raise ValueError(f"{path}: expected a .json responses file as eval.py writes (test-responses.json)")
-    records = load_instruction_data(path)
-    for i, record in enumerate(records):
-        response = record.get("model_response")
-        if response is None and unfinished and "model_response" in record:
-            continue
-        if response is None and "model_response" in record:
-            raise ValueError(f"{path}: entry {i} has no response yet (eval.py was stopped before making it); "
-                             "run the same eval.py command again to finish the file")
-        if not isinstance(response, str):
-            raise ValueError(f"{path}: entry {i} has no 'model_response' string; is it a file eval.py wrote?")
-        for key, ok, kind in (("judge_scores", lambda v: v is None or type(v) is int and 0 <= v <= 100,
-                               "an integer from 0 to 100 or null"),
-                              ("judge_replies", lambda v: isinstance(v, str), "a string")):
-            judged = record.get(key, {})
-            if not isinstance(judged, dict) or not all(ok(v) for v in judged.values()):
-                raise ValueError(f"{path}: entry {i}: {key!r} must map each judge model to {kind}, got {judged!r}")
-    return records
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file", metavar="FILE", help=f"a responses file eval.py wrote (OUT/{RESPONSES})")
+    p.add_argument("--judge", metavar="MODEL", required=True, type=checked(str, str.strip, "a model name"),
+                   help="the judge model on the server, e.g. llama3")
+    p.add_argument("--url", default=DEFAULT_URL, help=f"the server: Ollama's address (default {DEFAULT_URL}), or one "
+                   "ending in /v1 for an OpenAI-compatible server ($OPENAI_API_KEY is sent if set)")
+    p.add_argument("--workers", metavar="N", type=AT_LEAST_1, default=1, help="requests at a time (default 1)")
+    p.add_argument("--timeout", metavar="SECONDS", type=POSITIVE, default=DEFAULT_TIMEOUT,
+                   help=f"seconds to wait for the server to answer (default {DEFAULT_TIMEOUT:g})")
+    args = p.parse_args(argv)
+    url = check_url(args.url)
+    with stop_on_interrupt(f"the {args.judge} scores so far are kept in {args.file}; the same command asks only "
+                           "for the rest"):
+        load_responses(args.file)  # a missing or malformed file stops here, before any request
+        folder = writable_folder(os.path.dirname(args.file) or ".")
+        lock = lock_folder(folder, "judge.py")  # held to the end: eval.py does not write there meanwhile
+        try:
+            judge(args.file, os.path.join(folder, SUMMARY), args.judge, url, args.workers, args.timeout)
+        finally:
+            if lock is not None:
+                lock.close()
+
+
+def judge(path, eval_path, model, url, workers, timeout):
+    """Score the responses file at path with the judge model, and add its summary to the
+    eval.json at eval_path (new, or updated) beside those of other judge models."""
+    report = read_summary(eval_path)
+    check_server(url, model, timeout)
+    try:
+        summary = judge_file(path, model, url, workers, timeout)
+    except (OSError, ValueError) as e:
+        raise OSError(f"{e}; the scores so far are kept in {path}, and a re-run of the same command "
+                      "asks only for the rest") from None
+    report["judge"] = {**report.get("judge", {}), model: summary}
+    write_json(report, eval_path)
+    mean = "no score" if summary["mean"] is None else f"mean score {summary['mean']:.2f}/100"
+    unparsed = f"{plural(summary['unparsed'], 'reply')} held no score from 0 to 100 (kept in judge_replies)" \
+        if summary["unparsed"] else "every reply held a score"
+    print(f"judge {model}: {mean} over {plural(summary['scored'], 'response')}; {unparsed}; wrote {eval_path}")
 
 
 def judge_file(path, model, url=DEFAULT_URL, workers=1, timeout=DEFAULT_TIMEOUT):
@@ -69,53 +94,62 @@ def judge_file(path, model, url=DEFAULT_URL, workers=1, timeout=DEFAULT_TIMEOUT)
         write_json(records, path)
     todo = [i for i in todo if records[i]["model_response"].strip()]
 
+    def on_reply(i, reply, progress):
+        record_reply(records[i], model, reply)
+        if records[i]["judge_scores"][model] is None:
+            progress.note(f"entry {i}: no score from 0 to 100 in the reply {reply[:80]!r}")
+        write_json(records, path)
+
+    ask_all({i: judge_prompt(records[i]) for i in todo}, model, url, workers, timeout, on_reply)
+
+    parsed = [s[model] for s in scores if s[model] is not None]
+    return {"url": url, "mean": sum(parsed) / len(parsed) if parsed else None,
+            "scored": len(parsed), "unparsed": len(records) - len(parsed),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def ask_all(prompts, model, url, workers, timeout, on_reply):
+    """Ask the model for a reply to each of prompts ({key: prompt}), `workers` requests at a
+    time, calling on_reply(key, reply, progress) in this thread as each arrives. A failed
+    request is raised once those under way have been answered (no new one is made after it)."""
     # Daemon threads make the requests: an interruption (Ctrl-C) does not wait for those under way.
-    # After a failure no new request is made; the replies of those under way are still kept.
     jobs, replies, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
-    for i in todo:
-        jobs.put(i)
+    for key in prompts:
+        jobs.put(key)
 
     def work():
         while not stop.is_set():
             try:
-                i = jobs.get_nowait()
+                key = jobs.get_nowait()
             except queue.Empty:
                 return
             try:
-                replies.put((i, ask(url, model, judge_prompt(records[i]), timeout), None))
+                replies.put((key, ask(url, model, prompts[key], timeout), None))
             except Exception as e:  # noqa: BLE001  (handed to the main thread, which raises it)
                 stop.set()
-                replies.put((i, None, e))
+                replies.put((key, None, e))
 
-    threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(todo)))]
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(prompts)))]
     for thread in threads:
         thread.start()
     error, done = None, 0
-    with Progress(f"judged by {model}:", len(todo)) as progress:
+    with Progress(f"judged by {model}:", len(prompts)) as progress:
         try:
             while any(thread.is_alive() for thread in threads) or not replies.empty():
                 try:
-                    i, reply, failed = replies.get(timeout=0.1)
+                    key, reply, failed = replies.get(timeout=0.1)
                 except queue.Empty:
                     continue
                 if failed is not None:
                     error = error or failed
                     continue
-                record_reply(records[i], model, reply)
-                if records[i]["judge_scores"][model] is None:
-                    progress.note(f"entry {i}: no score from 0 to 100 in the reply {reply[:80]!r}")
-                write_json(records, path)
+                on_reply(key, reply, progress)
                 done += 1
                 progress.update(done)
         finally:
             stop.set()
     if error is not None:
         raise error
-
-    parsed = [s[model] for s in scores if s[model] is not None]
-    return {"url": url, "mean": sum(parsed) / len(parsed) if parsed else None,
-            "scored": len(parsed), "unparsed": len(records) - len(parsed),
-            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def record_reply(record, model, reply):
@@ -130,14 +164,5 @@ def record_reply(record, model, reply):
         del record["judge_replies"]
 
 
-def main(argv=None):
-    """judge.py has no command line of its own: --help says how eval.py runs it; anything else is refused."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                usage="python eval.py --judge-only FILE --judge MODEL [--judge-url URL] ...")
-    p.parse_args(argv)
-    p.error("judge.py is run through eval.py: python eval.py --judge-only out/test-responses.json --judge llama3 "
-            "scores a responses file (python eval.py --help lists the --judge flags)")
-
-
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -56,12 +56,12 @@ def check_url(url):
     except ValueError:
         parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
-        raise ValueError(f"--judge-url must be a server's http(s) address such as {DEFAULT_URL} (Ollama) "
+        raise ValueError(f"--url must be a server's http(s) address such as {DEFAULT_URL} (Ollama) "
                          f"or http://localhost:8000/v1 (OpenAI-compatible), got {url!r}")
     url = url.rstrip("/")
     server = url.removesuffix("/api/chat").removesuffix("/chat/completions")
     if server != url:
-        raise ValueError(f"--judge-url is the server's address without the endpoint: {server}, not {url}")
+        raise ValueError(f"--url is the server's address without the endpoint: {server}, not {url}")
     return url
 
 
@@ -141,10 +141,10 @@ def failure(error, url, model, timeout):
         return f"the judge server at {url} answered HTTP {error.code} {error.reason}{error_detail(error)}"
     if isinstance(error, ConnectionRefusedError):
         start = f"start it with `ollama serve` (and `ollama pull {model}` once)" if not is_openai(url) \
-            else "start it, or correct --judge-url"
+            else "start it, or correct --url"
         return f"no judge server is running at {url}: {start}"
     if isinstance(error, TimeoutError):
-        return f"the judge server at {url} did not answer within {timeout:g} seconds (--judge-timeout)"
+        return f"the judge server at {url} did not answer within {timeout:g} seconds (--timeout)"
     return f"cannot reach the judge server at {url}: {error}"
 
 

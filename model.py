@@ -341,12 +341,30 @@ def hf_folder(name_or_path, cache_dir=None):
                 except OSError as e:
                     raise OSError(f"{e}, or pass a local folder with config.json and model.safetensors") from None
     else:
-        raise ValueError(f"'{name_or_path}' is neither a GPT-2 name ({', '.join(HF_REPOS)}) nor a local folder")
-    for file in ("config.json", "model.safetensors"):
+        raise unknown_model(name_or_path, f"a GPT-2 name ({', '.join(HF_REPOS)})")
+    check_gpt2_folder(folder)
+    return folder
+
+
+def unknown_model(name_or_path, names):
+    """The error for a model that is none of `names` nor an existing path: one that looks like a
+    path (a folder in it, or a model file's suffix) does not exist."""
+    if "/" in name_or_path or os.sep in name_or_path or name_or_path.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        return FileNotFoundError(f"{name_or_path} does not exist; a model is {names}, a local folder or a model file")
+    return ValueError(f"'{name_or_path}' is neither {names} nor a local folder")
+
+
+def check_gpt2_folder(folder, files=("config.json", "model.safetensors")):
+    """FileNotFoundError unless folder holds `files`, naming the checkpoint of a train.py output
+    folder given instead."""
+    for file in files:
         if not os.path.isfile(os.path.join(folder, file)):
+            checkpoints = [name for name in ("best.pt", "ckpt.pt") if os.path.isfile(os.path.join(folder, name))]
+            if checkpoints:
+                raise FileNotFoundError(f"{folder} is a train.py output folder, not a GPT-2 folder (it has no {file}); "
+                                        f"give its checkpoint, {os.path.join(folder, checkpoints[0])}")
             raise FileNotFoundError(f"{os.path.join(folder, file)} is missing; a GPT-2 folder needs "
                                     "config.json and model.safetensors")
-    return folder
 
 
 def hf_config(folder, context_length=None, drop_rate=0.0):
@@ -426,8 +444,9 @@ def build_model(name_or_path, pretrained=True, context_length=None, drop_rate=0.
     if name_or_path in PRESETS:
         return GPT(with_context_length(config_for(name_or_path, drop_rate=drop_rate), context_length))
     if os.path.isdir(name_or_path):
+        check_gpt2_folder(name_or_path, ["config.json"])
         return GPT(hf_config(name_or_path, context_length, drop_rate))
-    raise ValueError(f"'{name_or_path}' is neither a preset ({', '.join(PRESETS)}) nor a local folder")
+    raise unknown_model(name_or_path, f"a preset ({', '.join(PRESETS)})")
 
 
 # ----------------------------------------------------------------------------- command line

@@ -202,8 +202,8 @@ def bench_judge(n=40, delay=0.05, repeats=3):
                 judge_file(path, "bench", server.url, workers=workers)
                 seconds[workers].append(time.perf_counter() - start)
     one, four = (sorted(s)[repeats // 2] for s in seconds.values())
-    print(f"judge, {n} responses, server answering after {delay * 1000:.0f} ms: --judge-workers 1 {one:.2f} s, "
-          f"--judge-workers 4 {four:.2f} s = {four / one:.2f}x (target <= 0.4x)")
+    print(f"judge, {n} responses, server answering after {delay * 1000:.0f} ms: --workers 1 {one:.2f} s, "
+          f"--workers 4 {four:.2f} s = {four / one:.2f}x (target <= 0.4x)")
 
 
 def bench_serve(clients=8, new_tokens=64, repeats=2):

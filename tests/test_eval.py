@@ -256,7 +256,7 @@ def test_clean_response_cuts_template_markers_of_any_style():
 # ----------------------------------------------------------------------------- errors and atomic writes
 
 
-def test_errors_are_clear(tmp_path, capsys):
+def test_errors_are_clear(tmp_path, capsys, monkeypatch):
     entries = make_entries()
     data = write_data(tmp_path, entries)
     model = tiny_model()
@@ -274,8 +274,11 @@ def test_errors_are_clear(tmp_path, capsys):
         ev.main(["--ckpt", no_test])
     with pytest.raises(ValueError, match="give --out DIR"):
         ev.main(["--model", "gpt2"])
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     with pytest.raises(ValueError, match="give exactly one of --ckpt"):
         ev.main([])
+    assert os.listdir(".") == []  # found before any folder is used (the default --out is the checkpoint's)
     with pytest.raises(SystemExit):
         ev.main(["--ckpt", no_test, "--limit", "0"])
     assert "argument --limit: must be at least 1, got 0" in capsys.readouterr().err
@@ -294,9 +297,37 @@ def test_data_is_recognised_by_content_and_a_changed_file_refused(tmp_path):
     os.remove(data)
     moved_report, _ = run_eval("--ckpt", ckpt, "--data", moved, "--limit", 1, "--max-new-tokens", 2, "--force")
     assert moved_report["test_loss"] == report["test_loss"] and moved_report["data"] == moved
-    changed = write_data(tmp_path, entries[:-1] + [{**entries[-1], "output": "changed"}], "changed.json")
-    with pytest.raises(ValueError, match=f"^{changed} is not the data the checkpoint was trained on \\({data}\\)"):
-        ev.main(["--ckpt", ckpt, "--data", changed])
+
+    # the checkpoint's own file, changed since: refused, saying how to evaluate on it as it is now
+    changed_entries = entries[:-1] + [{**entries[-1], "output": "changed"}]
+    write_data(tmp_path, changed_entries)
+    with pytest.raises(ValueError, match=f"^{data} is not the data the checkpoint was trained on \\({data}\\): its "
+                                         f"content differs .*; to evaluate on it as it is now, give --data {data}$"):
+        ev.main(["--ckpt", ckpt, "--out", str(tmp_path / "refused")])
+
+
+def test_other_data_is_evaluated_on_its_own_test_split(tmp_path):
+    """eval.py --ckpt X --data OTHER, as a user runs it: OTHER's test split, a line saying so, and
+    eval.json recording OTHER."""
+    entries = make_entries()
+    data = write_data(tmp_path, entries)
+    model = tiny_model()
+    ckpt = save_ckpt(tmp_path / "run" / "ckpt.pt", model, data=data, data_fingerprint=prepare_data(data).fingerprint)
+    other_entries = [{**e, "output": f"Other answer {i}."} for i, e in enumerate(make_entries(30))]
+    other = write_data(tmp_path, other_entries, "other.json")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--ckpt", ckpt, "--data", other, "--out",
+                             str(tmp_path / "other"), "--max-new-tokens", "2", "--device", "cpu"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stdout.splitlines() if "not the data" in line]
+    assert notes == [f"note: {other} is not the data the checkpoint was trained on ({data}); evaluating on its test "
+                     "split"]
+    report, records = read_json(tmp_path / "other" / "eval.json"), read_json(tmp_path / "other" / "test-responses.json")
+    assert [{k: r[k] for k in e} for e, r in zip(other_entries[15:24], records)] == other_entries[15:24]
+    assert len(records) == report["n_test_entries"] == 9  # 0.5,0.3 of 30 entries: the checkpoint's fractions
+    assert report["data"] == other and report["data_sha256"] == prepare_data(other).fingerprint["sha256"]
+    assert report["test_loss"] == pytest.approx(loss_by_hand(model, other_entries[15:24], "alpaca", False, 16, 128),
+                                                abs=1e-5)
 
 
 def test_an_unwritable_out_fails_before_any_work(tmp_path, monkeypatch):
@@ -310,12 +341,63 @@ def test_an_unwritable_out_fails_before_any_work(tmp_path, monkeypatch):
         ev.main(["--ckpt", ckpt, "--out", str(tmp_path / "a-file" / "under")])
 
 
+def eval_py(*argv, timeout=300):
+    """eval.py run to its end in a process of its own, as a user runs it."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *map(str, argv)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=timeout)
+
+
 def test_cli_missing_checkpoint_is_one_line(tmp_path):
     missing = tmp_path / "missing.pt"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--ckpt", str(missing)],
-                            capture_output=True, text=True, cwd=ROOT, env=os.environ.copy(), timeout=120)
+    result = eval_py("--ckpt", missing)
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: checkpoint {missing} does not exist"
+    result = eval_py("--ckpt", tmp_path / "nowhere" / "missing.pt")  # its folder, the default --out, is not made
+    assert result.returncode == 1 and result.stderr.endswith("nowhere/missing.pt does not exist\n")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("out", ["", "/sys/foo", "/proc/foo"])
+def test_an_out_that_cannot_be_a_folder_is_refused_first(tmp_path, out):
+    """Before any data is read or model built, and without writing anything anywhere (an empty
+    --out is no stand-in for the checkpoint's folder)."""
+    ckpt = save_ckpt(tmp_path / "run" / "ckpt.pt", tiny_model(), data=write_data(tmp_path, make_entries()))
+    result = eval_py("--ckpt", ckpt, "--out", out, "--max-new-tokens", 2, "--device", "cpu")
+    assert result.returncode == 1 and result.stdout == "" and len(result.stderr.splitlines()) == 1, result.stderr
+    if out:
+        assert result.stderr.startswith(f"error: cannot write in {out} (")
+    else:
+        assert result.stderr == "error: --out is empty; give the folder for test-responses.json and eval.json\n"
+    assert os.listdir(tmp_path / "run") == ["ckpt.pt"] and not os.path.exists(out)
+
+
+def test_model_paths_that_are_no_model_say_so(tmp_path):
+    """--model with a file that does not exist, or a train.py output folder; --reference that does not fit."""
+    result = eval_py("--model", tmp_path / "out" / "nope.pt", "--out", tmp_path / "o")
+    assert result.returncode == 1 and result.stderr == (
+        f"error: {tmp_path / 'out' / 'nope.pt'} does not exist; a model is a GPT-2 name (gpt2, gpt2-medium, "
+        "gpt2-large, gpt2-xl), a local folder or a model file\n")
+    run = tmp_path / "run"
+    save_ckpt(run / "best.pt", tiny_model(), data=write_data(tmp_path, make_entries()))
+    result = eval_py("--model", run, "--out", tmp_path / "o")
+    assert result.returncode == 1 and result.stderr == (
+        f"error: {run} is a train.py output folder, not a GPT-2 folder (it has no config.json); give its "
+        f"checkpoint, {run / 'best.pt'}\n")
+
+
+def test_a_reference_that_does_not_fit_is_found_before_the_losses(tmp_path):
+    entries = [{**e, "chosen": f"Sure: {e['output']}", "rejected": "No."} for e in make_entries()]
+    data = write_data(tmp_path, entries)
+    ckpt = save_ckpt(tmp_path / "dpo" / "best.pt", tiny_model(), data=data)
+    short = save_ckpt(tmp_path / "sft" / "best.pt", tiny_model(context_length=64), data=data)
+    result = eval_py("--ckpt", ckpt, "--reference", short, "--max-new-tokens", 2, "--device", "cpu")
+    assert result.returncode == 1 and "test loss" not in result.stdout + result.stderr
+    assert result.stderr == (f"error: --reference {short} has a context of 64 tokens, shorter than the 128 of the "
+                             "model evaluated; give the model DPO started from\n")
+    result = eval_py("--ckpt", ckpt, "--reference", tmp_path / "nope.pt", "--max-new-tokens", 2, "--device", "cpu")
+    assert result.returncode == 1
+    assert result.stderr == f"error: --reference: checkpoint {tmp_path / 'nope.pt'} does not exist\n"
+    assert sorted(os.listdir(tmp_path / "dpo")) == [".lock", "best.pt"]  # nothing written
 
 
 def test_an_interrupted_run_leaves_no_half_written_json(tmp_path, monkeypatch):
@@ -325,7 +407,7 @@ def test_an_interrupted_run_leaves_no_half_written_json(tmp_path, monkeypatch):
         f.write('{"half": ')
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ev.json, "dump", dump_half_then_interrupt)
+    monkeypatch.setattr(json, "dump", dump_half_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         ev.write_json({"new": True}, str(tmp_path / "eval.json"))
     assert (tmp_path / "eval.json").read_text() == '{"old": true}\n'
@@ -337,7 +419,7 @@ def test_an_interrupted_run_leaves_no_half_written_json(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as stopped:  # Ctrl-C before the first batch is done: the files say so
         ev.main(["--ckpt", ckpt, "--device", "cpu"])
     assert stopped.value.code == 130
-    assert sorted(os.listdir(tmp_path / "run")) == ["ckpt.pt", "eval.json", "test-responses.json"]
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock", "ckpt.pt", "eval.json", "test-responses.json"]
     assert read_json(tmp_path / "run" / "test-responses.json") == [{**e, "model_response": None}
                                                                   for e in make_entries()[10:16]]
     report = read_json(tmp_path / "run" / "eval.json")
@@ -401,6 +483,84 @@ def test_an_interrupted_eval_continues_to_the_responses_of_an_uninterrupted_one(
         {k: v for k, v in whole_report.items() if k != "tokens_per_second"}
 
 
+def test_force_stopped_by_ctrl_c_is_continued_by_the_same_command(tmp_path):
+    """--force replaces another evaluation's results, and only those: stopped, the same command
+    (still with --force) continues what it had made, as its message promised."""
+    entries = make_entries(40)  # 12 test entries, in 6 batches of 2
+    ckpt = save_ckpt(tmp_path / "run" / "ckpt.pt", tiny_model(seed=3), data=write_data(tmp_path, entries),
+                     train_frac=0.5, test_frac=0.3)
+    run_eval("--ckpt", ckpt, "--limit", 2, "--max-new-tokens", 2)  # another evaluation's results, in the folder
+    command = ["--ckpt", ckpt, "--batch-size", 2, "--max-new-tokens", 32, "--temperature", 1.0, "--top-k", 50,
+               "--force", "--device", "cpu"]
+    responses = tmp_path / "run" / "test-responses.json"
+
+    def made_here():
+        try:
+            records = read_json(responses)
+        except (OSError, ValueError):
+            return 0
+        return sum(r["model_response"] is not None for r in records) if len(records) == 12 else 0
+
+    proc = script(*command)
+    wait_for(proc, lambda: made_here() >= 2, "a first batch of responses")
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    kept = made_here()
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert f"--force: replacing {responses}, which holds 2 responses of {ckpt} from another evaluation (2 entries, " \
+           "not 12 (--limit); --max-new-tokens 2, not 32" in stdout
+    assert stdout.splitlines()[-1] == (f"interrupted: {kept} of 12 responses are kept in {responses}; "
+                                       "the same command continues from them")
+    assert 2 <= kept < 12, kept
+
+    again = eval_py(*command)  # the up-arrow: the same command, --force and all
+    assert again.returncode == 0, again.stderr
+    assert f"continuing the evaluation in {tmp_path / 'run'}: {kept} of 12 responses were made before" in again.stdout
+    assert "--force: replacing" not in again.stdout and "from the earlier run" in again.stdout
+    whole = eval_py(*command, "--out", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    assert read_json(responses) == read_json(tmp_path / "whole" / "test-responses.json")
+
+
+def test_one_run_at_a_time_in_a_folder(tmp_path):
+    """Two real eval.py processes into one folder: the second is refused in one sentence naming the
+    first, which a kill -9 ends without leaving anything to clean up; train.py's lock is eval.py's too."""
+    entries = make_entries(80)  # 40 test entries, a batch each: seconds of losses
+    ckpt = save_ckpt(tmp_path / "run" / "ckpt.pt", tiny_model(), data=write_data(tmp_path, entries),
+                     train_frac=0.25, test_frac=0.5)
+    command = ["--ckpt", ckpt, "--batch-size", 1, "--max-new-tokens", 2, "--device", "cpu"]
+    first = script(*command)
+    lines = [""]
+    try:
+        wait_for(first, lambda: lines[-1].startswith("test loss: batch 1/40,") or lines.append(first.stderr.readline()),
+                 "a progress line of the test loss")
+        second = eval_py(*command, "--limit", 2)
+        assert second.returncode == 1 and second.stdout == ""
+        assert second.stderr == (f"error: {tmp_path / 'run'} is in use by eval.py (process {first.pid}); wait for it "
+                                 "to end, or give another folder\n")
+    finally:
+        first.kill()  # kill -9: the kernel releases its lock
+        first.communicate(timeout=60)
+    assert first.returncode == -signal.SIGKILL
+    third = eval_py(*command, "--limit", 2)
+    assert third.returncode == 0, third.stderr
+    assert read_json(tmp_path / "run" / "eval.json")["n_evaluated"] == 2
+
+    hold = "import sys, common; lock = common.lock_folder(sys.argv[1], 'train.py'); print('locked', flush=True); " \
+        "sys.stdin.read()"
+    training = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "run")], cwd=ROOT, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert training.stdout.readline() == "locked\n"
+        refused = eval_py(*command, "--limit", 2)
+    finally:
+        training.kill()
+        training.communicate(timeout=60)
+    assert refused.returncode == 1 and refused.stderr == (
+        f"error: {tmp_path / 'run'} is in use by train.py (process {training.pid}); wait for it to end, or give "
+        "another folder\n")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_during_the_losses_writes_nothing(tmp_path, signum):
     entries = make_entries(80)  # 40 test entries, a batch each: seconds of losses
@@ -414,7 +574,7 @@ def test_ctrl_c_or_sigterm_during_the_losses_writes_nothing(tmp_path, signum):
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     assert stdout.splitlines()[-1] == "interrupted: nothing was written; run the same command again"
-    assert os.listdir(tmp_path / "run") == ["ckpt.pt"]
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock", "ckpt.pt"]  # .lock: the lock eval.py held
 
 
 def test_a_second_evaluation_does_not_destroy_the_first(tmp_path, capsys):
@@ -472,7 +632,7 @@ def test_raw_text_checkpoints_get_their_validation_loss(tmp_path, capsys):
     assert report["val_loss"] == pytest.approx(by_hand.mean().item(), abs=1e-5)
     assert report["val_perplexity"] == pytest.approx(math.exp(report["val_loss"]), rel=1e-6)
     assert report["n_val_windows"] == len(splits.val) > 1 and "test_loss" not in report
-    assert sorted(os.listdir(tmp_path / "run")) == ["ckpt.pt", "eval.json"]
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock", "ckpt.pt", "eval.json"]
     assert f"val loss {report['val_loss']:.4f}" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"story.txt is raw text, with no test entries to respond to: eval.py reports "
                                          r"its validation loss and perplexity only; drop --limit, --max-new-tokens$"):
@@ -657,7 +817,25 @@ def test_choice_flag_mistakes_are_one_sentence(tmp_path):
         ev.main(["--ckpt", ckpt, "--choices", "a,b", "--max-new-tokens", "5", "--temperature", "1"])
     with pytest.raises(ValueError, match="^--choice-norm goes with --choices$"):
         ev.main(["--ckpt", ckpt, "--choice-norm"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "data.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "ckpt.pt", "data.json"]  # no results
+
+
+def test_references_that_are_none_of_the_choices_are_counted_in_one_sentence(tmp_path, capsys):
+    entries = topic_entries()
+    entries[12]["output"] = "Weather"
+    ckpt = save_ckpt(tmp_path / "run" / "ckpt.pt", tiny_model(seed=4), data=write_data(tmp_path, entries))
+    result = eval_py("--ckpt", ckpt, "--choices", ",".join(TOPICS), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "\nwarning: 1 test output of 6 is none of the choices (such as 'Weather') and counts as wrong\n" in \
+        result.stdout
+    assert read_json(tmp_path / "run" / "eval.json")["choice_scores"]["confusion_matrix"]["rows"][-1] == \
+        ev.NOT_A_CHOICE
+    entries[14]["output"] = "Health"
+    report, _ = run_eval("--ckpt", ckpt, "--data", write_data(tmp_path, entries, "two.json"), "--choices",
+                         ",".join(TOPICS), "--out", tmp_path / "two")
+    assert "\nwarning: 2 test outputs of 6 are none of the choices (such as 'Weather') and count as wrong\n" in \
+        capsys.readouterr().out
+    assert sum(report["choice_scores"]["confusion_matrix"]["counts"][-1]) == 2
 
 
 def test_split_overrides_the_checkpoints_fractions(tmp_path, capsys):

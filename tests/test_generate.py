@@ -2,6 +2,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -204,7 +205,7 @@ def test_cli_interactive_chat_goes_on_after_an_overlong_message(tmp_path):
     result = run_script("--ckpt", ckpt, "--interactive", "--max-new-tokens", "8", "--device", "cpu",
                         stdin=f"Say hi.\n{overlong}\nSay hi.\n")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "> " + first + "\n> > " + again + "\n> "
+    assert result.stdout == "> " + first + "\n> > " + again + "\n> \n"  # the end of input ends the line
     n_prompt = len(encode(format_prompt({"instruction": overlong.strip(), "input": ""})))
     assert (f"error: this message makes a prompt of {n_prompt} tokens, more than the context of 128; "
             "write a shorter one\n") in result.stderr
@@ -242,6 +243,10 @@ def test_cli_errors_are_one_line(tmp_path):
     result = run_script("--ckpt", str(tmp_path), "--prompt", "hi")
     assert result.returncode == 1
     assert result.stderr == f"error: checkpoint {tmp_path} is a directory, not a checkpoint file\n"
+    result = run_script("--model", str(tmp_path / "nope.pt"), "--prompt", "hi")
+    assert result.returncode == 1 and result.stderr == (f"error: {tmp_path / 'nope.pt'} does not exist; a model is a "
+                                                        "GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a local "
+                                                        "folder or a model file\n")
 
 
 def test_cli_marks_answers_with_their_instruction_on_one_line(tmp_path):
@@ -278,7 +283,7 @@ def test_cli_interactive_uses_input_for_every_instruction(tmp_path):
     result = run_script("--ckpt", ckpt, "--interactive", "--input", "Bob", "--max-new-tokens", "6", "--device", "cpu",
                         stdin="Say hi.\nGreet.\n")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"> {first}\n> {second}\n> "
+    assert result.stdout == f"> {first}\n> {second}\n> \n"
     assert "each message gets --input as its input" in result.stderr
 
 
@@ -360,7 +365,7 @@ def test_cli_chat_keeps_the_conversation_and_reset_and_system_messages(tmp_path)
     result = run_script("--ckpt", ckpt, "--interactive", "--system", "Be brief.", "--max-new-tokens", "6",
                         "--device", "cpu", stdin="Say hi.\nName a color.\n/reset\nName a color.\n")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"> {first}\n> {second}\n> > {fresh}\n> "
+    assert result.stdout == f"> {first}\n> {second}\n> > {fresh}\n> \n"
     assert "(a new conversation)" in result.stderr
     result = run_script("--ckpt", ckpt, "--system", "Be brief.", "--prompt", "hi")
     assert result.returncode == 2 and "--system goes with --interactive" in result.stderr
@@ -381,7 +386,7 @@ def test_cli_chat_drops_the_oldest_exchanges_when_the_context_fills(tmp_path):
     result = run_script("--ckpt", ckpt, "--interactive", "--max-new-tokens", "20", "--device", "cpu",
                         stdin="\n".join(lines) + "\n")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "".join(f"> {text}\n" for text in printed) + "> "
+    assert result.stdout == "".join(f"> {text}\n" for text in printed) + "> \n"
     assert "(1 earlier exchange dropped from the conversation to fit the context of 128 tokens)" in result.stderr
 
 
@@ -410,8 +415,75 @@ def test_ctrl_c_during_a_reply_stops_it_and_the_chat_goes_on(tmp_path, monkeypat
     partial = decode(generate(model, [encode_conversation([user("Say hi.")], "alpaca")[0]], 8)[0][:4])
     second, _ = reply_to(model, [user("Say hi."), {"role": "assistant", "content": partial.strip()},
                                  user("Name a color.")], 8)
-    assert out == f"> {partial.lstrip()}\n> {second}\n> "
+    assert out == f"> {partial.lstrip()}\n> {second}\n> \n"
     assert "(reply stopped)" in err and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def whitespace_then_end(model, prompt):
+    """The model with its second greedy token after `prompt` renamed end-of-text (the two swap
+    embeddings, which the output head is tied to): a random tiny model often says a newline
+    first, and then its reply is whitespace only. All else it does is the same under the new names."""
+    first, second = generate(model, [prompt], 2, eos_id=None)[0]
+    assert not decode([first]).strip() and second not in prompt + [EOT_ID]
+    with torch.no_grad():
+        model.wte.weight[:, [second, EOT_ID]] = model.wte.weight[:, [EOT_ID, second]]
+    assert generate(model, [prompt], 8) == [[first]]
+    return model
+
+
+def test_cli_chat_leaves_a_whitespace_reply_out_of_the_conversation(tmp_path):
+    model = whitespace_then_end(tiny_gpt2_vocab(seed=0), encode_conversation([user("Say hi.")], "alpaca")[0])
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_checkpoint({"model": model.state_dict(), "config": vars(model.config), "prompt_style": "alpaca"}, ckpt)
+    answer, _ = reply_to(model, [user("What is 2+2?")], 6)  # as if "Say hi." had never been said
+    assert answer.strip() and answer != reply_to(model, [user("Say hi."), {"role": "assistant", "content": ""},
+                                                       user("What is 2+2?")], 6)[0]
+    result = run_script("--ckpt", ckpt, "--interactive", "--max-new-tokens", "6", "--device", "cpu",
+                        stdin="Say hi.\nWhat is 2+2?\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"> \n> {answer}\n> \n"
+    assert result.stderr.count("(empty reply: only whitespace; this exchange is left out of the conversation)\n") == 1
+    result = run_script("--ckpt", ckpt, "--prompt", "Say hi.", "--max-new-tokens", "6", "--device", "cpu")
+    assert result.returncode == 0 and result.stdout == "\n" and result.stderr == "(empty response: only whitespace)\n"
+
+
+def test_cli_chat_ends_its_line_on_ctrl_d_at_a_terminal(tmp_path):
+    """On a terminal (a pseudo-terminal here), Ctrl-D at the "> " prompt quits with a newline, so
+    that the shell's prompt starts a line of its own."""
+    import pty
+    import select
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_tiny_checkpoint(ckpt)
+    controller, terminal = pty.openpty()  # input() writes its prompt to stderr on a terminal
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "generate.py"), "--ckpt", ckpt, "--interactive",
+                             "--max-new-tokens", "4", "--device", "cpu"], stdin=terminal, stdout=terminal,
+                            stderr=terminal, cwd=ROOT)
+    os.close(terminal)
+    shown = b""
+
+    def read_until(done, timeout=120):
+        nonlocal shown
+        deadline = time.time() + timeout
+        while not done() and select.select([controller], [], [], max(deadline - time.time(), 0))[0]:
+            try:
+                chunk = os.read(controller, 1024)
+            except OSError:  # EIO: every process holding the terminal has ended
+                return
+            if not chunk:
+                return
+            shown += chunk
+
+    try:
+        read_until(lambda: shown.endswith(b"> "))  # the prompt, waiting for a message
+        assert shown.endswith(b"> "), shown
+        os.write(controller, b"\x04")  # Ctrl-D
+        read_until(lambda: False)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        os.close(controller)
+    assert proc.returncode == 0, shown
+    assert shown.endswith(b"> \r\n"), shown
 
 
 def plain_choice_logprob(model, prompt, choice):

@@ -1,4 +1,4 @@
-"""Tests of judge.py and eval.py's --judge flags against a real chat server on 127.0.0.1 (tests/judge_server.py)."""
+"""Tests of judge.py, its scoring and its command line, against a real chat server on 127.0.0.1 (judge_server.py)."""
 import json
 import os
 import re
@@ -14,7 +14,6 @@ import eval as ev
 import judge
 import llm
 from checkpoint import save_checkpoint
-from common import run_main
 from model import GPT, config_for
 from judge_server import closed_port_url, echo as judge_server_echo, judge_server
 
@@ -92,7 +91,7 @@ def test_check_url():
     assert llm.check_url("http://localhost:11434/") == "http://localhost:11434"
     assert llm.check_url("https://api.openai.com/v1") == "https://api.openai.com/v1"
     for bad in ["localhost:11434", "ftp://host", "http://", "http://host:port", "http://host/?a=1"]:
-        with pytest.raises(ValueError, match=f"--judge-url must be a server's http\\(s\\) address .* got '{re.escape(bad)}'"):
+        with pytest.raises(ValueError, match=f"--url must be a server's http\\(s\\) address .* got '{re.escape(bad)}'"):
             llm.check_url(bad)
     with pytest.raises(ValueError, match="address without the endpoint: http://host:11434, not http://host:11434/api"):
         llm.check_url("http://host:11434/api/chat")
@@ -153,7 +152,7 @@ def test_failures_are_one_clear_sentence_and_leave_the_file_intact(tmp_path):
     with pytest.raises(OSError, match=r"no judge server is running at http://127.0.0.1:\d+: start it with "
                                       r"`ollama serve` \(and `ollama pull llama3` once\)$"):
         judge.judge_file(path, "llama3", closed_port_url())
-    with pytest.raises(OSError, match="no judge server is running at .*/v1: start it, or correct --judge-url"):
+    with pytest.raises(OSError, match="no judge server is running at .*/v1: start it, or correct --url"):
         judge.judge_file(path, "llama3", closed_port_url() + "/v1")
     with judge_server(delay=1.0) as server:
         with pytest.raises(OSError, match=f"the judge server at {server.url} did not answer within 0.2 seconds"):
@@ -240,14 +239,25 @@ def test_workers_run_that_many_requests_at_once(tmp_path, workers):
     assert [r["judge_scores"]["llama3"] for r in read(path)] == list(range(6))  # in file order, as replies come
 
 
-# ----------------------------------------------------------------------------- eval.py
+# ----------------------------------------------------------------------------- judge.py's command line, after eval.py
+
+
+def judge_py(*argv, timeout=120):
+    """judge.py in a process of its own, as a user runs it."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "judge.py"), *map(str, argv)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=timeout)
+
+
+def results_in(folder):
+    """{name: contents} of the files in folder, but for .lock (which says who held the folder's lock last)."""
+    return {name: (folder / name).read_bytes() for name in os.listdir(folder) if name != ".lock"}
 
 
 def score_by_length(prompt):
     return f"Score: {len(prompt) % 101}"
 
 
-def test_eval_judges_its_responses_and_writes_both_files(tmp_path, capsys, monkeypatch):
+def test_judge_py_scores_eval_pys_responses_and_both_files_keep_them(tmp_path, monkeypatch):
     entries = [{"instruction": f"Say the number {i}.", "input": "", "output": str(i)} for i in range(20)]
     data = tmp_path / "data.json"
     data.write_text(json.dumps(entries))
@@ -258,78 +268,85 @@ def test_eval_judges_its_responses_and_writes_both_files(tmp_path, capsys, monke
                      "mask_instructions": False, "context_length": 128, "data": str(data),
                      "train_frac": 0.5, "test_frac": 0.3}, ckpt)
     command = ["--ckpt", ckpt, "--max-new-tokens", "4", "--device", "cpu"]
+    ev.main(command)  # the chapter's first step: the responses
+    path, eval_path = tmp_path / "run" / "test-responses.json", tmp_path / "run" / "eval.json"
+    evaluated = read(eval_path)
+
     # a judge server that is not running is found before anything is done
-    with pytest.raises(OSError, match="^no judge server is running at .*: start it with `ollama serve`"):
-        ev.main([*command, "--judge", "llama3", "--judge-url", closed_port_url()])
-    assert os.listdir(tmp_path / "run") == ["ckpt.pt"]
+    before = results_in(tmp_path / "run")
+    down = judge_py(path, "--judge", "llama3", "--url", closed_port_url())
+    assert down.returncode == 1 and re.fullmatch(r"error: no judge server is running at .*: start it with "
+                                                 r"`ollama serve` \(and `ollama pull llama3` once\)\n", down.stderr)
+    assert results_in(tmp_path / "run") == before
 
     with judge_server(reply=score_by_length, models=("llama3", "qwen2:7b")) as server:
-        ev.main([*command, "--judge", "llama3", "--judge-url", server.url, "--judge-workers", "2"])
+        judged = judge_py(path, "--judge", "llama3", "--url", server.url, "--workers", "2")
+        assert judged.returncode == 0, judged.stderr
         assert server.model_lists == ["/api/tags"] and len(server.requests) > 0
-        records, report = read(tmp_path / "run" / "test-responses.json"), read(tmp_path / "run" / "eval.json")
+        records, report = read(path), read(eval_path)
         expected = [len(llm.judge_prompt(r)) % 101 if r["model_response"].strip() else 0 for r in records]
         assert [r["judge_scores"] for r in records] == [{"llama3": s} for s in expected] and len(records) == 6
         assert list(report["judge"]) == ["llama3"]
         assert list(report["judge"]["llama3"]) == ["url", "mean", "scored", "unparsed", "seconds"]
         assert report["judge"]["llama3"]["mean"] == pytest.approx(sum(expected) / 6)
         assert [report["judge"]["llama3"][k] for k in ("url", "scored", "unparsed")] == [server.url, 6, 0]
-        assert report["n_evaluated"] == 6 and "f1" in report  # the rest of eval.json as before
-        assert f"judge llama3: mean score {sum(expected) / 6:.2f}/100 over 6 responses" in capsys.readouterr().out
+        assert {k: v for k, v in report.items() if k != "judge"} == evaluated  # the rest of eval.json as before
+        assert f"judge llama3: mean score {sum(expected) / 6:.2f}/100 over 6 responses" in judged.stdout
 
-        # a second judge model: the same command continues (nothing generated again), and both judges' scores stay
-        monkeypatch.setattr(ev, "generate", lambda *a, **k: pytest.fail("generated the responses again"))
-        ev.main([*command, "--judge", "qwen2:7b", "--judge-url", server.url])
-    records2, report2 = read(tmp_path / "run" / "test-responses.json"), read(tmp_path / "run" / "eval.json")
+        # a second judge model: its scores go beside the first one's
+        assert judge_py(path, "--judge", "qwen2:7b", "--url", server.url).returncode == 0
+    records2, report2 = read(path), read(eval_path)
     assert [r["judge_scores"] for r in records2] == [{"llama3": s, "qwen2:7b": s} for s in expected]
     assert list(report2["judge"]) == ["llama3", "qwen2:7b"] and report2["judge"]["llama3"] == report["judge"]["llama3"]
     assert report2["judge"]["qwen2:7b"]["mean"] == report["judge"]["llama3"]["mean"]
 
-    # a judge model the server does not have: refused before any work, every file as it was
-    monkeypatch.setattr(ev, "load_for_inference", lambda *a, **k: pytest.fail("loaded a model for a missing judge"))
-    before = {name: (tmp_path / "run" / name).read_bytes() for name in os.listdir(tmp_path / "run")}
+    # eval.py's same command again continues (nothing generated again), and both judges' scores stay
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: pytest.fail("generated the responses again"))
+    ev.main(command)
+    assert read(path) == records2 and read(eval_path) == report2
+    monkeypatch.undo()
+
+    # a judge model the server does not have: refused before any request, every file as it was
+    before = results_in(tmp_path / "run")
     for url, message in [("", "the Ollama server at {url} does not have the model 'llama-3' (it has llama3:latest, "
                                  "qwen2:7b); run `ollama pull llama-3`"),
                          ("/v1", "the judge server at {url} does not serve the model 'llama-3' (it has llama3, "
                                  "qwen2:7b); check --judge")]:
         with judge_server(models=("llama3", "qwen2:7b")) as server:
-            with pytest.raises(OSError) as refused:
-                ev.main([*command, "--judge", "llama-3", "--judge-url", server.url + url])
-            with pytest.raises(OSError) as refused_only:
-                ev.main(["--judge-only", str(tmp_path / "run" / "test-responses.json"), "--judge", "llama-3",
-                         "--judge-url", server.url + url])
-        assert str(refused.value) == str(refused_only.value) == message.format(url=server.url + url)
-        assert server.requests == [] and len(server.model_lists) == 2
-    assert {name: (tmp_path / "run" / name).read_bytes() for name in os.listdir(tmp_path / "run")} == before
+            refused = judge_py(path, "--judge", "llama-3", "--url", server.url + url)
+        assert refused.returncode == 1 and refused.stderr == f"error: {message.format(url=server.url + url)}\n"
+        assert server.requests == [] and len(server.model_lists) == 1
+    assert results_in(tmp_path / "run") == before
 
-    # a judge that fails once the responses are written: they, and the rest of eval.json, are kept
-    monkeypatch.undo()
+    # a judge that fails midway: the responses, and the rest of eval.json, are kept
     with judge_server(status=lambda n: 500, models=("gemma",)) as server:
-        with pytest.raises(OSError, match="HTTP 500 .*; the scores so far are kept in .*test-responses.json, "
-                                          "and a re-run of the same command asks only for the rest"):
-            ev.main([*command, "--judge", "gemma", "--judge-url", server.url])
-    assert read(tmp_path / "run" / "test-responses.json") == records2
-    assert read(tmp_path / "run" / "eval.json") == report2
+        failed = judge_py(path, "--judge", "gemma", "--url", server.url)
+    assert failed.returncode == 1 and re.fullmatch(
+        r"error: .*HTTP 500 .*; the scores so far are kept in .*test-responses.json, and a re-run of the same "
+        r"command asks only for the rest\n", failed.stderr), failed.stderr
+    assert read(path) == records2
+    assert read(eval_path) == report2
 
 
-def test_judge_only_scores_a_file_and_fills_the_eval_json_beside_it(tmp_path, capsys):
+def test_judge_py_fills_the_eval_json_beside_the_file(tmp_path):
     records = records_with(["85", "Score: 70", "eighty"])
     path = write_records(tmp_path / "run" / "test-responses.json", records)
     with judge_server(models=("llama3", "qwen")) as server:
-        ev.main(["--judge-only", path, "--judge", "llama3", "--judge-url", server.url])
+        first = judge_py(path, "--judge", "llama3", "--url", server.url)
         report = read(tmp_path / "run" / "eval.json")  # a new eval.json, holding the judge only
         assert list(report) == ["judge"] and list(report["judge"]) == ["llama3"]
         assert report["judge"]["llama3"]["mean"] == 77.5 and report["judge"]["llama3"]["unparsed"] == 1
-        assert "1 reply held no score from 0 to 100 (kept in judge_replies)" in capsys.readouterr().out
+        assert "1 reply held no score from 0 to 100 (kept in judge_replies)" in first.stdout
 
         # an existing eval.json keeps its other keys; the same judge asks again only for the reply with no score
         (tmp_path / "run" / "eval.json").write_text(json.dumps({"f1": 0.5, "judge": report["judge"]}))
-        ev.main(["--judge-only", path, "--judge", "llama3", "--judge-url", server.url + "/"])
+        again = judge_py(path, "--judge", "llama3", "--url", server.url + "/")
         assert len(server.requests) == 4 and read(tmp_path / "run" / "eval.json")["f1"] == 0.5
-        out = capsys.readouterr().out
-        assert "2 entries of 3 were scored by llama3 before" in out and "asking llama3 again for 1 entry" in out
+        assert "2 entries of 3 were scored by llama3 before" in again.stdout
+        assert "asking llama3 again for 1 entry" in again.stdout
 
         # another judge scores the file beside the first one
-        ev.main(["--judge-only", path, "--judge", "qwen", "--judge-url", server.url, "--judge-workers", "3"])
+        assert judge_py(path, "--judge", "qwen", "--url", server.url, "--workers", "3").returncode == 0
     assert [r["body"]["model"] for r in server.requests] == ["llama3"] * 4 + ["qwen"] * 3
     report = read(tmp_path / "run" / "eval.json")
     assert report["f1"] == 0.5 and list(report["judge"]) == ["llama3", "qwen"]
@@ -339,52 +356,68 @@ def test_judge_only_scores_a_file_and_fills_the_eval_json_beside_it(tmp_path, ca
                           for e, s, r in zip(records, [85, 70, None], kept_replies)]
 
 
-def test_judge_flags_are_checked_before_any_work(tmp_path, capsys):
-    path = write_records(tmp_path / "r.json", records_with(["85"]))
+def test_judge_py_mistakes_are_found_before_any_request(tmp_path, capsys):
+    path = write_records(tmp_path / "test-responses.json", records_with(["85"]))
     before = open(path).read()
+    (tmp_path / "eval.json").write_text("{not json")
+    url = closed_port_url()  # no request could be answered: each mistake is found before one is made
     errors = [
-        (["--judge-only", path, "--judge", "m", "--ckpt", "x.pt", "--limit", "3"],
-         "--judge-only scores an existing file and loads no model: drop --ckpt, --limit"),
-        (["--judge-only", path], "--judge-only needs --judge MODEL"),
-        (["--ckpt", "x.pt", "--judge-url", "http://h"], "--judge-url needs --judge MODEL"),
-        (["--ckpt", "x.pt", "--judge", "m", "--judge-url", "localhost:11434"], "--judge-url must be a server's"),
-        (["--judge-only", str(tmp_path / "none.json"), "--judge", "m"], "none.json: no such data file"),
-        (["--judge-only", str(tmp_path / "r.jsonl"), "--judge", "m"], "r.jsonl: expected a .json responses file"),
+        ([str(tmp_path / "none.json")], f"{tmp_path / 'none.json'}: no such responses file (eval.py writes "
+                                        f"test-responses.json in its --out folder); did you mean {path}?"),
+        ([str(tmp_path / "r.jsonl")], "r.jsonl: expected a .json responses file as eval.py writes"),
+        ([str(tmp_path / "eval.json")], f"{tmp_path / 'eval.json'} is eval.py's summary, not its responses; give the "
+                                        f"responses file {path} (eval.py writes both in its --out folder)"),
+        ([str(tmp_path)], f"{tmp_path} is a folder, not a responses file; did you mean {path}?"),
+        ([path, "--url", "localhost:11434"], "--url must be a server's http(s) address"),
+        ([path, "--url", url], "eval.json is not a JSON object as eval.py writes"),
     ]
     for argv, message in errors:
-        with pytest.raises((ValueError, OSError), match=message):
-            ev.main(argv)
+        with pytest.raises((ValueError, OSError), match=re.escape(message)):
+            judge.main([*argv, "--judge", "m"])
     no_response = write_records(tmp_path / "data.json", [{"instruction": "a", "input": "", "output": "b"}])
     with pytest.raises(ValueError, match="data.json: entry 0 has no 'model_response' string"):
-        ev.main(["--judge-only", no_response, "--judge", "m"])
+        judge.main([no_response, "--judge", "m", "--url", url])
     bad_score = write_records(tmp_path / "bad" / "r.json", [{**records_with(["1"])[0], "judge_scores": {"m": "85"}}])
     with pytest.raises(ValueError, match="entry 0: 'judge_scores' must map each judge model to an integer from 0 to "
                                          r"100 or null, got \{'m': '85'\}"):
-        ev.main(["--judge-only", bad_score, "--judge", "m"])
+        judge.main([bad_score, "--judge", "m", "--url", url])
     bad_reply = write_records(tmp_path / "bad" / "r.json", [{**records_with(["1"])[0], "judge_replies": {"m": 3}}])
     with pytest.raises(ValueError, match=r"entry 0: 'judge_replies' must map each judge model to a string, "
                                          r"got \{'m': 3\}"):
-        ev.main(["--judge-only", bad_reply, "--judge", "m"])
+        judge.main([bad_reply, "--judge", "m", "--url", url])
     unfinished = write_records(tmp_path / "bad" / "r.json", [{**records_with(["1"])[0], "model_response": None}])
     with pytest.raises(ValueError, match="entry 0 has no response yet \\(eval.py was stopped before making it\\); "
                                          "run the same eval.py command again to finish the file"):
-        ev.main(["--judge-only", unfinished, "--judge", "m"])
-    (tmp_path / "eval.json").write_text("{not json")
-    with pytest.raises(ValueError, match="eval.json is not a JSON object as eval.py writes"):
-        ev.main(["--judge-only", path, "--judge", "m"])
-    with pytest.raises(SystemExit):
-        ev.main(["--judge-only", path, "--judge", " "])
-    assert "argument --judge: must be a model name" in capsys.readouterr().err
+        judge.main([unfinished, "--judge", "m", "--url", url])
+    for argv, message in [([path, "--judge", " "], "argument --judge: must be a model name"),
+                          ([path], "the following arguments are required: --judge"),
+                          ([path, "--judge", "m", "--ckpt", "x.pt"], "unrecognized arguments: --ckpt x.pt"),
+                          ([path, "--judge", "m", "--workers", "0"], "argument --workers: must be at least 1, got 0"),
+                          ([path, "--judge", "m", "--timeout", "0"], "argument --timeout: must be a positive number")]:
+        with pytest.raises(SystemExit) as stopped:
+            judge.main(argv)
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
     assert open(path).read() == before and (tmp_path / "eval.json").read_text() == "{not json"
 
 
-def test_judge_server_down_is_one_line_and_exit_status_1(tmp_path):
+def test_judge_py_on_a_file_that_is_no_responses_or_a_server_that_is_down_is_one_line_and_exit_1(tmp_path):
+    missing = tmp_path / "out" / "nope.json"
+    missing.parent.mkdir()
+    result = judge_py(missing, "--judge", "llama3")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (f"error: {missing}: no such responses file (eval.py writes test-responses.json in its "
+                             "--out folder)\n")
+    summary = tmp_path / "out" / "eval.json"  # the other file eval.py writes
+    summary.write_text('{"f1": 0.5}')
+    result = judge_py(summary, "--judge", "llama3")
+    assert result.returncode == 1 and result.stderr == (
+        f"error: {summary} is eval.py's summary, not its responses; give the responses file "
+        f"{tmp_path / 'out' / 'test-responses.json'} (eval.py writes both in its --out folder)\n")
     path = write_records(tmp_path / "r.json", records_with(["85"]))
     url = closed_port_url()
-    with pytest.raises(SystemExit) as exit_:
-        run_main(lambda: ev.main(["--judge-only", path, "--judge", "llama3", "--judge-url", url]))
-    assert exit_.value.code == (f"error: no judge server is running at {url}: start it with `ollama serve` "
-                                f"(and `ollama pull llama3` once)")
+    result = judge_py(path, "--judge", "llama3", "--url", url)
+    assert result.returncode == 1 and result.stderr == (f"error: no judge server is running at {url}: start it with "
+                                                        "`ollama serve` (and `ollama pull llama3` once)\n")
 
 
 def test_check_server_reads_the_model_list_of_each_protocol(monkeypatch):
@@ -408,17 +441,35 @@ def test_check_server_reads_the_model_list_of_each_protocol(monkeypatch):
 
 
 def test_judge_py_says_how_it_is_run():
-    def run(*argv):
-        return subprocess.run([sys.executable, os.path.join(ROOT, "judge.py"), *argv], capture_output=True, text=True,
-                              cwd=ROOT, timeout=120)
-    shown = run("--help")
-    assert shown.returncode == 0 and shown.stdout.startswith("usage: python eval.py --judge-only FILE --judge MODEL")
-    assert "It has no command line of its own: eval.py\nruns it" in shown.stdout
-    refused = run()
+    shown = judge_py("--help")
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: judge.py [-h] --judge MODEL [--url URL]")
+    assert "python judge.py out/test-responses.json --judge llama3" in shown.stdout
+    refused = judge_py()
     assert refused.returncode == 2 and refused.stdout == ""
-    assert refused.stderr.splitlines()[-1] == (
-        "judge.py: error: judge.py is run through eval.py: python eval.py --judge-only out/test-responses.json "
-        "--judge llama3 scores a responses file (python eval.py --help lists the --judge flags)")
+    assert refused.stderr.splitlines()[-1] == "judge.py: error: the following arguments are required: FILE, --judge"
+
+
+def test_judge_py_waits_for_no_eval_py_at_work_in_the_same_folder(tmp_path):
+    """A process holding the folder's lock as eval.py does while it writes there is named, and
+    judge.py refused before any request; once it has ended, judge.py runs."""
+    path = write_records(tmp_path / "test-responses.json", records_with(["85"]))
+    hold = "import sys, common; lock = common.lock_folder(sys.argv[1], 'eval.py'); print('locked', flush=True); " \
+        "sys.stdin.read()"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], cwd=ROOT, text=True, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with judge_server() as server:
+            refused = judge_py(path, "--judge", "llama3", "--url", server.url)
+            assert refused.returncode == 1 and refused.stderr == (
+                f"error: {tmp_path} is in use by eval.py (process {holder.pid}); wait for it to end, or give another "
+                "folder\n")
+            assert server.requests == [] and "judge_scores" not in read(path)[0]
+            holder.communicate("", timeout=30)  # eval.py ends
+            assert judge_py(path, "--judge", "llama3", "--url", server.url).returncode == 0
+    finally:
+        holder.kill()
+    assert read(path)[0]["judge_scores"] == {"llama3": 85}
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -426,8 +477,8 @@ def test_ctrl_c_while_judging_with_workers_keeps_the_scores_and_exits_130(tmp_pa
     records = records_with([str(i) for i in range(40)])
     path = write_records(tmp_path / "r.json", records)
     with judge_server(delay=0.3) as server:
-        command = [sys.executable, os.path.join(ROOT, "eval.py"), "--judge-only", path, "--judge", "llama3",
-                   "--judge-url", server.url, "--judge-workers", "4"]
+        command = [sys.executable, os.path.join(ROOT, "judge.py"), path, "--judge", "llama3", "--url", server.url,
+                   "--workers", "4"]
         proc = subprocess.Popen(command, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         def scored_so_far():
@@ -440,7 +491,7 @@ def test_ctrl_c_while_judging_with_workers_keeps_the_scores_and_exits_130(tmp_pa
         stdout, stderr = proc.communicate(timeout=30)  # not waiting for the requests under way
         scored = scored_so_far()
         assert proc.returncode == 130 and "Traceback" not in stderr, stderr
-        assert stdout.splitlines()[-1] == (f"interrupted: the llama3 scores so far are kept in {path}; "
+        assert stderr.splitlines()[-1] == (f"interrupted: the llama3 scores so far are kept in {path}; "
                                            "the same command asks only for the rest")
         assert 4 <= len(scored) < 40
         asked = len(server.requests)
