@@ -12,9 +12,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE_ROW = re.compile(r"^\| `([^`]+)` \| (library|script|page) \|", re.MULTILINE)  # | `train.py` | script | ... |
 
 # Known exceptions, each removed by work under way; strict: the mark fails once the import is gone, so it goes too.
-KNOWN = {("eval", "judge"): "issue 27: eval.py still imports judge_file and load_responses from judge.py"}
-
-
 def file_table(readme=os.path.join(ROOT, "README.md")):
     """{file name: tier} from the rows of README.md's file table."""
     with open(readme, encoding="utf-8") as f:
@@ -91,9 +88,7 @@ def test_every_file_says_its_job_in_a_docstring(module):
     assert docstring and len(docstring.split()) >= 5, f"{module}.py needs a module docstring saying its job"
 
 
-@pytest.mark.parametrize("script", [
-    pytest.param(s, marks=[pytest.mark.xfail(strict=True, reason=KNOWN[pair]) for pair in KNOWN if pair[0] == s])
-    for s in scripts()])
+@pytest.mark.parametrize("script", scripts())
 def test_a_script_imports_no_other_script(script):
     imported = import_graph()[script] & set(scripts())
     assert not imported, f"{script}.py imports the script(s) {', '.join(sorted(imported))}: share through a library file"
