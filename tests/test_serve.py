@@ -249,7 +249,7 @@ def serve_stats(server):
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0] must be an object with a 'role'"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0] must be an object with a 'role'"),
     ({"messages": COLORS + [{"role": "system", "content": "x"}]}, "messages[1] is a system message after a user one"),
-    ({"messages": COLORS * 2}, "messages[1] is a user message after a user one"),
+    ({"messages": COLORS * 3}, "messages[2] is a user message after a user message and its input"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages[0] is an assistant message after nothing"),
     ({"messages": COLORS + [{"role": "assistant", "content": "hi"}]}, "the last message must be the user's"),
     ({"messages": [{"role": "user", "content": "word " * 200}]}, "over the model's context length of 128"),
@@ -258,8 +258,11 @@ def serve_stats(server):
     ({"messages": COLORS, "max_completion_tokens": 1.5}, "'max_completion_tokens' must be an integer"),
     ({"messages": COLORS, "temperature": True}, "'temperature' must be a number from 0 to 2, got true"),
     ({"messages": COLORS, "top_p": 0}, "'top_p' must be a number in (0, 1]"),
-    ({"messages": COLORS, "n": 2}, "'n' must be 1 (one reply per request), got 2"),
-    ({"messages": COLORS, "stop": [""]}, "'stop' must be a string or a list of up to 4 strings"),
+    ({"messages": COLORS, "n": 2}, "'n' must be 1 (one reply per prompt), got 2"),
+    ({"messages": COLORS, "stop": [""]}, "'stop' must be a string or a list of up to 4 strings, each of 1 to 1,000"),
+    ({"messages": COLORS, "stop": ""}, "'stop' must be a string or a list of up to 4 strings, each of 1 to 1,000"),
+    ({"messages": COLORS, "stop": list("abcde")}, "'stop' must be a string or a list of up to 4 strings"),
+    ({"messages": COLORS, "stop": ["x" * 1001]}, "each of 1 to 1,000 characters"),
     ({"messages": COLORS, "seed": -1}, "'seed' must be an integer from 0 to 2**63 - 1"),
     ({"messages": COLORS, "stream": "yes"}, "'stream' must be true or false"),
 ])
@@ -277,13 +280,10 @@ def test_bad_chat_requests_get_a_400_error_object(server, model, body, message):
 
 def test_unknown_routes_too_large_bodies_and_bad_completions(server):
     status, reply = call(server, "GET", "/v1/nothing")
-    assert status == 404 and reply["error"]["message"].startswith("no route GET /v1/nothing")
-    assert call(server, "GET", "/v1/chat/completions")[0] == 404
-    assert call(server, "POST", "/v1/completions", {"prompt": ["a", "b"]})[1]["error"]["message"] == \
-        "'prompt' must be a non-empty string (one prompt per request)"
+    assert status == 404 and reply["error"]["message"].startswith("no route /v1/nothing: this server has POST")
     # a body over the limit is refused from its Content-Length, unread; a length that is no number too
     for length, status, message in [(serve.MAX_BODY + 1, 413, f"over the limit of {serve.MAX_BODY}"),
-                                    (-5, 411, "a POST needs a Content-Length header")]:
+                                    (-5, 411, "a POST with a body needs a Content-Length header")]:
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
             s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % length)
             reply = b"".join(iter(lambda: s.recv(65536), b"")).decode()  # to the end: the server closes
@@ -310,7 +310,7 @@ def test_a_client_that_hangs_up_frees_its_row_at_once(model):
     with running(model) as server:
         submitted = []
         submit = server.engine.submit
-        server.engine.submit = lambda request: (submitted.append(request), submit(request))
+        server.engine.submit = lambda requests: (submitted.extend(requests), submit(requests))
         for k, stream in enumerate((True, False)):
             conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
             conn.request("POST", "/v1/completions", json.dumps({"prompt": "Long", "max_tokens": 120, "stream": stream}))
@@ -385,7 +385,7 @@ def test_cli_serves_a_checkpoint_and_stops_on_sigterm(tmp_path):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert err.splitlines()[-1] == ("stopped: 0 replies under way and 0 waiting were cut off; nothing is kept, "
+    assert err.splitlines()[-1] == ("stopped: cut off 0 replies under way and 0 waiting; nothing is kept, "
                                     "start serve.py again to go on")
 
 
