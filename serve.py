@@ -650,8 +650,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         """The standard library's own refusals (a malformed request line, headers too long) as
-        OpenAI error objects; the connection closes after them."""
+        OpenAI error objects, with a status line even when the request's version was unreadable;
+        the connection closes after them."""
         self.close_connection = True
+        self.request_version = "HTTP/1.1"
         self.send_json(code, APIError(code, message or self.responses.get(code, ("refused",))[0]).body)
 
     def log_message(self, format, *args):
