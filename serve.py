@@ -5,7 +5,7 @@
 
 POST /v1/chat/completions (messages in the model's prompt style), POST /v1/completions (raw
 prompts, or with "echo" and "logprobs" the log-probabilities of a prompt's tokens, as
-lm-evaluation-harness asks them), GET /v1/models, GET /health, GET / (chat.html). One engine
+lm-evaluation-harness asks them), POST /tokenize, GET /v1/models, GET /health, GET / (chat.html). One engine
 thread owns the model and the KV cache: a request joins the running batch at the next decoding
 step and leaves it when it is done, so a short reply never waits for a long one and greedy
 replies are generate()'s. Nothing a request sends can fail or stall another: its settings are
@@ -43,9 +43,11 @@ MAX_STOPS, MAX_STOP_CHARS = 4, 1000  # stop strings of a request (OpenAI's limit
 MIN_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 5  # the most likely tokens listed per position with "logprobs", as OpenAI's legacy completions
 CHAT_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
-# path -> (method, handler name); every GET route also answers HEAD
+# path -> (method, handler name); every GET route also answers HEAD; all but the first two need the API key
 ROUTES = {"/": ("GET", "page"), "/health": ("GET", "health"), "/v1/models": ("GET", "models"),
-          "/v1/chat/completions": ("POST", "chat"), "/v1/completions": ("POST", "completion")}
+          "/v1/chat/completions": ("POST", "chat"), "/v1/completions": ("POST", "completion"),
+          "/tokenize": ("POST", "tokenize")}
+OPEN_ROUTES = ("/", "/health")
 
 
 class APIError(Exception):
@@ -475,8 +477,8 @@ class Handler(BaseHTTPRequestHandler):
         try:
             data = self.read_body(method)  # read even when refused: keep-alive
             if path not in ROUTES:
-                raise APIError(404, f"no route {path}: this server has POST /v1/chat/completions, "
-                               "POST /v1/completions, GET /v1/models, GET /health and GET /")
+                raise APIError(404, f"no route {path}: this server has "
+                               f"{', '.join(f'{m} {route}' for route, (m, _) in ROUTES.items())}")
             allowed, name = ROUTES[path]
             methods = [allowed] + ["HEAD"] * (allowed == "GET") + ["OPTIONS"] * bool(self.server.cors)
             if method == "OPTIONS" and self.server.cors:
@@ -484,7 +486,7 @@ class Handler(BaseHTTPRequestHandler):
             if method not in methods:
                 raise APIError(405, f"{path} takes {' or '.join(methods)}, not {method}",
                                headers={"Allow": ", ".join(methods)})
-            if path.startswith("/v1/") and not self.authorized():
+            if path not in OPEN_ROUTES and not self.authorized():
                 raise APIError(401, "a valid API key is needed: send the header 'Authorization: Bearer KEY'",
                                code="invalid_api_key")
             try:
@@ -540,6 +542,16 @@ class Handler(BaseHTTPRequestHandler):
     def models(self, body):
         self.send_json(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
                                                          "created": self.server.created, "owned_by": "local"}]})
+
+    def tokenize(self, body):
+        """vLLM's POST /tokenize: the token ids of a "prompt", or of "messages" rendered as a chat
+        request renders them, and the context length (the chat page fits its conversation with it)."""
+        if not isinstance(body, dict) or not (isinstance(body.get("prompt"), str) or "messages" in body):
+            raise APIError(400, "the request body must be a JSON object with a 'prompt' string or 'messages'")
+        ids = encode(body["prompt"]) if "messages" not in body else \
+            encode_conversation(check_messages(body["messages"]), self.server.style)[0]
+        self.send_json(200, {"count": len(ids), "max_model_len": self.server.engine.model.config.context_length,
+                             "tokens": ids})
 
     def chat(self, body):
         self.generate(body, chat=True)

@@ -418,7 +418,9 @@ def test_bad_chat_requests_get_a_400_error_object(server, model, body, message):
 
 def test_unknown_routes_too_large_bodies_and_bad_completions(server):
     status, reply = call(server, "GET", "/v1/nothing")
-    assert status == 404 and reply["error"]["message"].startswith("no route /v1/nothing: this server has POST")
+    assert status == 404 and reply["error"]["message"] == (
+        "no route /v1/nothing: this server has GET /, GET /health, GET /v1/models, POST /v1/chat/completions, "
+        "POST /v1/completions, POST /tokenize")
     # a body over the limit is refused from its Content-Length, unread; a length that is no number too
     for length, status, message in [(serve.MAX_BODY + 1, 413, f"over the limit of {serve.MAX_BODY}"),
                                     (-5, 411, "a POST with a body needs a Content-Length header")]:
@@ -583,6 +585,7 @@ def test_api_key_is_required_on_the_api(model):
             assert status == 401 and reply["error"]["code"] == "invalid_api_key"
         assert call(server, "GET", "/v1/models")[0] == 401
         assert call(server, "POST", "/v1/chat/completions", raw=b"{not json")[0] == 401  # the key comes first
+        assert call(server, "POST", "/tokenize", {"prompt": "hi"})[0] == 401
         good = {"Authorization": "Bearer sesame"}
         assert call(server, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1}, good)[0] == 200
         assert call(server, "GET", "/v1/models", headers=good)[0] == 200
@@ -607,7 +610,23 @@ def test_the_chat_page_is_served_and_self_contained(server):
     with open(serve.CHAT_PAGE, encoding="utf-8") as f:
         assert status == 200 and page == f.read()
     assert "/v1/chat/completions" in page and "stream: true" in page
-    assert "http://" not in page and "https://" not in page and "<script src" not in page  # nothing from elsewhere
+    fetched = page.replace("xmlns='http://www.w3.org/2000/svg'", "")  # the favicon's SVG namespace: a name, not fetched
+    assert "http://" not in fetched and "https://" not in fetched and "<script src" not in page  # nothing from elsewhere
+
+
+def test_tokenize_counts_the_tokens_of_a_prompt_or_a_chat(server):
+    """vLLM's POST /tokenize: the ids a chat request (messages, as /v1/chat/completions renders
+    them) or a completion (a prompt) feeds the model, and the context length."""
+    conversation = [*COLORS, {"role": "assistant", "content": "Red."}, {"role": "user", "content": "More?"}]
+    for body, ids in [({"messages": conversation}, encode_conversation(conversation, "alpaca")[0]),
+                      ({"prompt": "Once upon a time"}, encode("Once upon a time"))]:
+        assert call(server, "POST", "/tokenize", body) == (200, {"count": len(ids), "max_model_len": 128,
+                                                                  "tokens": ids})
+    status, reply = call(server, "POST", "/tokenize", {"messages": COLORS * 3})
+    assert status == 400 and "messages[2] is a user message after a user message and its input" in \
+        reply["error"]["message"]
+    assert call(server, "POST", "/tokenize", {"text": "x"})[1]["error"]["message"] == \
+        "the request body must be a JSON object with a 'prompt' string or 'messages'"
 
 
 def test_the_judge_scores_with_this_server(server, model, monkeypatch):
