@@ -146,12 +146,17 @@ def jinja_format(template, **values):
     return " + ".join(parts) or '""'
 
 
+THIRD_USER_MESSAGE = ("a user message may be followed by one more, its input (the Alpaca input block), "
+                      "and then by an assistant message")
+
+
 def chat_template(style):
     """The prompt style as a Jinja chat template that renders a conversation as training does
     (prompts.render_text): an optional system message first, user and assistant turns in
     alternation, each assistant message as the response header, its content and <|endoftext|>.
     A user message right after another user message is the optional input of the first (the
-    Alpaca input block; left out when empty, as in format_prompt). With add_generation_prompt
+    Alpaca input block; left out when empty, as in format_prompt), as serve.py takes it; a third
+    in a row is an error (raise_exception). With add_generation_prompt
     the template ends with the response header, so one user message gives format_prompt's text
     byte for byte. All text is in {{ }} expressions and every tag strips the whitespace around
     it, so the result is the same with or without trim_blocks and lstrip_blocks."""
@@ -169,6 +174,8 @@ def chat_template(style):
         "        {%- set ns.system = message['content'] -%}\n"
         "    {%- elif message['role'] == 'assistant' -%}\n"
         f"        {{{{- {response} + message['content'] + eos_token -}}}}\n"
+        "    {%- elif ns.previous == 'input' -%}\n"
+        f"        {{{{- raise_exception({jinja_string(THIRD_USER_MESSAGE)}) -}}}}\n"
         "    {%- elif ns.previous == 'user' -%}\n"
         "        {%- if message['content'] -%}\n"
         f"            {{{{- {input_} -}}}}\n"
@@ -181,7 +188,8 @@ def chat_template(style):
         f"        {{{{- {instruction} -}}}}\n"
         "    {%- endif -%}\n"
         "    {%- if message['role'] != 'system' -%}\n"
-        "        {%- set ns.previous = message['role'] -%}\n"
+        "        {%- set ns.previous = 'input' if message['role'] == 'user' and ns.previous == 'user' "
+        "else message['role'] -%}\n"
         "    {%- endif -%}\n"
         "{%- endfor -%}\n"
         "{%- if add_generation_prompt -%}\n"
@@ -464,10 +472,11 @@ def ollama_template(style):
     """The prompt style as an Ollama TEMPLATE (Go's text/template over .Messages), rendering what
     chat_template renders, and so what training renders (prompts.render_text): a system message
     first, a user message in the style's first-turn form (after a system message, its system
-    form), a user message right after another one as its optional input, a user message after
-    an answer in the style's later-turn form, an assistant message as the response header, its
-    content and <|endoftext|>. It ends with the response header when the last message is not
-    an answer."""
+    form), a user message after an answer in the style's later-turn form, an assistant message
+    as the response header, its content and <|endoftext|>. It ends with the response header
+    when the last message is not an answer. Ollama joins consecutive messages of one role with a
+    blank line before its template sees them (template.collate), so two user messages in a row,
+    an instruction and its input elsewhere, reach it as one instruction: no input block."""
     templates = get_prompt_style(style)
     response = go_format(templates["response"])
     return "\n".join([
@@ -475,8 +484,6 @@ def ollama_template(style):
         "{{- range .Messages }}",
         '{{- if eq .Role "system" }}{{ $system = .Content }}{{ $has_system = true }}',
         f'{{{{- else if eq .Role "assistant" }}}}{response}{{{{ .Content }}}}{{{{ {json.dumps(EOT)} }}}}',
-        f'{{{{- else if eq $previous "user" }}}}{{{{ if .Content }}}}{go_format(templates["input"], input=".Content")}'
-        "{{ end }}",
         f'{{{{- else if eq $previous "assistant" }}}}{go_format(templates["turn"], instruction=".Content")}',
         f'{{{{- else if $has_system }}}}{go_format(templates["system"], system="$system", instruction=".Content")}',
         f'{{{{- else }}}}{go_format(templates["instruction"], instruction=".Content")}',

@@ -198,10 +198,16 @@ def test_tokenizer_config(exported):
 # ----------------------------------------------------------------------------- the chat template
 
 
+def raise_exception(message):
+    """What transformers gives templates to refuse a conversation with."""
+    raise jinja2.TemplateError(message)
+
+
 def render(template, messages, add_generation_prompt, trim=True):
     """As transformers renders chat templates: a sandboxed environment with trim_blocks and
     lstrip_blocks on (trim=False: both off, which must change nothing)."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=trim, lstrip_blocks=trim)
+    env.globals["raise_exception"] = raise_exception
     return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                             eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
@@ -223,8 +229,11 @@ def test_chat_template_gives_format_prompt_byte_for_byte(style, trim):
             user.append({"role": "user", "content": entry["input"]})
         assert render(template, user, True, trim) == format_prompt(entry, style)
         assert render(template, user, False, trim) == format_input(entry, style)
-        # an empty input message is left out as an empty input is
-        assert render(template, user + [{"role": "user", "content": ""}], True, trim) == format_prompt(entry, style)
+        if not entry["input"]:  # an empty input message is left out as an empty input is
+            assert render(template, user + [{"role": "user", "content": ""}], True, trim) == format_prompt(entry, style)
+        else:  # a third user message in a row is refused
+            with pytest.raises(jinja2.TemplateError, match="^a user message may be followed by one more, its input"):
+                render(template, user + [{"role": "user", "content": "more"}], True, trim)
         # a whole exchange is the training text: prompt, response, <|endoftext|>
         exchange = user + [{"role": "assistant", "content": "Red, blue and yellow."}]
         assert render(template, exchange, False, trim) \

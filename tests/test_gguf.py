@@ -315,6 +315,20 @@ import ("encoding/json"; "os"; "strings"; "text/template")
 
 type Message struct{ Role, Content string }
 
+// consecutive messages of one role joined by a blank line, as Ollama's template.collate does
+// before its template sees them (tool messages, which we never send, stay apart there)
+func collate(messages []Message) []Message {
+	var out []Message
+	for _, m := range messages {
+		if len(out) > 0 && out[len(out)-1].Role == m.Role {
+			out[len(out)-1].Content += "\\n\\n" + m.Content
+		} else {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
 // render each conversation on stdin with the template in os.Args[1], as Ollama passes .Messages
 func main() {
 	t := template.Must(template.New("").Parse(os.Args[1]))
@@ -323,7 +337,7 @@ func main() {
 	var out []string
 	for _, messages := range conversations {
 		var b strings.Builder
-		if err := t.Execute(&b, map[string]any{"Messages": messages}); err != nil { panic(err) }
+		if err := t.Execute(&b, map[string]any{"Messages": collate(messages)}); err != nil { panic(err) }
 		out = append(out, b.String())
 	}
 	json.NewEncoder(os.Stdout).Encode(out)
@@ -335,9 +349,12 @@ func main() {
 @pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed (its text/template renders Ollama's)")
 @pytest.mark.parametrize("style", ["alpaca", "phi3", "none"])
 def test_the_modelfile_template_renders_as_training_did(tmp_path, style):
-    """Go's text/template, which Ollama uses: one turn gives format_prompt's text and the chat
-    template's, byte for byte; an answer ends with <|endoftext|>; a conversation (a system
-    message, later turns) renders as training renders it (data.render_text)."""
+    """Go's text/template, which Ollama uses, after Ollama's own joining of consecutive messages
+    of one role: one turn gives format_prompt's text and the chat template's, byte for byte; an
+    answer ends with <|endoftext|>; a conversation (a system message, later turns) renders as
+    training renders it (data.render_text). An instruction and its input sent as two user
+    messages reach the template as one instruction, "instruction\\n\\ninput": under Ollama
+    there is no input block (the chat template, llama.cpp's and transformers', has one)."""
     ckpt = str(tmp_path / "ckpt.pt")
     save_tiny_checkpoint(ckpt, style)
     with open(export_gguf(ckpt, str(tmp_path / "model.gguf"), "q8_0"), encoding="utf-8") as f:
@@ -345,18 +362,21 @@ def test_the_modelfile_template_renders_as_training_did(tmp_path, style):
     cases = []  # (messages, expected text)
     for entry in ENTRIES:
         user = [{"Role": "user", "Content": entry["instruction"]}]
-        if entry["input"]:
-            user.append({"Role": "user", "Content": entry["input"]})
         jinja = render(chat_template(style), [{k.lower(): v for k, v in m.items()} for m in user], True)
-        assert jinja == format_prompt(entry, style)
+        assert jinja == format_prompt({**entry, "input": ""}, style)
         cases.append((user, jinja))
-        cases.append(([*user, {"Role": "user", "Content": ""}], jinja))
+        if entry["input"]:  # Ollama: one instruction of both, where the chat template has an input block
+            both = [*user, {"Role": "user", "Content": entry["input"]}]
+            lowered = [{k.lower(): v for k, v in m.items()} for m in both]
+            assert render(chat_template(style), lowered, True) == format_prompt(entry, style)
+            merged = format_prompt({"instruction": entry["instruction"] + "\n\n" + entry["input"]}, style)
+            cases.append((both, merged))
+            cases.append(([*both, {"Role": "assistant", "Content": "Red."}], merged + "Red." + EOT))
         answer = [*user, {"Role": "assistant", "Content": "Red."}]
         cases.append((answer, jinja + "Red." + EOT))
         conversation = [{"Role": "system", "Content": "Be brief."}, *answer, {"Role": "user", "Content": "And green?"}]
         lowered = [{k.lower(): v for k, v in m.items()} for m in conversation]
-        if not entry["input"]:  # render_text takes an input on the user message itself
-            assert render(chat_template(style), lowered, True) == render_text(lowered, style)
+        assert render(chat_template(style), lowered, True) == render_text(lowered, style)
         cases.append((conversation, render(chat_template(style), lowered, True)))
     env = {**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath"), "GO111MODULE": "off"}
     (tmp_path / "render.go").write_text(GO_RENDER)

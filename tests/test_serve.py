@@ -14,6 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import jinja2
 import pytest
 import torch
 
@@ -21,7 +22,9 @@ import judge
 import llm
 import serve
 from checkpoint import save_checkpoint
-from prompts import decode, encode, encode_conversation, format_prompt
+from export import chat_template
+from prompts import PROMPT_STYLES, decode, encode, encode_conversation, format_prompt
+from test_export import render
 from decoding import generate
 from model import GPT, config_for
 
@@ -153,6 +156,26 @@ def test_a_user_message_after_another_is_its_input(server, model):
         assert status == 200 and reply["usage"]["prompt_tokens"] == len(prompt), reply
         assert reply["choices"][0]["message"]["content"] == reference(model, prompt, 8)
     assert "### Input:\nThank you very much." in format_prompt(entry, "alpaca")
+
+
+@pytest.mark.parametrize("style", sorted(PROMPT_STYLES))
+def test_the_input_rule_is_the_chat_templates(server, style):
+    """One rule for an input in serve.py and in the exported chat template: a user message right
+    after another is its input, in any turn, left out when empty; a third in a row is refused
+    by both. Both render the same text (the alpaca server's own tokens too, through /tokenize)."""
+    entry = {"instruction": "Translate into German:", "input": "Thank you very much."}
+    first = [{"role": "user", "content": entry["instruction"]}, {"role": "user", "content": entry["input"]}]
+    for messages in [first, first[:1] + [{"role": "user", "content": ""}],
+                     [{"role": "system", "content": "Be brief."}, *first, {"role": "assistant", "content": "Danke."},
+                      *first]]:
+        text = render(chat_template(style), messages, True)
+        assert decode(encode_conversation(serve.check_messages(messages), style)[0]) == text
+        if style == "alpaca":
+            assert decode(call(server, "POST", "/tokenize", {"messages": messages})[1]["tokens"]) == text
+    with pytest.raises(jinja2.TemplateError, match="^a user message may be followed by one more, its input"):
+        render(chat_template(style), first + first[:1], True)
+    with pytest.raises(serve.APIError, match="user message after a user message and its input"):
+        serve.check_messages(first + first[:1])
 
 
 def test_streamed_chunks_join_to_the_unstreamed_reply(server):
