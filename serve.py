@@ -33,7 +33,7 @@ from checkpoint import add_model_args, load_for_inference
 from common import AT_LEAST_1, POSITIVE, checked, plural, resolve_device, run_main
 from decoding import prefill, row_generators, sample_next
 from model import KVCache
-from prompts import EOT, EOT_ID, ROLES, decode, encode, encode_conversation
+from prompts import EOT_ID, ROLES, decode, encode, encode_conversation
 
 DEFAULT_SEED = 123  # a request without "seed" samples as generate.py does by default: the same reply every time
 MAX_BODY = 1 << 20  # bytes of a request body; more is refused with 413

@@ -9,7 +9,7 @@ import pytest
 import serve
 from generate import fit_context
 from prompts import encode_conversation
-from test_serve import lively_tiny, reference, running
+from test_serve import model, reference, running  # noqa: F401 (model: a fixture)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 DRIVER = shutil.which("chromedriver")
@@ -19,17 +19,13 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None or DRIVER is None or importlib.
 MAX_TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def model():
-    return lively_tiny()
-
-
 @pytest.fixture
 def server(model, monkeypatch):
     """A server whose parse_request records each request body it is given (server.bodies)."""
     bodies = []
     parse_request = serve.parse_request
-    monkeypatch.setattr(serve, "parse_request", lambda body, *args: (bodies.append(body), parse_request(body, *args))[1])
+    monkeypatch.setattr(serve, "parse_request",
+                        lambda body, *args: (bodies.append(body), parse_request(body, *args))[1])
     with running(model, api_key=None) as server:
         server.bodies = bodies
         yield server

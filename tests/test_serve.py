@@ -225,7 +225,7 @@ def test_stop_strings_are_found_as_a_search_of_the_whole_text_finds_them():
     rng = random.Random(0)
     for _ in range(400):
         stops = ["".join(rng.choices("ab", k=rng.randint(1, 6))) for _ in range(rng.randint(1, 4))]
-        text, finder, expected = "", serve.StopStrings(stops), None
+        text, finder = "", serve.StopStrings(stops)
         for _ in range(12):
             piece = "".join(rng.choices("abc", k=rng.randint(0, 4)))
             text += piece
@@ -550,8 +550,8 @@ def test_the_log_has_no_traceback_for_what_clients_do(tmp_path):
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
     *lines, last = err.splitlines()
-    assert last.startswith("stopped: ") and all(re.fullmatch(r'127\.0\.0\.1 - - \[.*\] ("(POST|GET) /\S* HTTP/1\.1" '
-                                                             r'\d{3} .*|Request timed out: .*)', line) for line in lines), err
+    logged = r'127\.0\.0\.1 - - \[.*\] ("(POST|GET) /\S* HTTP/1\.1" \d{3} .*|Request timed out: .*)'
+    assert last.startswith("stopped: ") and all(re.fullmatch(logged, line) for line in lines), err
 
 
 def test_more_waiting_requests_than_max_queue_get_429(model):
@@ -633,8 +633,8 @@ def test_the_chat_page_is_served_and_self_contained(server):
     with open(serve.CHAT_PAGE, encoding="utf-8") as f:
         assert status == 200 and page == f.read()
     assert "/v1/chat/completions" in page and "stream: true" in page
-    fetched = page.replace("xmlns='http://www.w3.org/2000/svg'", "")  # the favicon's SVG namespace: a name, not fetched
-    assert "http://" not in fetched and "https://" not in fetched and "<script src" not in page  # nothing from elsewhere
+    fetched = page.replace("xmlns='http://www.w3.org/2000/svg'", "")  # the favicon's namespace: a name, not fetched
+    assert "http://" not in fetched and "https://" not in fetched and "<script src" not in page  # nothing from outside
 
 
 def test_tokenize_counts_the_tokens_of_a_prompt_or_a_chat(server):

@@ -13,20 +13,9 @@ import pytest
 import torch
 
 from prompts import decode, encode
-from test_serve import call, lively_tiny, reference, running
+from test_serve import call, model, reference, running, server  # noqa: F401 (model, server: fixtures)
 
 LM_EVAL = importlib.util.find_spec("lm_eval") is not None
-
-
-@pytest.fixture(scope="module")
-def model():
-    return lively_tiny()
-
-
-@pytest.fixture(scope="module")
-def server(model):
-    with running(model) as server:
-        yield server
 
 
 def forward_logprobs(model, ids):
