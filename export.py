@@ -15,9 +15,12 @@ exported merged (model_from_checkpoint merges it).
 
 With --gguf: one GGUF file for llama.cpp (its gpt2 architecture, GPT-2's tokenizer, the chat
 template), written with llama.cpp's own gguf package (pip install gguf), and beside it a
-Modelfile for `ollama create NAME -f Modelfile`.
+Modelfile for `ollama create NAME -f Modelfile` (NAME.Modelfile when the folder's Modelfile is
+another GGUF file's). Every file gets the permissions of the user's umask; an export holds a
+lock beside what it writes, so two exports to one place cannot interleave.
 """
 import argparse
+import contextlib
 import functools
 import glob
 import json
@@ -26,13 +29,17 @@ import shutil
 import signal
 
 from checkpoint import load_model_file
-from common import atomic_write, check_interrupted, run_main, stop_on_interrupt, writable_folder, write_json
+from common import (atomic_write, check_interrupted, lock_file, run_main, stop_on_interrupt, writable_folder,
+    write_json)
 from model import transposed_in_hf
 from prompts import EOT, EOT_ID, check_vocab, get_prompt_style, get_tokenizer
 
 # What an export folder holds: --force replaces a folder of these files and nothing else.
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "merges.txt",
                 "special_tokens_map.json", "tokenizer_config.json", "vocab.json")
+# The lock an export holds in the folder it writes in (beside --out's folder or the --gguf file, never in
+# --out's folder, whose files --force checks): two exports to one place cannot interleave.
+EXPORT_LOCK = ".export.lock"
 
 
 # ----------------------------------------------------------------------------- the model
@@ -139,12 +146,17 @@ def jinja_format(template, **values):
     return " + ".join(parts) or '""'
 
 
+THIRD_USER_MESSAGE = ("a user message may be followed by one more, its input (the Alpaca input block), "
+                      "and then by an assistant message")
+
+
 def chat_template(style):
     """The prompt style as a Jinja chat template that renders a conversation as training does
     (prompts.render_text): an optional system message first, user and assistant turns in
     alternation, each assistant message as the response header, its content and <|endoftext|>.
     A user message right after another user message is the optional input of the first (the
-    Alpaca input block; left out when empty, as in format_prompt). With add_generation_prompt
+    Alpaca input block; left out when empty, as in format_prompt), as serve.py takes it; a third
+    in a row is an error (raise_exception). With add_generation_prompt
     the template ends with the response header, so one user message gives format_prompt's text
     byte for byte. All text is in {{ }} expressions and every tag strips the whitespace around
     it, so the result is the same with or without trim_blocks and lstrip_blocks."""
@@ -162,6 +174,8 @@ def chat_template(style):
         "        {%- set ns.system = message['content'] -%}\n"
         "    {%- elif message['role'] == 'assistant' -%}\n"
         f"        {{{{- {response} + message['content'] + eos_token -}}}}\n"
+        "    {%- elif ns.previous == 'input' -%}\n"
+        f"        {{{{- raise_exception({jinja_string(THIRD_USER_MESSAGE)}) -}}}}\n"
         "    {%- elif ns.previous == 'user' -%}\n"
         "        {%- if message['content'] -%}\n"
         f"            {{{{- {input_} -}}}}\n"
@@ -174,7 +188,8 @@ def chat_template(style):
         f"        {{{{- {instruction} -}}}}\n"
         "    {%- endif -%}\n"
         "    {%- if message['role'] != 'system' -%}\n"
-        "        {%- set ns.previous = message['role'] -%}\n"
+        "        {%- set ns.previous = 'input' if message['role'] == 'user' and ns.previous == 'user' "
+        "else message['role'] -%}\n"
         "    {%- endif -%}\n"
         "{%- endfor -%}\n"
         "{%- if add_generation_prompt -%}\n"
@@ -230,46 +245,75 @@ def export(ckpt_path, out, force=False, base=None):
     name and renamed into place only when complete; an earlier export in out (with force) is
     deleted only then. A vocabulary that GPT-2's tokenizer cannot serve gets the model files
     only, and a ValueError saying so once they are in place."""
-    from safetensors.torch import save_file
-
     out = os.path.realpath(out)  # a link to a folder: the export replaces the folder, the link stays
     check_out(out, force)  # before any loading
-    remove_stale_tmp(out)
-    # a train.py checkpoint, the book's .pth or nanoGPT's ckpt.pt
-    model, style = load_model_file(ckpt_path, base=base)
-    cfg, style = model.config, style or "alpaca"
-    get_prompt_style(style)  # an unknown style fails before anything is written
-    try:
-        check_vocab(cfg.vocab_size, ckpt_path)
-        no_tokenizer = None
-    except ValueError as e:
-        no_tokenizer = str(e)
-
-    tmp = f"{out}.tmp-{os.getpid()}"
-    os.makedirs(tmp)
-    try:
-        state = hf_state_dict(model)
-        dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        write_json(config_json(cfg, dtype), os.path.join(tmp, "config.json"), indent=2)  # as transformers does
-        write_json(generation_config_json(), os.path.join(tmp, "generation_config.json"), indent=2)
-        if no_tokenizer is None:
-            vocab, merges = gpt2_vocab_and_merges()
-            with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
-                json.dump(vocab, f)  # as GPT-2's own encoder.json, byte for byte
-            with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
-                f.write("#version: 0.2\n" + "".join(line + "\n" for line in merges))  # as GPT-2's vocab.bpe
-            write_json(tokenizer_config_json(cfg, style), os.path.join(tmp, "tokenizer_config.json"), indent=2)
-            write_json({"bos_token": EOT, "eos_token": EOT, "unk_token": EOT},
-                       os.path.join(tmp, "special_tokens_map.json"), indent=2)
-        check_out(out, force)  # again: out may have changed while the export was written
-        move_into_place(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+    with export_lock(out):
+        check_out(out, force)  # again, now that no other export can change it
+        remove_stale_tmp(out)
+        # a train.py checkpoint, the book's .pth or nanoGPT's ckpt.pt
+        model, style = load_model_file(ckpt_path, base=base)
+        cfg, style = model.config, style or "alpaca"
+        get_prompt_style(style)  # an unknown style fails before anything is written
+        try:
+            check_vocab(cfg.vocab_size, ckpt_path)
+            no_tokenizer = None
+        except ValueError as e:
+            no_tokenizer = str(e)
+        tmp = f"{out}.tmp-{os.getpid()}"
+        os.makedirs(tmp)
+        try:
+            write_folder(model, style, tmp, with_tokenizer=no_tokenizer is None)
+            check_out(out, force)  # again: out may have changed while the export was written
+            move_into_place(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
     if no_tokenizer is not None:
         raise ValueError(f"{no_tokenizer}: wrote the model to {out} but left out the tokenizer files")
     return out
+
+
+def write_folder(model, style, folder, with_tokenizer=True):
+    """Write the Hugging Face files of model (prompt style `style`) in folder, each with the
+    permissions the user's umask gives."""
+    from safetensors.torch import save_file
+
+    state = hf_state_dict(model)
+    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    write_json(config_json(model.config, dtype), os.path.join(folder, "config.json"), indent=2)  # as transformers
+    write_json(generation_config_json(), os.path.join(folder, "generation_config.json"), indent=2)
+    if with_tokenizer:
+        vocab, merges = gpt2_vocab_and_merges()
+        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(vocab, f)  # as GPT-2's own encoder.json, byte for byte
+        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "".join(line + "\n" for line in merges))  # as GPT-2's vocab.bpe
+        write_json(tokenizer_config_json(model.config, style), os.path.join(folder, "tokenizer_config.json"), indent=2)
+        write_json({"bos_token": EOT, "eos_token": EOT, "unk_token": EOT},
+                   os.path.join(folder, "special_tokens_map.json"), indent=2)
+    for name in os.listdir(folder):
+        with_umask_permissions(os.path.join(folder, name))
+
+
+@contextlib.contextmanager
+def export_lock(target):
+    """Hold common.lock_file on EXPORT_LOCK beside target (a folder or a file) for the block."""
+    lock = lock_file(os.path.join(os.path.dirname(target), EXPORT_LOCK), "export.py", target)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def with_umask_permissions(path):
+    """Give a written file the permissions the user's umask gives new files (safetensors' save_file
+    makes its file readable by its owner only), so that a service running as another user can read
+    every exported file alike."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def remove_stale_tmp(out):
@@ -376,11 +420,12 @@ def gguf_vocab(gguf, vocab_size):
     return tokens + [f"[PAD{i}]" for i in padding], types + [gguf.TokenType.UNUSED] * len(padding), merges
 
 
-def write_gguf(model, style, path, gguf_type):
-    """Write the GGUF file of model (prompt style `style`) to path, tensors in gguf_type."""
+def write_gguf(model, style, path, gguf_type, name):
+    """Write the GGUF file of model (prompt style `style`, called `name`) to path, tensors in gguf_type."""
     gguf = import_gguf()
     cfg = model.config
     writer = gguf.GGUFWriter(path, "gpt2")
+    writer.add_name(name)  # general.name, as llama.cpp's converter writes it
     writer.add_context_length(cfg.context_length)
     writer.add_embedding_length(cfg.emb_dim)
     writer.add_feed_forward_length(4 * cfg.emb_dim)
@@ -427,10 +472,11 @@ def ollama_template(style):
     """The prompt style as an Ollama TEMPLATE (Go's text/template over .Messages), rendering what
     chat_template renders, and so what training renders (prompts.render_text): a system message
     first, a user message in the style's first-turn form (after a system message, its system
-    form), a user message right after another one as its optional input, a user message after
-    an answer in the style's later-turn form, an assistant message as the response header, its
-    content and <|endoftext|>. It ends with the response header when the last message is not
-    an answer."""
+    form), a user message after an answer in the style's later-turn form, an assistant message
+    as the response header, its content and <|endoftext|>. It ends with the response header
+    when the last message is not an answer. Ollama joins consecutive messages of one role with a
+    blank line before its template sees them (template.collate), so two user messages in a row,
+    an instruction and its input elsewhere, reach it as one instruction: no input block."""
     templates = get_prompt_style(style)
     response = go_format(templates["response"])
     return "\n".join([
@@ -438,8 +484,6 @@ def ollama_template(style):
         "{{- range .Messages }}",
         '{{- if eq .Role "system" }}{{ $system = .Content }}{{ $has_system = true }}',
         f'{{{{- else if eq .Role "assistant" }}}}{response}{{{{ .Content }}}}{{{{ {json.dumps(EOT)} }}}}',
-        f'{{{{- else if eq $previous "user" }}}}{{{{ if .Content }}}}{go_format(templates["input"], input=".Content")}'
-        "{{ end }}",
         f'{{{{- else if eq $previous "assistant" }}}}{go_format(templates["turn"], instruction=".Content")}',
         f'{{{{- else if $has_system }}}}{go_format(templates["system"], system="$system", instruction=".Content")}',
         f'{{{{- else }}}}{go_format(templates["instruction"], instruction=".Content")}',
@@ -471,13 +515,28 @@ def modelfile_text(gguf_path, cfg, style, ckpt_path):
     return "\n".join(lines) + "\n"
 
 
+def modelfile_path(path):
+    """Where the Modelfile of the GGUF file at path goes: Modelfile beside it, unless that is
+    export.py's Modelfile of another GGUF file, which stays; then NAME.Modelfile for NAME.gguf."""
+    folder, name = os.path.split(path)
+    shared = os.path.join(folder, "Modelfile")
+    if os.path.isfile(shared):
+        with open(shared, encoding="utf-8", errors="replace") as f:
+            lines = f.read(100_000).split("\n")
+        if lines[0].startswith(MODELFILE_HEADER) and f"FROM ./{name}" not in lines:
+            return os.path.join(folder, name[:-len(".gguf")] + ".Modelfile")
+    return shared
+
+
 def check_gguf_out(path, force):
-    """ValueError (or OSError) unless the GGUF file and the Modelfile beside it may be written: new
-    files, or with force an earlier export (a GGUF file, a Modelfile export.py wrote), in a
-    folder we can write in."""
-    modelfile = os.path.join(os.path.dirname(path), "Modelfile")
-    if os.path.basename(path) == "Modelfile":
-        raise ValueError(f"--gguf {path}: the Modelfile goes beside the GGUF file; give the file another name")
+    """The Modelfile's path; ValueError (or OSError) unless the GGUF file (NAME.gguf) and its
+    Modelfile may be written: new files, or with force an earlier export (a GGUF file, a
+    Modelfile export.py wrote for it), in a folder we can write in."""
+    if not path.lower().endswith(".gguf") or os.path.basename(path).startswith("."):
+        raise ValueError(f"--gguf {path}: give a file name ending in .gguf, as llama.cpp and Ollama name them")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; --gguf takes a file name")
+    modelfile = modelfile_path(path)
     for target, ours, what in [(path, b"GGUF", "a GGUF file"),
                                (modelfile, MODELFILE_HEADER.encode(), "a Modelfile export.py wrote")]:
         if os.path.isdir(target):
@@ -497,22 +556,26 @@ def check_gguf_out(path, force):
 
 
 def export_gguf(ckpt_path, path, gguf_type="f16", force=False, base=None):
-    """Write the GGUF file of the checkpoint at ckpt_path to path, and the Modelfile beside it
-    (a LoRA checkpoint merged; its base looked for in the folder `base` if given). Each is
-    written under a temporary name and renamed when complete. Returns the Modelfile's path."""
+    """Write the GGUF file of the checkpoint at ckpt_path to path (NAME.gguf), and its Modelfile
+    beside it (modelfile_path: Modelfile, or NAME.Modelfile where Modelfile is another GGUF
+    file's); a LoRA checkpoint merged, its base looked for in the folder `base` if given. Each
+    is written under a temporary name and renamed when complete. Returns the Modelfile's path."""
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
     import_gguf()  # a missing package is said before any loading
     path = os.path.abspath(path)
-    modelfile = check_gguf_out(path, force)
-    model, style = load_model_file(ckpt_path, base=base)
-    style = style or "alpaca"
-    get_prompt_style(style)
-    check_vocab(model.config.vocab_size, ckpt_path)  # llama.cpp needs the tokenizer in the file
-    with atomic_write(path) as tmp:
-        write_gguf(model, style, tmp, gguf_type)
-    with atomic_write(modelfile) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(modelfile_text(path, model.config, style, ckpt_path))
+    check_gguf_out(path, force)
+    with export_lock(path):  # two exports to one folder would choose the same Modelfile
+        modelfile = check_gguf_out(path, force)  # again, now that no other export can change them
+        model, style = load_model_file(ckpt_path, base=base)
+        style = style or "alpaca"
+        get_prompt_style(style)
+        check_vocab(model.config.vocab_size, ckpt_path)  # llama.cpp needs the tokenizer in the file
+        with atomic_write(path) as tmp:
+            write_gguf(model, style, tmp, gguf_type, os.path.basename(path)[:-len(".gguf")])
+            with_umask_permissions(tmp)
+        with atomic_write(modelfile) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(modelfile_text(path, model.config, style, ckpt_path))
     return modelfile
 
 

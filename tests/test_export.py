@@ -2,6 +2,7 @@
 checkpoint's exact logits, the tensors are those a folder saved by transformers holds,
 vocab.json and merges.txt tokenize like tiktoken, and the chat template renders
 format_prompt's text as transformers renders templates."""
+import contextlib
 import glob
 import json
 import os
@@ -89,7 +90,7 @@ def test_tensors_and_config_are_what_transformers_writes(tmp_path):
     assert result.returncode == 1
     assert result.stderr == (f"error: {ckpt} has a vocabulary of 1024 tokens; GPT-2's tokenizer needs 50257: "
                              f"wrote the model to {tmp_path / 'hf'} but left out the tokenizer files\n")
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "hf"]
+    assert sorted(os.listdir(tmp_path)) == [".export.lock", "ckpt.pt", "hf"]
     assert sorted(os.listdir(tmp_path / "hf")) == MODEL_FILES
 
     with safe_open(os.path.join(prefixed, "model.safetensors"), "pt") as theirs, \
@@ -197,10 +198,16 @@ def test_tokenizer_config(exported):
 # ----------------------------------------------------------------------------- the chat template
 
 
+def raise_exception(message):
+    """What transformers gives templates to refuse a conversation with."""
+    raise jinja2.TemplateError(message)
+
+
 def render(template, messages, add_generation_prompt, trim=True):
     """As transformers renders chat templates: a sandboxed environment with trim_blocks and
     lstrip_blocks on (trim=False: both off, which must change nothing)."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=trim, lstrip_blocks=trim)
+    env.globals["raise_exception"] = raise_exception
     return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                             eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
@@ -222,8 +229,11 @@ def test_chat_template_gives_format_prompt_byte_for_byte(style, trim):
             user.append({"role": "user", "content": entry["input"]})
         assert render(template, user, True, trim) == format_prompt(entry, style)
         assert render(template, user, False, trim) == format_input(entry, style)
-        # an empty input message is left out as an empty input is
-        assert render(template, user + [{"role": "user", "content": ""}], True, trim) == format_prompt(entry, style)
+        if not entry["input"]:  # an empty input message is left out as an empty input is
+            assert render(template, user + [{"role": "user", "content": ""}], True, trim) == format_prompt(entry, style)
+        else:  # a third user message in a row is refused
+            with pytest.raises(jinja2.TemplateError, match="^a user message may be followed by one more, its input"):
+                render(template, user + [{"role": "user", "content": "more"}], True, trim)
         # a whole exchange is the training text: prompt, response, <|endoftext|>
         exchange = user + [{"role": "assistant", "content": "Red, blue and yellow."}]
         assert render(template, exchange, False, trim) \
@@ -278,7 +288,7 @@ def test_missing_or_damaged_checkpoint(tmp_path):
     damaged.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="is corrupt or not a train.py checkpoint"):
         export(str(damaged), str(tmp_path / "hf"))
-    assert sorted(os.listdir(tmp_path)) == ["damaged.pt"]  # nothing written
+    assert sorted(os.listdir(tmp_path)) == [".export.lock", "damaged.pt"]  # nothing written but the lock file
 
 
 def test_existing_out_is_refused_unless_forced(tmp_path, monkeypatch):
@@ -302,17 +312,71 @@ def test_existing_out_is_refused_unless_forced(tmp_path, monkeypatch):
     monkeypatch.setattr(export_script, "gpt2_vocab_and_merges", fail)
     with pytest.raises(OSError, match="disk full"):
         export(ckpt, str(out), force=True)
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "file", "hf"]
+    assert sorted(os.listdir(tmp_path)) == [".export.lock", "ckpt.pt", "file", "hf"]
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == old
     monkeypatch.undo()
 
     save_tiny_checkpoint(ckpt, "phi3", seed=2)
     export(ckpt, str(out), force=True)
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "file", "hf"]
+    assert sorted(os.listdir(tmp_path)) == [".export.lock", "ckpt.pt", "file", "hf"]
     assert sorted(os.listdir(out)) == sorted(MODEL_FILES + TOKENIZER_FILES)
     assert (out / "model.safetensors").read_bytes() != old["model.safetensors"]
     with open(out / "tokenizer_config.json") as f:
         assert json.load(f)["chat_template"] == chat_template("phi3")
+
+
+@contextlib.contextmanager
+def umask(mask):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def file_modes(folder):
+    return {name: oct(os.stat(os.path.join(folder, name)).st_mode & 0o777) for name in os.listdir(folder)}
+
+
+def test_every_exported_file_has_the_permissions_the_umask_gives(tmp_path):
+    """safetensors writes its file for its owner only; the export gives it the umask's
+    permissions as every other file, so a server running as another user can read them all."""
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_tiny_checkpoint(ckpt, "alpaca")
+    for mask in (0o022, 0o027):
+        with umask(mask):
+            export(ckpt, str(tmp_path / f"hf-{mask:o}"))
+        modes = file_modes(tmp_path / f"hf-{mask:o}")
+        assert modes == {name: oct(0o666 & ~mask) for name in MODEL_FILES + TOKENIZER_FILES}, modes
+
+
+def holding_the_lock(path):
+    """A process that holds common.lock_file on path as an export does (until killed)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, time; from common import lock_file; "
+                             "lock = lock_file(sys.argv[1], 'export.py'); print('held', flush=True); time.sleep(600)",
+                             str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_two_exports_to_one_place_cannot_interleave(tmp_path):
+    """An export holds a lock beside its folder (not in it: --force checks what the folder holds):
+    a second export to the same place is refused, naming the first, until the first ends."""
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_tiny_checkpoint(ckpt, "alpaca")
+    out = tmp_path / "hf"
+    holder = holding_the_lock(tmp_path / ".export.lock")
+    try:
+        result = run_export("--ckpt", ckpt, "--out", str(out))
+        assert result.returncode == 1 and result.stderr == (
+            f"error: {out} is in use by export.py (process {holder.pid}); wait for it to end, or give another "
+            "folder\n")
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_export("--ckpt", ckpt, "--out", str(out)).returncode == 0
+    assert sorted(os.listdir(out)) == sorted(MODEL_FILES + TOKENIZER_FILES)
 
 
 def test_force_replaces_only_an_earlier_export(tmp_path):
@@ -377,7 +441,7 @@ def test_ctrl_c_leaves_the_earlier_export_as_it_was(tmp_path):
     assert proc.returncode == 130, stderr
     assert stdout == "" and stderr == (f"interrupted: nothing was exported; --out {out} is as it was; "
                                        "run the command again\n")
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "hf"]
+    assert sorted(os.listdir(tmp_path)) == [".export.lock", "ckpt.pt", "hf"]
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == old
 
 
@@ -394,4 +458,5 @@ def test_a_killed_exports_temporary_folder_is_removed_by_the_next(tmp_path):
             (tmp_path / name / file).write_text("x")
     export(ckpt, str(tmp_path / "hf"))
     # kept: the folder of a running process, and one holding a file export.py does not write
-    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt.pt", "hf", f"hf.tmp-{os.getppid()}", f"hf.tmp-old-{dead}"])
+    assert sorted(os.listdir(tmp_path)) == sorted([".export.lock", "ckpt.pt", "hf", f"hf.tmp-{os.getppid()}",
+                                                   f"hf.tmp-old-{dead}"])

@@ -20,7 +20,8 @@ from prompts import encode, EOT_ID, format_prompt, get_tokenizer, render_text
 from export import MODELFILE_HEADER, chat_template, export_gguf
 from decoding import generate
 from model import GPT, config_for, from_pretrained
-from test_export import ENTRIES, ROOT, SAMPLES, bpe_tokenizer, render, save_tiny_checkpoint
+from test_export import (ENTRIES, ROOT, SAMPLES, bpe_tokenizer, file_modes, holding_the_lock, render,
+    save_tiny_checkpoint, umask)
 from test_lora import hf_base, lora_run  # noqa: F401 (hf_base is a fixture)
 
 HAVE_GGUF = importlib.util.find_spec("gguf") is not None
@@ -81,11 +82,12 @@ def test_the_file_reads_back_with_the_models_metadata_names_shapes_and_values(tm
         assert result.stdout.endswith(f"for Ollama: ollama create NAME -f {tmp_path / 'Modelfile'}\n")
     else:
         export_gguf(ckpt, path, gguf_type)
-    assert sorted(os.listdir(tmp_path)) == ["Modelfile", "model.gguf"]
+    assert sorted(os.listdir(tmp_path)) == [".export.lock", "Modelfile", "model.gguf"]
     fields, tensors = read_gguf(path)
 
     assert {key: value for key, value in fields.items() if not key.startswith("tokenizer.")} == {
-        "general.architecture": "gpt2", "general.file_type": {"f32": 0, "f16": 1, "q8_0": 7}[gguf_type],
+        "general.architecture": "gpt2", "general.name": "model",
+        "general.file_type": {"f32": 0, "f16": 1, "q8_0": 7}[gguf_type],
         "general.quantization_version": 2, "gpt2.context_length": 128, "gpt2.embedding_length": 64,
         "gpt2.feed_forward_length": 256, "gpt2.block_count": 2, "gpt2.attention.head_count": 4,
         "gpt2.attention.layer_norm_epsilon": pytest.approx(1e-5)}
@@ -195,7 +197,7 @@ def test_a_small_vocabulary_is_refused_before_anything_is_written(tmp_path):
     save_checkpoint({"model": model.state_dict(), "config": vars(model.config)}, ckpt)
     with pytest.raises(ValueError, match=f"^{ckpt} has a vocabulary of 1000 tokens; GPT-2's tokenizer needs 50257$"):
         export_gguf(ckpt, str(tmp_path / "out" / "model.gguf"))
-    assert os.listdir(tmp_path / "out") == []
+    assert os.listdir(tmp_path / "out") == [".export.lock"]
 
 
 @needs_gguf
@@ -209,7 +211,7 @@ def test_earlier_exports_are_replaced_only_with_force_and_nothing_else_ever(tmp_
         export_gguf(ckpt, str(path), "q8_0")
 
     # a failure half way leaves the earlier export as it was, and no temporary file
-    def fail(model, style, tmp, gguf_type):
+    def fail(model, style, tmp, gguf_type, name):
         with open(tmp, "wb") as f:
             f.write(b"GGUF half")
         raise OSError("disk full")
@@ -217,14 +219,14 @@ def test_earlier_exports_are_replaced_only_with_force_and_nothing_else_ever(tmp_
     with pytest.raises(OSError, match="disk full"):
         export_gguf(ckpt, str(path), "q8_0", force=True)
     monkeypatch.undo()
-    assert (path.read_bytes(), modelfile.read_text()) == old and sorted(os.listdir(path.parent)) == ["Modelfile",
-                                                                                                    "model.gguf"]
+    assert (path.read_bytes(), modelfile.read_text()) == old
+    assert sorted(os.listdir(path.parent)) == [".export.lock", "Modelfile", "model.gguf"]
     save_tiny_checkpoint(ckpt, "phi3", seed=2)
     export_gguf(ckpt, str(path), "q8_0", force=True)
     assert path.read_bytes() != old[0] and "<|user|>" in modelfile.read_text()
 
     # a file that is no GGUF file, or a Modelfile export.py did not write: never replaced
-    notes = tmp_path / "notes.txt"
+    notes = tmp_path / "notes.gguf"
     notes.write_text("my notes")
     with pytest.raises(ValueError, match=f"^{notes} exists and is not a GGUF file; --force replaces only an "
                                          "earlier export: give another --gguf$"):
@@ -234,8 +236,55 @@ def test_earlier_exports_are_replaced_only_with_force_and_nothing_else_ever(tmp_
         export_gguf(ckpt, str(tmp_path / "new.gguf"), force=True)
     assert notes.read_text() == "my notes" and (tmp_path / "Modelfile").read_text() == "FROM llama3\n"
     assert not (tmp_path / "new.gguf").exists()
-    with pytest.raises(ValueError, match="is a folder; --gguf takes a file name"):
-        export_gguf(ckpt, str(tmp_path / "out"))
+    (tmp_path / "folder.gguf").mkdir()
+    with pytest.raises(ValueError, match="folder.gguf is a folder; --gguf takes a file name"):
+        export_gguf(ckpt, str(tmp_path / "folder.gguf"))
+    for name in ("out", "model.bin", ".gguf"):  # refused, not completed: the file is the one the user named
+        with pytest.raises(ValueError, match=f"^--gguf {tmp_path / name}: give a file name ending in .gguf, as "
+                                             "llama.cpp and Ollama name them$"):
+            export_gguf(ckpt, str(tmp_path / name))
+
+
+@needs_gguf
+def test_a_second_type_in_one_folder_gets_its_own_modelfile(tmp_path):
+    """The folder's Modelfile is the first GGUF file's: a second GGUF file exported beside it gets
+    NAME.Modelfile, never the first one's; each is replaced (with --force) only by its own export."""
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_tiny_checkpoint(ckpt, "alpaca")
+    first, second = tmp_path / "out" / "model-f16.gguf", tmp_path / "out" / "model-q8_0.gguf"
+    assert export_gguf(ckpt, str(first), "f16") == str(tmp_path / "out" / "Modelfile")
+    shared = (tmp_path / "out" / "Modelfile").read_text()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", ckpt, "--gguf", str(second),
+                             "--gguf-type", "q8_0"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    own = tmp_path / "out" / "model-q8_0.Modelfile"
+    assert result.stdout.endswith(f"and {own}; for Ollama: ollama create NAME -f {own}\n")
+    assert (tmp_path / "out" / "Modelfile").read_text() == shared and "FROM ./model-f16.gguf\n" in shared
+    assert "FROM ./model-q8_0.gguf\n" in own.read_text()
+    assert export_gguf(ckpt, str(first), "f16", force=True) == str(tmp_path / "out" / "Modelfile")
+    with pytest.raises(ValueError, match=f"^{second} holds an earlier export; pass --force to replace it$"):
+        export_gguf(ckpt, str(second), "q8_0")
+    assert sorted(os.listdir(tmp_path / "out")) == [".export.lock", "Modelfile", "model-f16.gguf",
+                                                     "model-q8_0.Modelfile", "model-q8_0.gguf"]
+
+
+@needs_gguf
+def test_the_gguf_file_and_modelfile_have_the_umasks_permissions_and_a_lock(tmp_path):
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_tiny_checkpoint(ckpt, "alpaca")
+    with umask(0o027):
+        export_gguf(ckpt, str(tmp_path / "out" / "model.gguf"), "q8_0")
+    assert file_modes(tmp_path / "out") == {".export.lock": oct(0o640), "Modelfile": oct(0o640),
+                                            "model.gguf": oct(0o640)}
+    holder = holding_the_lock(tmp_path / "out" / ".export.lock")
+    try:
+        with pytest.raises(ValueError, match=f"^{tmp_path / 'out' / 'other.gguf'} is in use by export.py "
+                                             f"\\(process {holder.pid}\\)"):
+            export_gguf(ckpt, str(tmp_path / "out" / "other.gguf"), "q8_0")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "out" / "other.gguf").exists()
 
 
 # ----------------------------------------------------------------------------- the Modelfile
@@ -266,6 +315,20 @@ import ("encoding/json"; "os"; "strings"; "text/template")
 
 type Message struct{ Role, Content string }
 
+// consecutive messages of one role joined by a blank line, as Ollama's template.collate does
+// before its template sees them (tool messages, which we never send, stay apart there)
+func collate(messages []Message) []Message {
+	var out []Message
+	for _, m := range messages {
+		if len(out) > 0 && out[len(out)-1].Role == m.Role {
+			out[len(out)-1].Content += "\\n\\n" + m.Content
+		} else {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
 // render each conversation on stdin with the template in os.Args[1], as Ollama passes .Messages
 func main() {
 	t := template.Must(template.New("").Parse(os.Args[1]))
@@ -274,7 +337,7 @@ func main() {
 	var out []string
 	for _, messages := range conversations {
 		var b strings.Builder
-		if err := t.Execute(&b, map[string]any{"Messages": messages}); err != nil { panic(err) }
+		if err := t.Execute(&b, map[string]any{"Messages": collate(messages)}); err != nil { panic(err) }
 		out = append(out, b.String())
 	}
 	json.NewEncoder(os.Stdout).Encode(out)
@@ -286,9 +349,12 @@ func main() {
 @pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed (its text/template renders Ollama's)")
 @pytest.mark.parametrize("style", ["alpaca", "phi3", "none"])
 def test_the_modelfile_template_renders_as_training_did(tmp_path, style):
-    """Go's text/template, which Ollama uses: one turn gives format_prompt's text and the chat
-    template's, byte for byte; an answer ends with <|endoftext|>; a conversation (a system
-    message, later turns) renders as training renders it (data.render_text)."""
+    """Go's text/template, which Ollama uses, after Ollama's own joining of consecutive messages
+    of one role: one turn gives format_prompt's text and the chat template's, byte for byte; an
+    answer ends with <|endoftext|>; a conversation (a system message, later turns) renders as
+    training renders it (data.render_text). An instruction and its input sent as two user
+    messages reach the template as one instruction, "instruction\\n\\ninput": under Ollama
+    there is no input block (the chat template, llama.cpp's and transformers', has one)."""
     ckpt = str(tmp_path / "ckpt.pt")
     save_tiny_checkpoint(ckpt, style)
     with open(export_gguf(ckpt, str(tmp_path / "model.gguf"), "q8_0"), encoding="utf-8") as f:
@@ -296,18 +362,21 @@ def test_the_modelfile_template_renders_as_training_did(tmp_path, style):
     cases = []  # (messages, expected text)
     for entry in ENTRIES:
         user = [{"Role": "user", "Content": entry["instruction"]}]
-        if entry["input"]:
-            user.append({"Role": "user", "Content": entry["input"]})
         jinja = render(chat_template(style), [{k.lower(): v for k, v in m.items()} for m in user], True)
-        assert jinja == format_prompt(entry, style)
+        assert jinja == format_prompt({**entry, "input": ""}, style)
         cases.append((user, jinja))
-        cases.append(([*user, {"Role": "user", "Content": ""}], jinja))
+        if entry["input"]:  # Ollama: one instruction of both, where the chat template has an input block
+            both = [*user, {"Role": "user", "Content": entry["input"]}]
+            lowered = [{k.lower(): v for k, v in m.items()} for m in both]
+            assert render(chat_template(style), lowered, True) == format_prompt(entry, style)
+            merged = format_prompt({"instruction": entry["instruction"] + "\n\n" + entry["input"]}, style)
+            cases.append((both, merged))
+            cases.append(([*both, {"Role": "assistant", "Content": "Red."}], merged + "Red." + EOT))
         answer = [*user, {"Role": "assistant", "Content": "Red."}]
         cases.append((answer, jinja + "Red." + EOT))
         conversation = [{"Role": "system", "Content": "Be brief."}, *answer, {"Role": "user", "Content": "And green?"}]
         lowered = [{k.lower(): v for k, v in m.items()} for m in conversation]
-        if not entry["input"]:  # render_text takes an input on the user message itself
-            assert render(chat_template(style), lowered, True) == render_text(lowered, style)
+        assert render(chat_template(style), lowered, True) == render_text(lowered, style)
         cases.append((conversation, render(chat_template(style), lowered, True)))
     env = {**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath"), "GO111MODULE": "off"}
     (tmp_path / "render.go").write_text(GO_RENDER)

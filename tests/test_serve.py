@@ -3,14 +3,18 @@ import contextlib
 import http.client
 import json
 import os
+import random
+import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import jinja2
 import pytest
 import torch
 
@@ -18,7 +22,9 @@ import judge
 import llm
 import serve
 from checkpoint import save_checkpoint
-from prompts import decode, encode, encode_conversation
+from export import chat_template
+from prompts import PROMPT_STYLES, decode, encode, encode_conversation, format_prompt
+from test_export import render
 from decoding import generate
 from model import GPT, config_for
 
@@ -132,6 +138,46 @@ def test_multi_turn_messages_are_rendered_as_in_training(server, model):
     assert reply["choices"][0]["message"]["content"] == expected
 
 
+def test_a_user_message_after_another_is_its_input(server, model):
+    """An Alpaca entry's input goes in a second user message, as in the exported chat
+    templates: the prompt is format_prompt's, the input block left out when it is empty; a
+    later turn may have one too; a third user message in a row is refused (see the 400s)."""
+    entry = {"instruction": "Translate into German:", "input": "Thank you very much."}
+    for messages, prompt in [
+            ([{"role": "user", "content": entry["instruction"]}, {"role": "user", "content": entry["input"]}],
+             encode(format_prompt(entry, "alpaca"))),
+            ([{"role": "user", "content": entry["instruction"]}, {"role": "user", "content": ""}],
+             encode(format_prompt({**entry, "input": ""}, "alpaca"))),
+            ([*COLORS, {"role": "assistant", "content": "Red."}, {"role": "user", "content": entry["instruction"]},
+              {"role": "user", "content": entry["input"]}],
+             encode_conversation([*COLORS, {"role": "assistant", "content": "Red."},
+                                  {"role": "user", "content": entry["instruction"], "input": entry["input"]}])[0])]:
+        status, reply = call(server, "POST", "/v1/chat/completions", {"messages": messages, "max_tokens": 8})
+        assert status == 200 and reply["usage"]["prompt_tokens"] == len(prompt), reply
+        assert reply["choices"][0]["message"]["content"] == reference(model, prompt, 8)
+    assert "### Input:\nThank you very much." in format_prompt(entry, "alpaca")
+
+
+@pytest.mark.parametrize("style", sorted(PROMPT_STYLES))
+def test_the_input_rule_is_the_chat_templates(server, style):
+    """One rule for an input in serve.py and in the exported chat template: a user message right
+    after another is its input, in any turn, left out when empty; a third in a row is refused
+    by both. Both render the same text (the alpaca server's own tokens too, through /tokenize)."""
+    entry = {"instruction": "Translate into German:", "input": "Thank you very much."}
+    first = [{"role": "user", "content": entry["instruction"]}, {"role": "user", "content": entry["input"]}]
+    for messages in [first, first[:1] + [{"role": "user", "content": ""}],
+                     [{"role": "system", "content": "Be brief."}, *first, {"role": "assistant", "content": "Danke."},
+                      *first]]:
+        text = render(chat_template(style), messages, True)
+        assert decode(encode_conversation(serve.check_messages(messages), style)[0]) == text
+        if style == "alpaca":
+            assert decode(call(server, "POST", "/tokenize", {"messages": messages})[1]["tokens"]) == text
+    with pytest.raises(jinja2.TemplateError, match="^a user message may be followed by one more, its input"):
+        render(chat_template(style), first + first[:1], True)
+    with pytest.raises(serve.APIError, match="user message after a user message and its input"):
+        serve.check_messages(first + first[:1])
+
+
 def test_streamed_chunks_join_to_the_unstreamed_reply(server):
     body = {"messages": COLORS, "max_tokens": 10}
     whole = call(server, "POST", "/v1/chat/completions", body)[1]
@@ -165,6 +211,70 @@ def test_stop_strings_end_the_reply_before_them(server, model):
         assert (chunks[-1] if stream else reply)["choices"][0]["finish_reason"] == "stop"
 
 
+def naive_stop(text, stops):
+    """(where the first stop string found in text starts, how many characters at its end begin one)."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    held = max([0] + [n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])])
+    return min(found, default=None), held
+
+
+def test_stop_strings_are_found_as_a_search_of_the_whole_text_finds_them():
+    """StopStrings, fed a text piece by piece, finds what searching the whole text after each
+    piece finds (the first piece that completes a stop string, its earliest start) and holds
+    back what may yet begin one; random texts over a small alphabet make many overlaps."""
+    rng = random.Random(0)
+    for _ in range(400):
+        stops = ["".join(rng.choices("ab", k=rng.randint(1, 6))) for _ in range(rng.randint(1, 4))]
+        text, finder = "", serve.StopStrings(stops)
+        for _ in range(12):
+            piece = "".join(rng.choices("abc", k=rng.randint(0, 4)))
+            text += piece
+            start, held = naive_stop(text, stops)
+            assert finder.feed(piece) == start, (stops, text)
+            if start is not None:
+                break
+            assert finder.held() == held, (stops, text)
+
+
+class CountedStr(str):
+    """A str that counts how often a character of it is read."""
+    reads = 0
+
+    def __getitem__(self, i):
+        CountedStr.reads += 1
+        return str.__getitem__(self, i)
+
+
+def test_the_stop_check_costs_the_new_text_not_the_stop_strings_length():
+    """Four stop strings of 1,000 characters that the text keeps almost matching ("aaa...b"
+    against a text of a's: the case where searching every prefix is quadratic): each character
+    of new text costs at most three reads of each stop string, however long they are."""
+    stops = [CountedStr("a" * 999 + end) for end in "bcde"]
+    finder = serve.StopStrings(stops)
+    CountedStr.reads = 0
+    fed = 0
+    for _ in range(500):
+        assert finder.feed("aaaa") is None
+        fed += 4
+    assert finder.held() == 999 and CountedStr.reads <= 3 * fed * len(stops), CountedStr.reads
+
+
+def test_a_stop_string_across_tokens_and_one_never_completed(server, model):
+    """A stop string made by several tokens ends the reply before it; the text that began to
+    match a stop string that never completed is sent in the end (held back, never lost)."""
+    full = reference(model, encode("Once upon a time"), 24)
+    stop = full[4:16]  # longer than a token
+    assert len(encode(stop)) > 1
+    status, reply = call(server, "POST", "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 24,
+                                                              "stop": stop})
+    assert status == 200 and reply["choices"][0]["text"] == full[:full.find(stop)]
+    for stream in (False, True):
+        status, reply = call(server, "POST", "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 24,
+                                                                  "stop": [full[-3:] + "~never"], "stream": stream})
+        text = streamed_text(events(reply), chat=False) if stream else reply["choices"][0]["text"]
+        assert status == 200 and text == full
+
+
 def test_concurrent_requests_get_what_generate_gives_each_alone(server, model, monkeypatch):
     """Requests arriving at different times join and leave one batch: greedy replies equal
     generate() alone, and sampled ones equal generate() with the request's seed."""
@@ -194,6 +304,56 @@ def test_concurrent_requests_get_what_generate_gives_each_alone(server, model, m
                             seed=seed)
         assert reply == reference(model, ids, n, **sampling), prompt
     assert max(batch_at_join) >= 2, f"no request joined a running batch of two or more: {batch_at_join}"
+
+
+def test_a_tiny_temperature_decodes_greedily_and_hurts_no_other_request(server, model):
+    """1e-40 and 5e-324 are in the 0 to 2 range, and below serve.MIN_TEMPERATURE: greedy,
+    while a greedy request decodes beside them, unhurt."""
+    long_ids = encode_conversation(COLORS, "alpaca")[0]
+    with ThreadPoolExecutor(3) as pool:
+        beside = pool.submit(call, server, "POST", "/v1/chat/completions", {"messages": COLORS, "max_tokens": 40})
+        time.sleep(0.05)
+        tiny = [pool.submit(call, server, "POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 12,
+                                                                      "temperature": t}) for t in (1e-40, 5e-324)]
+        greedy = reference(model, encode("Hello"), 12)
+        for future in tiny:
+            status, reply = future.result()
+            assert status == 200 and reply["choices"][0]["text"] == greedy, reply
+        status, reply = beside.result()
+        assert status == 200 and reply["choices"][0]["message"]["content"] == reference(model, long_ids, 40)
+
+
+def test_a_request_that_fails_in_the_engine_fails_alone(server, model, monkeypatch):
+    """Whatever goes wrong in one request's own sampling or decoding (here: made to fail for a
+    marked request, and for a token only that request makes) ends that request with a 500;
+    the others decoding with it are unhurt."""
+    sample_next, decode_ = serve.sample_next, serve.decode
+
+    def failing_sample(logits, temperature, top_k, top_p, generator):
+        if top_p == 0.5:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return sample_next(logits, temperature, top_k, top_p, generator)
+
+    hello = generate(model, [encode("Hello")], 40)[0]
+    marked = next(t for t in generate(model, [encode("Hi")], 40)[0] if t not in hello)  # made for "Hi" alone
+
+    def failing_decode(ids):
+        if marked in list(ids) and threading.current_thread().name == "engine":
+            raise KeyError("Invalid token for decoding")
+        return decode_(ids)
+    monkeypatch.setattr(serve, "sample_next", failing_sample)
+    monkeypatch.setattr(serve, "decode", failing_decode)
+    with ThreadPoolExecutor(3) as pool:
+        beside = pool.submit(call, server, "POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 40})
+        time.sleep(0.05)
+        sampled = pool.submit(call, server, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 40,
+                                                                        "temperature": 1, "top_p": 0.5})
+        decoded = pool.submit(call, server, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 40})
+        for future, message in [(sampled, "sampling failed: RuntimeError"), (decoded, "decoding failed: KeyError")]:
+            status, reply = future.result()
+            assert status == 500 and reply["error"]["message"].startswith(message), reply
+        status, reply = beside.result()
+    assert status == 200 and reply["choices"][0]["text"] == reference(model, encode("Hello"), 40)
 
 
 def test_engine_merges_requests_of_any_length_at_any_step(model, monkeypatch):
@@ -243,13 +403,14 @@ def serve_stats(server):
 
 @pytest.mark.parametrize("body, message", [
     (b"{not json", "the request body is not valid JSON"),
+    (b"[" * 400_000 + b"]" * 400_000, "the request body is nested too deeply"),
     ([1, 2], "the request body must be a JSON object"),
     ({}, "'messages' must be a non-empty list"),
     ({"messages": "hi"}, "'messages' must be a non-empty list"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0] must be an object with a 'role'"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0] must be an object with a 'role'"),
     ({"messages": COLORS + [{"role": "system", "content": "x"}]}, "messages[1] is a system message after a user one"),
-    ({"messages": COLORS * 2}, "messages[1] is a user message after a user one"),
+    ({"messages": COLORS * 3}, "messages[2] is a user message after a user message and its input"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages[0] is an assistant message after nothing"),
     ({"messages": COLORS + [{"role": "assistant", "content": "hi"}]}, "the last message must be the user's"),
     ({"messages": [{"role": "user", "content": "word " * 200}]}, "over the model's context length of 128"),
@@ -258,8 +419,11 @@ def serve_stats(server):
     ({"messages": COLORS, "max_completion_tokens": 1.5}, "'max_completion_tokens' must be an integer"),
     ({"messages": COLORS, "temperature": True}, "'temperature' must be a number from 0 to 2, got true"),
     ({"messages": COLORS, "top_p": 0}, "'top_p' must be a number in (0, 1]"),
-    ({"messages": COLORS, "n": 2}, "'n' must be 1 (one reply per request), got 2"),
-    ({"messages": COLORS, "stop": [""]}, "'stop' must be a string or a list of up to 4 strings"),
+    ({"messages": COLORS, "n": 2}, "'n' must be 1 (one reply per prompt), got 2"),
+    ({"messages": COLORS, "stop": [""]}, "'stop' must be a string or a list of up to 4 strings, each of 1 to 1,000"),
+    ({"messages": COLORS, "stop": ""}, "'stop' must be a string or a list of up to 4 strings, each of 1 to 1,000"),
+    ({"messages": COLORS, "stop": list("abcde")}, "'stop' must be a string or a list of up to 4 strings"),
+    ({"messages": COLORS, "stop": ["x" * 1001]}, "each of 1 to 1,000 characters"),
     ({"messages": COLORS, "seed": -1}, "'seed' must be an integer from 0 to 2**63 - 1"),
     ({"messages": COLORS, "stream": "yes"}, "'stream' must be true or false"),
 ])
@@ -277,17 +441,117 @@ def test_bad_chat_requests_get_a_400_error_object(server, model, body, message):
 
 def test_unknown_routes_too_large_bodies_and_bad_completions(server):
     status, reply = call(server, "GET", "/v1/nothing")
-    assert status == 404 and reply["error"]["message"].startswith("no route GET /v1/nothing")
-    assert call(server, "GET", "/v1/chat/completions")[0] == 404
-    assert call(server, "POST", "/v1/completions", {"prompt": ["a", "b"]})[1]["error"]["message"] == \
-        "'prompt' must be a non-empty string (one prompt per request)"
+    assert status == 404 and reply["error"]["message"] == (
+        "no route /v1/nothing: this server has GET /, GET /health, GET /v1/models, POST /v1/chat/completions, "
+        "POST /v1/completions, POST /tokenize")
     # a body over the limit is refused from its Content-Length, unread; a length that is no number too
     for length, status, message in [(serve.MAX_BODY + 1, 413, f"over the limit of {serve.MAX_BODY}"),
-                                    (-5, 411, "a POST needs a Content-Length header")]:
+                                    (-5, 411, "a POST with a body needs a Content-Length header")]:
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
             s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % length)
             reply = b"".join(iter(lambda: s.recv(65536), b"")).decode()  # to the end: the server closes
         assert reply.startswith(f"HTTP/1.1 {status} ") and message in reply, reply
+
+
+def raw_request(port, text):
+    """(status line, headers, body) of one request written by hand; the server closes after it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(text.encode("latin-1"))
+        s.shutdown(socket.SHUT_WR)
+        reply = b"".join(iter(lambda: s.recv(65536), b"")).decode("latin-1")
+    head, _, body = reply.partition("\r\n\r\n")
+    status, *lines = head.split("\r\n")
+    return status, dict(line.split(": ", 1) for line in lines), body
+
+
+def test_every_method_and_path_gets_a_json_answer(server):
+    """HEAD answers as GET without the body; a method a route does not take gets 405 with
+    Allow, any method on no route 404, a malformed request 400: OpenAI error objects, never
+    the standard library's HTML page."""
+    for path in ("/health", "/"):
+        status, headers, body = raw_request(server.port, f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == "HTTP/1.1 200 OK" and body == "" and int(headers["Content-Length"]) > 0
+    for method, path, allow in [("OPTIONS", "/v1/chat/completions", "POST"), ("PUT", "/v1/completions", "POST"),
+                                ("GET", "/v1/chat/completions", "POST"), ("DELETE", "/health", "GET, HEAD"),
+                                ("POST", "/v1/models", "GET, HEAD"), ("BREW", "/", "GET, HEAD")]:
+        status, headers, body = raw_request(server.port, f"{method} {path} HTTP/1.1\r\nHost: x\r\n"
+                                                         "Content-Length: 2\r\n\r\n{}")
+        assert status.startswith("HTTP/1.1 405") and headers["Allow"] == allow, (method, path, status)
+        assert headers["Content-Type"] == "application/json" and json.loads(body)["error"]["message"] == \
+            f"{path} takes {' or '.join(allow.split(', '))}, not {method}"
+        assert "Access-Control-Allow-Origin" not in headers  # CORS is off by default
+    status, headers, body = raw_request(server.port, "PATCH /nothing HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status.startswith("HTTP/1.1 404") and json.loads(body)["error"]["message"].startswith("no route /nothing")
+    for bad in ("GET / HTTP/7.0\r\n\r\n", "GET /" + "x" * 70_000 + " HTTP/1.1\r\n\r\n",
+                "GET / HTTP/1.1\r\n" + "X-Long: " + "y" * 70_000 + "\r\n\r\n"):
+        status, headers, body = raw_request(server.port, bad)
+        assert status[9:12] in ("400", "414", "431", "505") and json.loads(body)["error"]["message"], status
+    assert call(server, "GET", "/health")[0] == 200
+
+
+def test_cors_is_opt_in(model):
+    """--cors ORIGIN: preflights are answered (without the API key, which browsers do not send
+    on them) and every answer names the origin, so a page there may call the API."""
+    origin = "https://app.example"
+    with running(model, cors=origin, api_key="sesame") as server:
+        status, headers, body = raw_request(server.port, "OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                         f"Origin: {origin}\r\nAccess-Control-Request-Method: POST\r\n"
+                                         "Access-Control-Request-Headers: authorization, content-type\r\n\r\n")
+        assert status.startswith("HTTP/1.1 204") and body == ""
+        assert headers["Access-Control-Allow-Origin"] == origin
+        assert headers["Access-Control-Allow-Methods"] == "POST, OPTIONS"
+        assert headers["Access-Control-Allow-Headers"] == "Authorization, Content-Type"
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 2}),
+                     {"Authorization": "Bearer sesame", "Origin": origin})
+        response = conn.getresponse()
+        assert response.status == 200 and response.getheader("Access-Control-Allow-Origin") == origin
+        response.read()
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 2}), {"Origin": origin})
+        response = conn.getresponse()  # refusals name the origin too, so the page can read why
+        assert response.status == 401 and response.getheader("Access-Control-Allow-Origin") == origin
+        conn.close()
+
+
+def test_the_log_has_no_traceback_for_what_clients_do(tmp_path):
+    """The CLI server's log (not quiet) after clients that reset the connection right after
+    [DONE], reset in the middle of a stream, hang up before the whole body, or go silent past
+    --timeout: one line per request, no traceback."""
+    model = lively_tiny()
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_checkpoint({"model": model.state_dict(), "config": vars(model.config), "prompt_style": "alpaca"}, ckpt)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--ckpt", ckpt, "--port", "0",
+                             "--device", "cpu", "--timeout", "0.5", "--max-batch", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = proc.stdout.readline()
+        assert "up to 1 request at once" in line, line
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        body = json.dumps({"prompt": "Hello", "max_tokens": 30, "stream": True})
+        request = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+        for cut_after in (b"data: [DONE]", b"data: {", None, "silent"):
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+            if cut_after == "silent":
+                s.sendall(request.encode()[:40])
+                assert s.recv(100) == b""  # dropped after --timeout
+            elif cut_after is None:
+                s.sendall(request.encode()[:-5])  # hangs up before the whole body
+            else:
+                s.sendall(request.encode())
+                seen = b""
+                while cut_after not in seen:
+                    seen += s.recv(65536)
+            s.close()
+            time.sleep(0.3)
+        assert call(type("S", (), {"port": port}), "GET", "/health")[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    *lines, last = err.splitlines()
+    logged = r'127\.0\.0\.1 - - \[.*\] ("(POST|GET) /\S* HTTP/1\.1" \d{3} .*|Request timed out: .*)'
+    assert last.startswith("stopped: ") and all(re.fullmatch(logged, line) for line in lines), err
 
 
 def test_more_waiting_requests_than_max_queue_get_429(model):
@@ -301,6 +565,7 @@ def test_more_waiting_requests_than_max_queue_get_429(model):
             time.sleep(0.01)
         status, reply = call(server, "POST", "/v1/completions", {"prompt": "One too many", "max_tokens": 2})
         assert status == 429 and reply["error"]["code"] == "rate_limit_exceeded", reply
+        assert reply["error"]["message"].startswith("the server is busy: 1 request is waiting already (at most 1)")
         conn.close()  # the first client hangs up: its place goes to the waiting request
         status, reply = waiting.result(timeout=60)
         assert status == 200 and reply["usage"]["completion_tokens"] == 2
@@ -310,7 +575,7 @@ def test_a_client_that_hangs_up_frees_its_row_at_once(model):
     with running(model) as server:
         submitted = []
         submit = server.engine.submit
-        server.engine.submit = lambda request: (submitted.append(request), submit(request))
+        server.engine.submit = lambda requests: (submitted.extend(requests), submit(requests))
         for k, stream in enumerate((True, False)):
             conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
             conn.request("POST", "/v1/completions", json.dumps({"prompt": "Long", "max_tokens": 120, "stream": stream}))
@@ -343,10 +608,24 @@ def test_api_key_is_required_on_the_api(model):
             assert status == 401 and reply["error"]["code"] == "invalid_api_key"
         assert call(server, "GET", "/v1/models")[0] == 401
         assert call(server, "POST", "/v1/chat/completions", raw=b"{not json")[0] == 401  # the key comes first
+        assert call(server, "POST", "/tokenize", {"prompt": "hi"})[0] == 401
         good = {"Authorization": "Bearer sesame"}
         assert call(server, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1}, good)[0] == 200
         assert call(server, "GET", "/v1/models", headers=good)[0] == 200
         assert call(server, "GET", "/health")[0] == 200 and call(server, "GET", "/")[0] == 200
+        status, _, body = raw_request(server.port, "GET /v1/models HTTP/1.1\r\nHost: x\r\n"
+                                                   "Authorization: Bearer s\xe9same\r\n\r\n")  # not ASCII
+        assert status.startswith("HTTP/1.1 401") and json.loads(body)["error"]["code"] == "invalid_api_key"
+
+
+def test_the_api_key_is_compared_in_constant_time(model, monkeypatch):
+    compared = []
+    compare_digest = serve.hmac.compare_digest
+    monkeypatch.setattr(serve.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or compare_digest(a, b))
+    with running(model, api_key="sesame") as server:
+        assert call(server, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert call(server, "GET", "/v1/models", headers={"Authorization": "Bearer sesame"})[0] == 200
+    assert compared == [(b"Bearer wrong", b"Bearer sesame"), (b"Bearer sesame", b"Bearer sesame")]
 
 
 def test_the_chat_page_is_served_and_self_contained(server):
@@ -354,7 +633,23 @@ def test_the_chat_page_is_served_and_self_contained(server):
     with open(serve.CHAT_PAGE, encoding="utf-8") as f:
         assert status == 200 and page == f.read()
     assert "/v1/chat/completions" in page and "stream: true" in page
-    assert "http://" not in page and "https://" not in page and "<script src" not in page  # nothing from elsewhere
+    fetched = page.replace("xmlns='http://www.w3.org/2000/svg'", "")  # the favicon's namespace: a name, not fetched
+    assert "http://" not in fetched and "https://" not in fetched and "<script src" not in page  # nothing from outside
+
+
+def test_tokenize_counts_the_tokens_of_a_prompt_or_a_chat(server):
+    """vLLM's POST /tokenize: the ids a chat request (messages, as /v1/chat/completions renders
+    them) or a completion (a prompt) feeds the model, and the context length."""
+    conversation = [*COLORS, {"role": "assistant", "content": "Red."}, {"role": "user", "content": "More?"}]
+    for body, ids in [({"messages": conversation}, encode_conversation(conversation, "alpaca")[0]),
+                      ({"prompt": "Once upon a time"}, encode("Once upon a time"))]:
+        assert call(server, "POST", "/tokenize", body) == (200, {"count": len(ids), "max_model_len": 128,
+                                                                  "tokens": ids})
+    status, reply = call(server, "POST", "/tokenize", {"messages": COLORS * 3})
+    assert status == 400 and "messages[2] is a user message after a user message and its input" in \
+        reply["error"]["message"]
+    assert call(server, "POST", "/tokenize", {"text": "x"})[1]["error"]["message"] == \
+        "the request body must be a JSON object with a 'prompt' string or 'messages'"
 
 
 def test_the_judge_scores_with_this_server(server, model, monkeypatch):
@@ -385,7 +680,7 @@ def test_cli_serves_a_checkpoint_and_stops_on_sigterm(tmp_path):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert err.splitlines()[-1] == ("stopped: 0 replies under way and 0 waiting were cut off; nothing is kept, "
+    assert err.splitlines()[-1] == ("stopped: cut off 0 replies under way and 0 waiting; nothing is kept, "
                                     "start serve.py again to go on")
 
 
