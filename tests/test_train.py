@@ -657,7 +657,8 @@ def test_a_model_that_does_not_exist_is_refused_before_the_data_is_read(tmp_path
 
 
 def test_help_describes_the_data_train_py_reads():
-    proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "COLUMNS": "1000"})  # no line broken at a flag's hyphen
     text = " ".join(proc.stdout.split())
     assert proc.returncode == 0 and ("--data DATA instruction data (.json or .jsonl): Alpaca entries, conversations "
                                      "(OpenAI's 'messages' or ShareGPT's 'conversations'), or for --dpo preference "
