@@ -156,7 +156,7 @@ def with_base(ckpt, folder, path="checkpoint"):
     return {**ckpt, "lora": {**ckpt["lora"], "base": identity}}
 
 
-# ----------------------------------------------------------------------------- the training side: OUT/ckpt.pt and OUT/best.pt
+# ----------------------------------------------------------------------------- train.py's OUT/ckpt.pt and OUT/best.pt
 
 # The progress of a run, as ckpt.pt holds it and --resume starts from it.
 TRAINING_STATE = ("step", "epoch", "batch_in_epoch", "tokens_seen", "elapsed", "best_val_loss", "val_loss")
@@ -249,7 +249,8 @@ def check_start_model(name_or_path, pretrained):
     or a model file taken with random weights (which would throw its weights away)."""
     if name_or_path in PRESETS:
         if pretrained and name_or_path not in HF_REPOS:
-            raise ValueError(f"'{name_or_path}' has no pretrained weights; start it from random ones with --init random")
+            raise ValueError(f"'{name_or_path}' has no pretrained weights; start it from random ones with --init "
+                             "random")
         return
     if not os.path.exists(name_or_path):
         raise FileNotFoundError(f"--model {name_or_path} does not exist; give a preset ({', '.join(PRESETS)}), a "

@@ -101,8 +101,8 @@ def parse_args(argv=None):
     again = p.parse_args(argv, argparse.Namespace(**{name: marker for name in vars(args)}))
     given = {name for name, value in vars(again).items() if value is not marker}
     # flags that mean something only beside another (which a resumed run finds in its checkpoint)
-    for flags, needed, what in ((("lora_alpha", "lora_dropout", "lora_targets"), args.lora_rank, "--lora-rank R (R > 0)"),
-                                (("beta", "dpo_logprobs"), args.dpo, "--dpo")):
+    for flags, needed, what in ((("lora_alpha", "lora_dropout", "lora_targets"), args.lora_rank,
+                                 "--lora-rank R (R > 0)"), (("beta", "dpo_logprobs"), args.dpo, "--dpo")):
         if (stray := sorted(given & set(flags))) and not needed and not args.resume:
             p.error(f"{flag(stray[0])} goes with {what}")
     if args.base is not None and not args.resume:
@@ -393,7 +393,10 @@ def describe_run(run, saved):
         if changes := changed_settings(args, saved.settings):
             run.log(f"changed since the checkpoint: {changes}")
     trainable, total = parameter_counts(run.raw_model)
-    holds = model_file_holds(args.model) if saved is None and os.path.isfile(args.model) else f"{args.init} weights"
+    if saved is not None:
+        holds = f"resumed at step {state['step']}"
+    else:
+        holds = model_file_holds(args.model) if os.path.isfile(args.model) else f"{args.init} weights"
     lora = f", LoRA rank {args.lora_rank} on {args.lora_targets}" if args.lora_rank else ""
     run.log(f"model {args.model} ({holds}): {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable{lora}; "
             f"context {run.raw_model.config.context_length}, on {run.device} ({args.dtype})")
@@ -566,8 +569,8 @@ def log_evaluation(run, epoch, lr):
 def estimate_losses(run):
     """(train loss, validation loss, DPO's metrics to log or {}) on the first eval_batches global
     batches of each split: the loss, or the DPO loss, rewards, margin and accuracy of the pairs."""
-    args = run.args
-    loaders = [make_loader(split, run.splits, batch_size=args.batch_size) for split in (run.splits.train, run.splits.val)]
+    args, splits = run.args, run.splits
+    loaders = [make_loader(split, splits, batch_size=args.batch_size) for split in (splits.train, splits.val)]
     n_batches, logged = args.eval_batches * run.world_size, {}
     if run.dpo:
         (train_dpo, n_train), (val_dpo, n_val) = (

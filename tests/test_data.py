@@ -578,7 +578,7 @@ def test_bad_conversations_name_the_entry_and_the_turn(tmp_path, entries, messag
         data.load_instruction_data(path)
 
 
-# ---------------------------------------------------------------------------- OpenAI's fine-tuning format: weights, parts
+# ---------------------------------------------------------------------------- OpenAI's format: weights, parts
 
 def test_an_assistant_turn_of_weight_0_leaves_the_loss_with_mask_instructions(tmp_path):
     weighted = [*TWO_TURNS[:2], {**TWO_TURNS[2], "weight": 0}, *TWO_TURNS[3:4], {**TWO_TURNS[4], "weight": 1}]
@@ -592,8 +592,9 @@ def test_an_assistant_turn_of_weight_0_leaves_the_loss_with_mask_instructions(tm
     assert masked.token_ids == unweighted.token_ids and masked[0] == (masked.token_ids[0], masked.prompt_lengths[0])
     # without --mask-instructions every token counts (train.py refuses such data then: test_train.py)
     assert data.InstructionDataset(entries)[0] == data.InstructionDataset([{"messages": TWO_TURNS}])[0]
-    summary = data.summarize_data(data.prepare_data(write_json(tmp_path, [{"messages": weighted}] * 20), context_length=64,
-                                                    mask_instructions=True), 2, 64)
+    splits = data.prepare_data(write_json(tmp_path, [{"messages": weighted}] * 20), context_length=64,
+                               mask_instructions=True)
+    summary = data.summarize_data(splits, 2, 64)
     assert "conversations: 20 of 20 with more than one assistant turn; 20 assistant turns of weight 0, left out of " \
            "the loss\n" in summary
 
@@ -608,7 +609,8 @@ def test_content_given_as_text_parts_is_joined(tmp_path):
 BAD_OPENAI = [
     ([*TWO_TURNS[:2], {**TWO_TURNS[2], "content": [{"type": "text", "text": "a"},
                                                    {"type": "image_url", "image_url": {"url": "x.png"}}]}],
-     "entry 0, turn 2: 'content' part 1 is of type 'image_url'; only text parts can be trained on \\(GPT-2 reads text\\)"),
+     "entry 0, turn 2: 'content' part 1 is of type 'image_url'; only text parts can be trained on \\(GPT-2 reads "
+     "text\\)"),
     ([*TWO_TURNS[:2], {**TWO_TURNS[2], "content": ["Hello!"]}],
      "entry 0, turn 2: 'content' part 0 must be an object {\"type\": \"text\", \"text\": \"...\"}"),
     ([*TWO_TURNS[:4], {**TWO_TURNS[4], "weight": 0}],

@@ -311,6 +311,6 @@ def test_a_resumed_dpo_run_keeps_its_one_epoch_and_its_reference_pass_shows_prog
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     assert ("changed since the checkpoint: --max-steps 8 (was 2)\n"
-            "model tiny (random weights): ") in stdout
+            "model tiny (resumed at step 2): ") in stdout
     assert "5 optimizer steps (5 per epoch)\n--epochs 1 ends the run at step 5, before --max-steps 8\n" in stdout
     assert load_checkpoint(out / "ckpt.pt")["step"] == 5
