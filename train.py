@@ -56,6 +56,8 @@ FRACTION = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def main(argv=None):
+    """The run, in the order of this file's sections: the arguments, the run opened (or resumed) in
+    OUT, the data, the model and its optimizer, the loop, the end."""
     args, given = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     first_process = os.environ.get("RANK", "0") == "0"
