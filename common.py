@@ -140,8 +140,12 @@ def lock_file(path, what, name=None):
 def hold_folder(folder, what):
     """The block runs with `folder` for this run alone: created if missing, locked (lock_folder)
     until the block ends. A run that created the folder and wrote nothing there (a mistake found
-    later, Ctrl-C) removes it again, so a refused run leaves nothing behind."""
-    created = not os.path.exists(folder)
+    later, Ctrl-C) removes it again, and the parents it made, so a refused run leaves nothing behind."""
+    created = []  # the folders this run makes, the deepest first
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        created.append(path)
+        path = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     lock = lock_folder(folder, what)
     try:
@@ -149,7 +153,9 @@ def hold_folder(folder, what):
     finally:
         if created and os.listdir(folder) == [LOCK_NAME]:
             os.remove(os.path.join(folder, LOCK_NAME))
-            os.rmdir(folder)
+            with contextlib.suppress(OSError):  # a folder another process wrote in since stays
+                for path in created:
+                    os.rmdir(path)
         if lock is not None:
             lock.close()
 

@@ -40,8 +40,7 @@ from lora import LORA_TARGETS, add_lora, parameter_counts
 from metrics import METRICS, PLOT, Clock, LossPlot, append_metrics, start_metrics
 from model import PRESETS, calc_loss_loader
 from prompts import PROMPT_STYLES, check_vocab, decode, prompt_ids
-from step import (NO_SCALER, SFT, autocast_for, count_tokens, join_process_group, lr_at, make_optimizer, pick_device,
-    train_step)
+from step import SFT, autocast_for, count_tokens, join_process_group, lr_at, make_optimizer, pick_device, train_step
 
 # What a resumed run may change (besides --out and --resume); everything else comes from the checkpoint's settings.
 # The optimizer's settings may change (say a lower --lr after a NaN); the data order and batches may not.
@@ -317,7 +316,7 @@ class Run:
     raw_model: torch.nn.Module = None  # the model itself; `model` may wrap it (torch.compile, DDP)
     model: torch.nn.Module = None
     optimizer: torch.optim.Optimizer = None
-    scaler: torch.amp.GradScaler = NO_SCALER
+    scaler: torch.amp.GradScaler = None  # float16's, else a disabled one (build_model)
     autocast: object = contextlib.nullcontext
     lora_base: dict = None  # a LoRA run: the identity of its frozen base (checkpoint.build_base)
     dpo: DPO = None  # a DPO run: its objective

@@ -645,15 +645,16 @@ def test_a_model_file_says_what_it_holds_and_refuses_random_weights(data, tmp_pa
 
 
 def test_a_model_that_does_not_exist_is_refused_before_the_data_is_read(tmp_path):
+    out = tmp_path / "new" / "out"  # made to hold the lock, and removed again with its parent: nothing is left
     for model in (tmp_path / "out" / "nope.pt", "gpt3"):
-        proc = script("train.py", "--model", model, "--data", tmp_path / "nope.json", "--out", tmp_path / "out")
+        proc = script("train.py", "--model", model, "--data", tmp_path / "nope.json", "--out", out)
         assert proc.communicate(timeout=60) == ("", f"error: --model {model} does not exist; give a preset (gpt2, "
                                                     "gpt2-medium, gpt2-large, gpt2-xl, tiny), a local Hugging Face "
                                                     "GPT-2 folder or a model file\n") and proc.returncode == 1
-    proc = script("train.py", "--model", "tiny", "--data", tmp_path / "nope.json", "--out", tmp_path / "out")
+    proc = script("train.py", "--model", "tiny", "--data", tmp_path / "nope.json", "--out", out)
     assert proc.communicate(timeout=60)[1] == ("error: 'tiny' has no pretrained weights; start it from random ones "
                                                "with --init random\n")
-    assert not os.path.exists(tmp_path / "out")
+    assert os.listdir(tmp_path) == []
 
 
 def test_help_describes_the_data_train_py_reads():
