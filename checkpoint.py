@@ -1,10 +1,11 @@
-"""Our checkpoint format, both sides: what train.py saves (run_record, and the weights of a full
-or a LoRA run) and every reader of it: the model of a checkpoint, what it records of its training
-(trained_with), and for a LoRA checkpoint, which holds only the adapters, what it records of its
-base so that loading rebuilds the base, checks it, and merges the adapters. Also the model files
-readers already have, as --model: the book's GPTModel state dict and nanoGPT's ckpt.pt; and
-load_for_inference, the one way generate.py, eval.py, serve.py (and export.py, through
-load_model_file) get a model."""
+"""Our checkpoint format, both sides: what train.py saves in OUT/ckpt.pt and OUT/best.pt (the
+weights of a full or a LoRA run, run_record, the optimizer and the data position) and every reader
+of it: --resume (SavedRun, the one reader of the training state), the model of a checkpoint, what it
+records of its training (trained_with), and for a LoRA checkpoint, which holds only the adapters,
+what it records of its base so that loading rebuilds the base, checks it, and merges the adapters.
+Also the model files readers already have, as --model: the book's GPTModel state dict and
+nanoGPT's ckpt.pt; and load_for_inference, the one way generate.py, eval.py, serve.py (and
+export.py, through load_model_file) get a model."""
 import dataclasses
 import os
 from typing import Optional
@@ -153,6 +154,125 @@ def with_base(ckpt, folder, path="checkpoint"):
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path} is corrupt: its LoRA settings lack {e}") from None
     return {**ckpt, "lora": {**ckpt["lora"], "base": identity}}
+
+
+# ----------------------------------------------------------------------------- train.py's OUT/ckpt.pt and OUT/best.pt
+
+# The progress of a run, as ckpt.pt holds it and --resume starts from it.
+TRAINING_STATE = ("step", "epoch", "batch_in_epoch", "tokens_seen", "elapsed", "best_val_loss", "val_loss")
+
+
+def weights(model, lora_base=None):
+    """The weights a checkpoint holds: all of them, or for a LoRA run (lora_base: its base's
+    identity, from build_base) the adapters alone, with the settings and the base's identity (a
+    LoRA checkpoint of gpt2-xl is megabytes)."""
+    if lora_base is None:
+        return {"model": model.state_dict()}
+    return lora_checkpoint(model, lora_base)
+
+
+def training_record(model, splits, settings, step, world_size):
+    """What both files of a run hold besides the weights: run_record, the run's settings (train.py's
+    arguments as a dict, which --resume takes back), its step and its number of processes."""
+    return {**run_record(model, splits, settings["prompt_style"], settings["mask_instructions"], settings["split"]),
+            "args": settings, "step": step, "world_size": world_size}
+
+
+def best_checkpoint(record, best_weights, best_val_loss, step):
+    """OUT/best.pt: the weights of the lowest validation loss, of that step, and what inference
+    needs (a third of ckpt.pt: no optimizer state)."""
+    return {**record, **best_weights, "val_loss": best_val_loss, "best_val_loss": best_val_loss, "step": step}
+
+
+def training_checkpoint(record, weights, optimizer, scaler, schedule, dpo_reference, state, cuda):
+    """OUT/ckpt.pt: everything a resumed run needs, read back by SavedRun. schedule: the learning
+    rate's {"schedule", "warmup_steps", "total_steps"}; dpo_reference: a DPO run's reference
+    log-probs {"train", "val"} (so that neither training nor --resume needs the reference model
+    again), else None; state: TRAINING_STATE's values; cuda: save the CUDA generators too."""
+    return {**record, **weights, "optimizer": optimizer.state_dict(), "scheduler": schedule,
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            **({"dpo_reference": dpo_reference} if dpo_reference is not None else {}),
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else []},
+            **state}
+
+
+class SavedRun:
+    """The run saved in OUT/ckpt.pt, as train.py --resume takes it back: its settings (train.py's
+    arguments when it was saved), its data (trained_with), its number of processes, its progress
+    (TRAINING_STATE), its model, optimizer and random state, and a DPO run's reference log-probs.
+    base: the folder a LoRA run's base moved to (checked against the recorded fingerprint)."""
+
+    def __init__(self, path, base=None):
+        ckpt = load_checkpoint(path)
+        if "optimizer" not in ckpt or "args" not in ckpt:
+            raise ValueError(f"{path} holds no training state (optimizer, data position); it cannot be resumed")
+        if base is not None:  # look for the base there from now on
+            ckpt = with_base(ckpt, base, path)
+        self.path, self.ckpt = path, ckpt
+        self.settings = ckpt["args"]
+        self.trained_with = trained_with(ckpt)
+        self.world_size = ckpt.get("world_size", 1)
+        self.state = {name: ckpt[name] for name in TRAINING_STATE}
+
+    def model(self):
+        """(the model with the saved weights, a LoRA run's base identity or None). A LoRA run's
+        base is rebuilt (download cache or folder) and its adapters loaded unmerged; a full run's
+        weights are all in the checkpoint: no download."""
+        if "lora" in self.ckpt:
+            return lora_model_from_checkpoint(self.ckpt, self.path), self.ckpt["lora"]["base"]
+        return model_from_checkpoint(self.ckpt, self.path), None
+
+    def restore(self, optimizer, scaler, device):
+        """Load the optimizer's, the grad scaler's and the random generators' saved states."""
+        optimizer.load_state_dict(self.ckpt["optimizer"])
+        if scaler.is_enabled() and self.ckpt.get("scaler"):
+            scaler.load_state_dict(self.ckpt["scaler"])
+        torch.set_rng_state(self.ckpt["rng"]["torch"])
+        if device.type == "cuda" and self.ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(self.ckpt["rng"]["cuda"])
+
+    def dpo_reference(self, split, n_pairs):
+        """A DPO run's reference log-probs of the n_pairs pairs of split ("train" or "val")."""
+        saved = (self.ckpt.get("dpo_reference") or {}).get(split)
+        if saved is None or len(saved) != n_pairs:
+            raise ValueError(f"{self.path} is corrupt: it lacks the reference log-probs of the {split} pairs; start "
+                             "the DPO run again")
+        return saved
+
+
+# ----------------------------------------------------------------------------- the model a run starts from
+
+
+def check_start_model(name_or_path, pretrained):
+    """Before the data is read: ValueError (or FileNotFoundError) for a --model train.py cannot
+    start from: one that does not exist, a preset without pretrained weights taken as pretrained,
+    or a model file taken with random weights (which would throw its weights away)."""
+    if name_or_path in PRESETS:
+        if pretrained and name_or_path not in HF_REPOS:
+            raise ValueError(f"'{name_or_path}' has no pretrained weights; start it from random ones with --init "
+                             "random")
+        return
+    if not os.path.exists(name_or_path):
+        raise FileNotFoundError(f"--model {name_or_path} does not exist; give a preset ({', '.join(PRESETS)}), a "
+                                "local Hugging Face GPT-2 folder or a model file")
+    if os.path.isfile(name_or_path) and not pretrained:
+        raise ValueError(f"--init random would throw away the weights of the model file {name_or_path}; drop --init "
+                         "random to start from them, or give a preset for random weights of its size")
+
+
+def model_file_holds(path):
+    """What a model file holds, for train.py's model line: "a train.py checkpoint: step 30, trained
+    from tiny's random weights", "the book's GPTModel weights", "nanoGPT's weights"."""
+    obj, kind = read_model_file(path)
+    if kind != "train.py":
+        return "nanoGPT's weights" if kind == "nanogpt" else "the book's GPTModel weights"
+    args = obj.get("args") or {}
+    what = "LoRA " * ("lora" in obj) + "DPO " * bool(args.get("dpo"))
+    start, init = args.get("model"), args.get("init", "pretrained")
+    if start is None:  # not written by train.py's save
+        return f"a train.py {what}checkpoint"
+    source = start if init == "pretrained" and start not in PRESETS else f"{start}'s {init} weights"  # a file, a folder
+    return f"a train.py {what}checkpoint: step {obj.get('step')}, trained from {source}"
 
 
 # ----------------------------------------------------------------------------- model files as --model

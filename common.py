@@ -61,8 +61,12 @@ def writable_folder(path):
 
 
 def check_writable_folder(path):
-    """Like writable_folder, but creates nothing: `path` must be a folder this process can write
-    in, or one it can create. For a check before long work that may still stop on another mistake."""
+    """Like writable_folder, but leaves nothing behind: `path` must be a folder this process can
+    write in, or one it can create (tried with a probe folder, removed at once: root may write
+    where os.access says so, yet not in /sys or /proc). For a check before long work that may
+    still stop on another mistake."""
+    if not path:
+        raise FileNotFoundError("the output folder is an empty name; give a folder to write results in")
     if os.path.exists(path):
         return writable_folder(path)
     existing = os.path.dirname(os.path.abspath(path))
@@ -72,6 +76,11 @@ def check_writable_folder(path):
         raise NotADirectoryError(f"cannot create the folder {path}: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot create the folder {path}: {existing} is not writable")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing))
+    except OSError as e:
+        raise OSError(f"cannot create the folder {path}: {existing} takes no new folders "
+                      f"({e.strerror or type(e).__name__})") from None
     return path
 
 
@@ -125,6 +134,30 @@ def lock_file(path, what, name=None):
     f.write(f"{what} (process {os.getpid()})\n")
     f.flush()
     return f
+
+
+@contextlib.contextmanager
+def hold_folder(folder, what):
+    """The block runs with `folder` for this run alone: created if missing, locked (lock_folder)
+    until the block ends. A run that created the folder and wrote nothing there (a mistake found
+    later, Ctrl-C) removes it again, and the parents it made, so a refused run leaves nothing behind."""
+    created = []  # the folders this run makes, the deepest first
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        created.append(path)
+        path = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    lock = lock_folder(folder, what)
+    try:
+        yield folder
+    finally:
+        if created and os.listdir(folder) == [LOCK_NAME]:
+            os.remove(os.path.join(folder, LOCK_NAME))
+            with contextlib.suppress(OSError):  # a folder another process wrote in since stays
+                for path in created:
+                    os.rmdir(path)
+        if lock is not None:
+            lock.close()
 
 
 @contextlib.contextmanager

@@ -7,15 +7,16 @@ load Alpaca-style entries, split them 85/10/5 in file order, tokenize each as pr
 plus response (prompts.py), and batch them with the chapter's custom collate (pad
 with <|endoftext|>, ignore padding in the loss). Conversations (OpenAI/TRL "messages"
 or ShareGPT "conversations") are read too: an Alpaca entry is the one-turn
-conversation it has always been. A .txt file instead gives sliding windows of raw
-text, as in the chapter on pretraining (ch05).
+conversation it has always been. Preference data (a "chosen" and a "rejected"
+response to each instruction, for DPO) is batched as pairs. A .txt file instead
+gives sliding windows of raw text, as in the chapter on pretraining (ch05).
 """
 import argparse
 import functools
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -118,13 +119,13 @@ def load_instruction_data(path: str) -> list[dict]:
     """
     entries = _parse_json(path, read_text(path))
     if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a list of entries, got a JSON {type(entries).__name__}")
+        raise ValueError(f"{path}: expected a list of entries, got a JSON {json_kind(entries)}")
     if not entries:
         raise ValueError(f"{path}: the data set has no entries")
     conversations = isinstance(entries[0], dict) and bool(CONVERSATION_KEYS & set(entries[0]))
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
-            raise ValueError(f"{path}: entry {i}: expected an object, got {type(entry).__name__}")
+            raise ValueError(f"{path}: entry {i}: expected an object, got {json_kind(entry)}")
         if conversations:
             entries[i] = read_conversation(path, i, entry)
             continue
@@ -137,9 +138,13 @@ def load_instruction_data(path: str) -> list[dict]:
         entry.setdefault("input", "")
         for key in ("instruction", "input", "output"):
             if not isinstance(entry[key], str):
-                kind = "null" if entry[key] is None else type(entry[key]).__name__
-                raise ValueError(f"{path}: entry {i}: {key!r} must be a string, got {kind}")
+                raise ValueError(f"{path}: entry {i}: {key!r} must be a string, got {json_kind(entry[key])}")
     return entries
+
+
+def json_kind(value) -> str:
+    """What a value read from JSON is, for a message: "null" for None, else its Python type (dict, str)."""
+    return "null" if value is None else type(value).__name__
 
 
 # The two conversation layouts: the key of the turns, and of each turn's role and text.
@@ -165,9 +170,7 @@ def read_conversation(path: str, i: int, entry: dict) -> dict:
         if role is None:
             raise ValueError(f"{where}: expected an object whose {role_key!r} is one of {', '.join(roles)}"
                              + (f", got {turn.get(role_key)!r}" if isinstance(turn, dict) else ""))
-        text = turn.get(text_key)
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{where}: {text_key!r} must be a non-empty string")
+        text = turn_text(where, text_key, turn.get(text_key))
         previous = messages[-1]["role"] if messages else None
         if role == "system" and messages:
             raise ValueError(f"{where}: a system message may only come first")
@@ -175,11 +178,45 @@ def read_conversation(path: str, i: int, entry: dict) -> dict:
             raise ValueError(f"{where}: two {role} turns in a row; user and assistant turns alternate")
         if role == "assistant" and previous in (None, "system"):
             raise ValueError(f"{where}: an assistant turn before any user turn")
-        messages.append({"role": role, "content": text})
+        messages.append({"role": role, "content": text, **turn_weight(where, role, turn, last=t == len(turns) - 1)})
     if messages[-1]["role"] != "assistant":
         raise ValueError(f"{path}: entry {i}, turn {len(turns) - 1}: the conversation ends with a "
                          f"{messages[-1]['role']} turn; it needs an assistant turn last, to learn from")
     return {**{k: v for k, v in entry.items() if k not in CONVERSATION_KEYS}, "messages": messages}
+
+
+def turn_text(where: str, text_key: str, text) -> str:
+    """A turn's text: a string, or as OpenAI's format allows a list of content parts
+    ({"type": "text", "text": ...}), whose texts are joined as they are, with nothing between."""
+    if isinstance(text, list):
+        for k, part in enumerate(text):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in (None, "text"):
+                raise ValueError(f"{where}: {text_key!r} part {k} is of type {kind!r}; only text parts can be "
+                                 "trained on (GPT-2 reads text)")
+            if kind is None or not isinstance(part.get("text"), str):
+                raise ValueError(f"{where}: {text_key!r} part {k} must be an object "
+                                 '{"type": "text", "text": "..."}')
+        text = "".join(part["text"] for part in text)
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{where}: {text_key!r} must be a non-empty string (or a list of text parts)")
+    return text
+
+
+def turn_weight(where: str, role: str, turn: dict, last: bool) -> dict:
+    """{"weight": 0} for an assistant turn that OpenAI's fine-tuning format leaves out of the loss
+    (honoured with --mask-instructions), else {}. Only an earlier assistant turn may have weight
+    0: the last is the one a conversation is trained on and evaluated against."""
+    if "weight" not in turn:
+        return {}
+    weight = turn["weight"]
+    if role != "assistant" or weight not in (0, 1) or isinstance(weight, bool):
+        raise ValueError(f"{where}: 'weight' must be 0 or 1, on an assistant turn (OpenAI's fine-tuning format); "
+                         f"this {role} turn has {json.dumps(weight)}")
+    if weight == 0 and last:
+        raise ValueError(f"{where}: the last assistant turn has 'weight': 0, but it is the one the conversation is "
+                         "trained on (and eval.py's reference); weight 0 goes on earlier assistant turns")
+    return {"weight": 0} if weight == 0 else {}
 
 
 def split_data(entries: list, train_frac: float = TRAIN_FRAC, test_frac: float = TEST_FRAC):
@@ -218,7 +255,8 @@ class InstructionDataset(Dataset):
     n_prompt_tokens) pairs with mask_instructions, so the loss skips the prompt.
     A conversation is rendered by encode_conversation: its prompt is everything before
     its last assistant turn, and with mask_instructions and several assistant turns
-    its item is (tokens, learned), so the loss counts every assistant turn.
+    its item is (tokens, learned), so the loss counts every assistant turn but those
+    of "weight" 0 (OpenAI's fine-tuning format), which are context only.
     """
 
     def __init__(self, entries: list[dict], prompt_style: str = "alpaca", mask_instructions: bool = False):
@@ -226,7 +264,9 @@ class InstructionDataset(Dataset):
         self.mask_instructions = mask_instructions
         self.token_ids, self.prompt_lengths, self.learned = [], [], []
         for entry in entries:
-            ids, learned = encode_conversation(entry_messages(entry), prompt_style)
+            messages = entry_messages(entry)
+            ids, learned = encode_conversation(messages, prompt_style)
+            learned = unweighted_turns_left_out(learned, messages)
             prompt_length = len(ids)  # up to the last assistant turn, the run of learned tokens at the end
             while prompt_length and learned[prompt_length - 1]:
                 prompt_length -= 1
@@ -243,6 +283,25 @@ class InstructionDataset(Dataset):
         if self.mask_instructions:
             return self.token_ids[index], self.learned[index]
         return self.token_ids[index]
+
+
+def unweighted_turns_left_out(learned: list[bool], messages: list[dict]) -> list[bool]:
+    """learned (encode_conversation's) without the assistant turns of "weight" 0: the k-th run of
+    learned tokens is the k-th assistant turn (a user turn, never empty, lies between two)."""
+    weights = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
+    if all(weights):
+        return learned
+    turn, kept = -1, []
+    for j, is_learned in enumerate(learned):
+        if is_learned and (j == 0 or not learned[j - 1]):
+            turn += 1  # the first token of the next assistant turn
+        kept.append(is_learned and weights[turn] != 0)
+    return kept
+
+
+def count_unweighted_turns(entries: list[dict]) -> int:
+    """The assistant turns of "weight" 0 in entries (conversations)."""
+    return sum(m.get("weight") == 0 for entry in entries for m in entry.get("messages", ()))
 
 
 def collate(batch, pad_token_id: int = EOT_ID, ignore_index: int = IGNORE_INDEX,
@@ -443,6 +502,83 @@ def check_batchable(splits: DataSplits, batch_size: int) -> None:
         )
 
 
+# ----------------------------------------------------------------------------
+# Preference data (train.py --dpo): a chosen and a rejected response to each instruction
+
+PAIR_KEYS = ("chosen", "rejected")
+
+
+def check_preference_entries(path, entries):
+    """ValueError naming the first entry (in file order) without a non-empty string `chosen` and `rejected`."""
+    for i, entry in enumerate(entries):
+        for key in PAIR_KEYS:
+            value = entry.get(key)
+            if key not in entry:
+                problem = "has no"
+            elif not isinstance(value, str):
+                problem = f"has a {json_kind(value)}, not a string, as"
+            elif not value.strip():
+                problem = "has an empty"
+            else:
+                continue
+            raise ValueError(f"{path}: entry {i} {problem} {key!r} response; preference data (--dpo) needs a "
+                             "non-empty 'chosen' and 'rejected' in every entry")
+
+
+class PreferenceDataset(Dataset):
+    """Pairs tokenized once, as two InstructionDatasets whose outputs are the chosen and the
+    rejected responses, with the prompt masked (a response's log-probability is given its
+    prompt). An item is (chosen item, rejected item, reference log-probs of the pair: NaN until
+    the reference pass has set `reference`, an (N, 2) tensor)."""
+
+    def __init__(self, entries, prompt_style="alpaca"):
+        self.entries = entries
+        self.chosen, self.rejected = (
+            InstructionDataset([{**entry, "output": entry[key]} for entry in entries], prompt_style,
+                               mask_instructions=True) for key in PAIR_KEYS)
+        self.lengths = [max(a, b) for a, b in zip(self.chosen.lengths, self.rejected.lengths)]
+        self.prompt_lengths, self.learned = self.chosen.prompt_lengths, self.chosen.learned  # for summarize_data
+        self.reference = None
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, index):
+        reference = self.reference[index] if self.reference is not None else torch.full((2,), float("nan"))
+        return self.chosen[index], self.rejected[index], reference
+
+
+def collate_pairs(batch, allowed_max_length=None):
+    """(inputs, targets, reference) of a batch of B pairs: the chapter's collate on the B chosen
+    then the B rejected sequences (one batch of 2B rows, padded alike), and the pairs' reference
+    log-probs (B, 2)."""
+    inputs, targets = collate([chosen for chosen, _, _ in batch] + [rejected for _, rejected, _ in batch],
+                              allowed_max_length=allowed_max_length)
+    return inputs, targets, torch.stack([reference for _, _, reference in batch])
+
+
+def preference_splits(splits, context_length):
+    """prepare_data's splits with pair datasets for train, validation and test, batched by collate_pairs."""
+    if splits.kind != "instruction":
+        raise ValueError(f"{splits.path} is raw text; --dpo needs preference data (.json/.jsonl entries with "
+                         "'chosen' and 'rejected' responses)")
+    check_preference_entries(splits.path, splits.train_entries + splits.test_entries + splits.val_entries)
+    return replace(
+        splits, train=PreferenceDataset(splits.train_entries, splits.prompt_style),
+        val=PreferenceDataset(splits.val_entries, splits.prompt_style),
+        test=PreferenceDataset(splits.test_entries, splits.prompt_style),
+        collate_fn=functools.partial(collate_pairs, allowed_max_length=context_length), mask_instructions=True)
+
+
+def summarize_pairs(splits, context_length):
+    """The data summary's line on pairs: those without a preference, and those truncated."""
+    named = [("train", splits.train), ("val", splits.val), ("test", splits.test)]
+    same = sum(entry["chosen"] == entry["rejected"] for _, d in named for entry in d.entries)
+    too_long = ", ".join(f"{sum(n > context_length for n in d.lengths)} {name}" for name, d in named)
+    return (f"preference pairs: {same} with chosen equal to rejected (no preference; kept, so the split stays); "
+            f"pairs longer than the context of {context_length} (truncated): {too_long}")
+
+
 def summarize_data(splits: DataSplits, batch_size: int, context_length: int) -> str:
     """A few lines on the data: split sizes, token lengths, truncation and padding."""
     if splits.kind == "text":
@@ -461,7 +597,12 @@ def summarize_data(splits: DataSplits, batch_size: int, context_length: int) -> 
     if "messages" in splits.train_entries[0]:
         entries = splits.train_entries + splits.val_entries + splits.test_entries
         multi = sum(sum(m["role"] == "assistant" for m in e["messages"]) > 1 for e in entries)
-        lines.insert(1, f"conversations: {multi} of {len(entries)} with more than one assistant turn")
+        line = f"conversations: {multi} of {len(entries)} with more than one assistant turn"
+        if unweighted := count_unweighted_turns(entries):
+            left_out = ("left out of the loss" if splits.mask_instructions else
+                        "in the loss all the same (only --mask-instructions leaves them out)")
+            line += f"; {plural(unweighted, 'assistant turn')} of weight 0, {left_out}"
+        lines.insert(1, line)
     if splits.mask_instructions:
         # Such an example has no target left that counts in the loss.
         first_learned = [n if isinstance(n, int) else n.index(True) for n in splits.train.learned]
@@ -484,7 +625,8 @@ def main():
     p = argparse.ArgumentParser(description="Prepare a data set (the default one is downloaded once into "
                                 "data/) and print its summary: split sizes, lengths, truncation, padding.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", help="instruction data (a JSON array or JSON Lines, whatever the name) or raw text "
+    p.add_argument("--data", help="instruction data (a JSON array or JSON Lines, whatever the name): Alpaca "
+                   "entries, conversations, or preference pairs (shown as train.py --dpo takes them); or raw text "
                    "(.txt); none: the chapter's data set, downloaded once into data/")
     p.add_argument("--prompt-style", default="alpaca", choices=list(PROMPT_STYLES), help="prompt template")
     p.add_argument("--context-length", type=AT_LEAST_1, default=1024,
@@ -494,7 +636,12 @@ def main():
                    help="count only response tokens in the loss (reports prompts that fill the context)")
     args = p.parse_args()
     splits = prepare_data(args.data, args.prompt_style, args.context_length, args.mask_instructions)
+    pairs = splits.kind == "instruction" and set(PAIR_KEYS) <= set(splits.train_entries[0])
+    if pairs:  # as train.py --dpo takes it
+        splits = preference_splits(splits, args.context_length)
     print(summarize_data(splits, args.batch_size, args.context_length))
+    if pairs:
+        print(summarize_pairs(splits, args.context_length))
 
 
 if __name__ == "__main__":

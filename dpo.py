@@ -1,8 +1,8 @@
 """Direct preference optimization (DPO, Rafailov et al. 2023), the step after instruction
-fine-tuning in the book's ch07/04: preference data (a chosen and a rejected response to each
-instruction), the log-probability of a response given its prompt, the DPO loss against the
-reference model's log-probabilities (computed once, before the first step, and kept), and the
-metrics TRL logs (rewards, their margin, the reward accuracy). train.py --dpo and eval.py use it.
+fine-tuning in the book's ch07/04: the log-probability of a response given its prompt, the DPO
+loss against the reference model's log-probabilities (computed once, before the first step, and
+kept), and the metrics TRL logs (rewards, their margin, the reward accuracy). Its data, pairs of a
+chosen and a rejected response, is read by data.py. train.py --dpo and eval.py use it.
 """
 import dataclasses
 import functools
@@ -11,87 +11,12 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-from common import IGNORE_INDEX
-from data import InstructionDataset, collate
+from common import IGNORE_INDEX, Progress
+from data import PreferenceDataset, collate_pairs
+from data import check_preference_entries  # noqa: F401 (eval.py imports it from here: to import from data.py)
 
-PAIR_KEYS = ("chosen", "rejected")
 LOGPROB_MODES = ("sum", "mean")  # the paper's and TRL's; the book's notebook takes the mean
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def check_preference_entries(path, entries):
-    """ValueError naming the first entry (in file order) without a non-empty string `chosen` and `rejected`."""
-    for i, entry in enumerate(entries):
-        for key in PAIR_KEYS:
-            value = entry.get(key)
-            if key not in entry:
-                problem = "has no"
-            elif not isinstance(value, str):
-                problem = f"has a {'null' if value is None else type(value).__name__}, not a string, as"
-            elif not value.strip():
-                problem = "has an empty"
-            else:
-                continue
-            raise ValueError(f"{path}: entry {i} {problem} {key!r} response; preference data (--dpo) needs a "
-                             "non-empty 'chosen' and 'rejected' in every entry")
-
-
-class PreferenceDataset(Dataset):
-    """Pairs tokenized once, as two InstructionDatasets whose outputs are the chosen and the
-    rejected responses, with the prompt masked (a response's log-probability is given its
-    prompt). An item is (chosen item, rejected item, reference log-probs of the pair: NaN until
-    the reference pass has set `reference`, an (N, 2) tensor)."""
-
-    def __init__(self, entries, prompt_style="alpaca"):
-        self.entries = entries
-        self.chosen, self.rejected = (
-            InstructionDataset([{**entry, "output": entry[key]} for entry in entries], prompt_style,
-                               mask_instructions=True) for key in PAIR_KEYS)
-        self.lengths = [max(a, b) for a, b in zip(self.chosen.lengths, self.rejected.lengths)]
-        self.prompt_lengths, self.learned = self.chosen.prompt_lengths, self.chosen.learned  # for summarize_data
-        self.reference = None
-
-    def __len__(self):
-        return len(self.entries)
-
-    def __getitem__(self, index):
-        reference = self.reference[index] if self.reference is not None else torch.full((2,), float("nan"))
-        return self.chosen[index], self.rejected[index], reference
-
-
-def collate_pairs(batch, allowed_max_length=None):
-    """(inputs, targets, reference) of a batch of B pairs: the chapter's collate on the B chosen
-    then the B rejected sequences (one batch of 2B rows, padded alike), and the pairs' reference
-    log-probs (B, 2)."""
-    inputs, targets = collate([chosen for chosen, _, _ in batch] + [rejected for _, rejected, _ in batch],
-                              allowed_max_length=allowed_max_length)
-    return inputs, targets, torch.stack([reference for _, _, reference in batch])
-
-
-def preference_splits(splits, context_length):
-    """prepare_data's splits with pair datasets for train, validation and test, batched by collate_pairs."""
-    if splits.kind != "instruction":
-        raise ValueError(f"{splits.path} is raw text; --dpo needs preference data (.json/.jsonl entries with "
-                         "'chosen' and 'rejected' responses)")
-    check_preference_entries(splits.path, splits.train_entries + splits.test_entries + splits.val_entries)
-    return dataclasses.replace(
-        splits, train=PreferenceDataset(splits.train_entries, splits.prompt_style),
-        val=PreferenceDataset(splits.val_entries, splits.prompt_style),
-        test=PreferenceDataset(splits.test_entries, splits.prompt_style),
-        collate_fn=functools.partial(collate_pairs, allowed_max_length=context_length), mask_instructions=True)
-
-
-def summarize_pairs(splits, context_length):
-    """The data summary's line on pairs: those without a preference, and those truncated."""
-    named = [("train", splits.train), ("val", splits.val), ("test", splits.test)]
-    same = sum(entry["chosen"] == entry["rejected"] for _, d in named for entry in d.entries)
-    too_long = ", ".join(f"{sum(n > context_length for n in d.lengths)} {name}" for name, d in named)
-    return (f"preference pairs: {same} with chosen equal to rejected (no preference; kept, so the split stays); "
-            f"pairs longer than the context of {context_length} (truncated): {too_long}")
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -171,21 +96,26 @@ def dpo_metrics(model, loader, device, objective, num_batches=None, autocast=nul
 
 @torch.no_grad()
 def reference_logprobs(model, dataset, collate_fn, batch_size, device, mode="sum", autocast=nullcontext,
-                       rank=0, world_size=1):
+                       rank=0, world_size=1, progress=None):
     """(N, 2) float32 log-probs of every pair's chosen and rejected response under model, in
     eval mode, without gradient: the reference of a DPO run, computed once before the first
     step. Pairs go by length (little padding); under torchrun each process computes every
-    world_size-th and an all-reduce gives all of them to every process."""
+    world_size-th and an all-reduce gives all of them to every process. progress: the words of
+    a progress line (common.Progress) on this process's batches, if one is wanted."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(dataset)), key=dataset.lengths.__getitem__)[rank::world_size]
     result = torch.zeros(len(dataset), 2)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        inputs, targets, _ = collate_fn([dataset[i] for i in rows])
-        with autocast():
-            logprobs = response_logprobs(model, inputs.to(device), targets.to(device), mode)
-        result[rows] = logprobs.float().view(2, -1).t().cpu()
+    starts = range(0, len(order), batch_size)
+    with Progress(progress, len(starts)) if progress else nullcontext() as shown:
+        for done, start in enumerate(starts, 1):
+            rows = order[start:start + batch_size]
+            inputs, targets, _ = collate_fn([dataset[i] for i in rows])
+            with autocast():
+                logprobs = response_logprobs(model, inputs.to(device), targets.to(device), mode)
+            result[rows] = logprobs.float().view(2, -1).t().cpu()
+            if shown:
+                shown.update(done)
     model.train(was_training)
     if world_size > 1:  # each pair was computed by one process; the others hold zeros there
         result = result.to(device)

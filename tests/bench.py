@@ -122,7 +122,7 @@ def bench_training(every=8):
     import torch.nn.functional as F
 
     from data import batch_indices
-    from train import count_tokens, make_optimizer, train_step
+    from step import count_tokens, make_optimizer, train_step
 
     path = default_data_path()
     plain, masked = prepare_data(path), prepare_data(path, mask_instructions=True)
@@ -281,7 +281,7 @@ def lora_variant(variant):
 
     from data import batch_indices
     from lora import add_lora, base_fingerprint, lora_state_dict
-    from train import count_tokens, make_optimizer, train_step
+    from step import count_tokens, make_optimizer, train_step
 
     splits = prepare_data(default_data_path())
     order = batch_indices(splits.train.lengths, 8, shuffle=True, seed=123, drop_last=True)
@@ -480,9 +480,10 @@ def bench_dpo(steps=8, reference_pairs=160):
     batches spread over an epoch of the book's preference data, the two taking turns (medians);
     and the one-time reference pass, timed on every few training pairs and scaled by padded
     tokens to the training and validation pairs."""
-    from dpo import DPO, PreferenceDataset, preference_splits, reference_logprobs
+    from data import PreferenceDataset, preference_splits
+    from dpo import DPO, reference_logprobs
     from data import batch_indices
-    from train import count_tokens, make_optimizer, sft_loss, sft_units, train_step
+    from step import count_tokens, make_optimizer, sft_loss, sft_units, train_step
 
     path = os.path.join(SHARED, "data", "instruction-data-with-preference.json")
     splits = preference_splits(prepare_data(path, mask_instructions=True), 1024)

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, load_model_file, model_file_settings, model_from_checkpoint, save_checkpoint
+from checkpoint import (load_checkpoint, load_model_file, model_file_holds, model_file_settings, model_from_checkpoint,
+                        save_checkpoint)
 from export import export
 from checkpoint import load_for_inference
 from model import GPT, config_for, from_pretrained
@@ -155,3 +156,18 @@ def test_model_files_of_other_kinds_are_refused(tmp_path):
     torch.save({"weights": torch.zeros(3)}, path)
     with pytest.raises(ValueError, match="is neither a train.py checkpoint, the book's GPTModel state dict"):
         load_model_file(path)
+
+
+def test_a_model_file_says_what_it_holds(tmp_path):
+    book, nanogpt, ours = (str(tmp_path / name) for name in ("book.pth", "nanogpt.pt", "best.pt"))
+    torch.save({"tok_emb.weight": torch.zeros(2, 2), "pos_emb.weight": torch.zeros(2, 2)}, book)
+    torch.save({"model": {}, "model_args": {}, "config": {}}, nanogpt)
+    assert model_file_holds(book) == "the book's GPTModel weights" and model_file_holds(nanogpt) == "nanoGPT's weights"
+    save_checkpoint({"model": {}, "config": {}, "step": 9,
+                     "args": {"model": "out/sft/best.pt", "init": "pretrained", "dpo": True}}, ours)
+    assert model_file_holds(ours) == "a train.py DPO checkpoint: step 9, trained from out/sft/best.pt"
+    save_checkpoint({"model": {}, "config": {}, "lora": {}, "step": 3, "args": {"model": "gpt2", "init": "pretrained"}},
+                    ours)
+    assert model_file_holds(ours) == "a train.py LoRA checkpoint: step 3, trained from gpt2's pretrained weights"
+    save_checkpoint({"model": {}, "config": {}}, ours)  # written by hand, not by train.py's save
+    assert model_file_holds(ours) == "a train.py checkpoint"

@@ -576,3 +576,82 @@ def test_bad_conversations_name_the_entry_and_the_turn(tmp_path, entries, messag
     path = write_json(tmp_path, entries)
     with pytest.raises(ValueError, match=f"^{path}: {message}"):
         data.load_instruction_data(path)
+
+
+# ---------------------------------------------------------------------------- OpenAI's format: weights, parts
+
+def test_an_assistant_turn_of_weight_0_leaves_the_loss_with_mask_instructions(tmp_path):
+    weighted = [*TWO_TURNS[:2], {**TWO_TURNS[2], "weight": 0}, *TWO_TURNS[3:4], {**TWO_TURNS[4], "weight": 1}]
+    entries = data.load_instruction_data(write_json(tmp_path, [{"messages": weighted}]))
+    assert entries[0]["messages"] == [*TWO_TURNS[:2], {**TWO_TURNS[2], "weight": 0}, *TWO_TURNS[3:]]
+    masked = data.InstructionDataset(entries, mask_instructions=True)
+    _, targets = data.collate([masked[0]])
+    # the first answer and its end-of-text are no targets (only context); the last answer is, with its end-of-text
+    assert [t for t in targets[0].tolist() if t != IGNORE_INDEX] == prompts.encode("Blue.") + [EOT_ID]
+    unweighted = data.InstructionDataset([{"messages": TWO_TURNS}], mask_instructions=True)
+    assert masked.token_ids == unweighted.token_ids and masked[0] == (masked.token_ids[0], masked.prompt_lengths[0])
+    # without --mask-instructions every token counts (train.py refuses such data then: test_train.py)
+    assert data.InstructionDataset(entries)[0] == data.InstructionDataset([{"messages": TWO_TURNS}])[0]
+    splits = data.prepare_data(write_json(tmp_path, [{"messages": weighted}] * 20), context_length=64,
+                               mask_instructions=True)
+    summary = data.summarize_data(splits, 2, 64)
+    assert "conversations: 20 of 20 with more than one assistant turn; 20 assistant turns of weight 0, left out of " \
+           "the loss\n" in summary
+
+
+def test_content_given_as_text_parts_is_joined(tmp_path):
+    parts = [{**TWO_TURNS[1], "content": [{"type": "text", "text": "H"}, {"type": "text", "text": "i."}]},
+             {**TWO_TURNS[2], "content": [{"type": "text", "text": "Hello!"}]}]
+    entries = data.load_instruction_data(write_json(tmp_path, [{"messages": [TWO_TURNS[0], *parts]}]))
+    assert entries == [{"messages": TWO_TURNS[:3]}]
+
+
+BAD_OPENAI = [
+    ([*TWO_TURNS[:2], {**TWO_TURNS[2], "content": [{"type": "text", "text": "a"},
+                                                   {"type": "image_url", "image_url": {"url": "x.png"}}]}],
+     "entry 0, turn 2: 'content' part 1 is of type 'image_url'; only text parts can be trained on \\(GPT-2 reads "
+     "text\\)"),
+    ([*TWO_TURNS[:2], {**TWO_TURNS[2], "content": ["Hello!"]}],
+     "entry 0, turn 2: 'content' part 0 must be an object {\"type\": \"text\", \"text\": \"...\"}"),
+    ([*TWO_TURNS[:4], {**TWO_TURNS[4], "weight": 0}],
+     "entry 0, turn 4: the last assistant turn has 'weight': 0, but it is the one the conversation is trained on"),
+    ([TWO_TURNS[0], {**TWO_TURNS[1], "weight": 0}, *TWO_TURNS[2:]],
+     "entry 0, turn 1: 'weight' must be 0 or 1, on an assistant turn \\(OpenAI's fine-tuning format\\); this user turn "
+     "has 0"),
+    ([*TWO_TURNS[:2], {**TWO_TURNS[2], "weight": 0.5}, *TWO_TURNS[3:]],
+     "entry 0, turn 2: 'weight' must be 0 or 1, on an assistant turn \\(OpenAI's fine-tuning format\\); this assistant "
+     "turn has 0.5"),
+]
+
+
+@pytest.mark.parametrize("messages, message", BAD_OPENAI)
+def test_bad_weights_and_parts_name_the_entry_and_the_turn(tmp_path, messages, message):
+    path = write_json(tmp_path, [{"messages": messages}])
+    with pytest.raises(ValueError, match=f"^{path}: {message}"):
+        data.load_instruction_data(path)
+
+
+# ---------------------------------------------------------------------------- the command line
+
+def data_py(*argv):
+    proc = subprocess.run([sys.executable, "data.py", *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_a_file_holding_null_says_null(tmp_path):
+    path = write_json(tmp_path, None)
+    assert data_py("--data", path) == (1, "", f"error: {path}: expected a list of entries, got a JSON null\n")
+
+
+def test_preference_data_shows_its_pairs_as_train_py_dpo_does(tmp_path):
+    entries = [{"instruction": f"Say {i}.", "chosen": f"{i}.", "rejected": "No." if i % 5 else f"{i}."}
+               for i in range(20)]
+    code, stdout, stderr = data_py("--data", write_json(tmp_path, entries), "--context-length", 64)
+    assert code == 0 and "instructions masked in the loss" in stdout, stderr
+    assert stdout.endswith("preference pairs: 4 with chosen equal to rejected (no preference; kept, so the split "
+                           "stays); pairs longer than the context of 64 (truncated): 0 train, 0 val, 0 test\n")
+    entries[3]["rejected"] = None  # and bad pairs are refused as train.py --dpo refuses them
+    code, stdout, stderr = data_py("--data", write_json(tmp_path, entries))
+    assert code == 1 and stderr.endswith("entry 3 has a null, not a string, as 'rejected' response; preference data "
+                                         "(--dpo) needs a non-empty 'chosen' and 'rejected' in every entry\n")

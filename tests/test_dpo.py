@@ -3,6 +3,7 @@ on the tiny model (random weights) with small preference data made here."""
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -12,8 +13,8 @@ from checkpoint import load_checkpoint
 from common import write_json
 from data import prepare_data
 from prompts import EOT_ID
-from dpo import (DPO, PreferenceDataset, check_preference_entries, collate_pairs, dpo_metrics, preference_splits,
-                 reference_logprobs)
+from data import PreferenceDataset, check_preference_entries, collate_pairs, preference_splits
+from dpo import DPO, dpo_metrics, reference_logprobs
 from common import IGNORE_INDEX
 from model import config_for, GPT
 from test_train import (LORA, TINY, WORDS, base_folder, losses, metrics, run, run_cli, script,  # noqa: F401
@@ -294,3 +295,22 @@ def test_help_shows_the_dpo_defaults(capsys):
     for shown in ("AdamW learning rate; 5e-6 under --dpo (default: 5e-05)", "0.01 under --dpo (default: 0.1)",
                   "1 under --dpo (default: 2)", "(default: sum)", "--beta BETA"):
         assert shown in text
+
+
+def test_a_resumed_dpo_run_keeps_its_one_epoch_and_its_reference_pass_shows_progress(pairs, tmp_path):
+    out = tmp_path / "dpo"
+    proc = script("train.py", *DPO_RUN, "--batch-size", 8, "--data", pairs, "--out", out, "--max-steps", 2)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    # 40 train pairs in 5 batches of 8, 4 validation pairs in 1: a line at once, then the last (in a log)
+    assert re.search(r"^reference log-probs of the train pairs, batch 1/5, \d+s left\n"
+                     r"(.*\n)*reference log-probs of the train pairs, batch 5/5, 0s left\n"
+                     r"reference log-probs of the validation pairs, batch 1/1, 0s left\n", stderr, re.M), stderr
+    # --max-steps without --epochs: DPO's one epoch (5 steps) still ends the run, and the run says so
+    proc = script("train.py", "--resume", "--out", out, "--max-steps", 8)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert ("changed since the checkpoint: --max-steps 8 (was 2)\n"
+            "model tiny (resumed at step 2): ") in stdout
+    assert "5 optimizer steps (5 per epoch)\n--epochs 1 ends the run at step 5, before --max-steps 8\n" in stdout
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 5

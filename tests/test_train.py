@@ -1,7 +1,6 @@
 """train.py on the tiny model (random weights, GPT-2 vocabulary) and small data made here.
 Runs are in-process (train.main) where that saves the cost of starting Python and torch;
 the command-line behaviour (exit codes, Ctrl-C, torchrun) runs in subprocesses."""
-import argparse
 import glob
 import importlib.util
 import io
@@ -25,6 +24,7 @@ from common import run_main, write_json
 from model import GPT, config_for, from_pretrained
 from export import config_json, hf_state_dict
 from checkpoint import load_for_inference
+from step import lr_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--init", "random", "--context-length", "64", "--batch-size", "2", "--eval-batches", "2"]
@@ -323,6 +323,14 @@ def test_a_resumed_run_may_change_the_optimizer_settings_and_says_which(data, tm
     assert re.search(r"^done: 2 steps in \d+s \(the run: 4 steps in \d+s\); best val loss ", printed, re.M), printed
 
 
+def test_resume_with_max_steps_alone_lifts_the_epochs_of_a_fine_tuning_run_and_says_so(data, tmp_path, capsys):
+    out = tmp_path / "out"  # 40 examples, batches of 8: 5 steps an epoch
+    run(*FAST, "--batch-size", 8, "--data", data, "--out", out, "--epochs", 1, "--max-steps", 2, "--eval-every", 100)
+    capsys.readouterr()
+    run("--resume", "--out", out, "--max-steps", 7)  # as a new run: --max-steps alone decides
+    assert "changed since the checkpoint: --epochs no limit (was 1), --max-steps 7 (was 2)\n" in capsys.readouterr().out
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 7
+
 def test_progress_lines_between_evaluations_in_a_log_and_on_a_terminal(data, tmp_path, capsys, monkeypatch):
     step_losses, train_step = [], train.train_step
     monkeypatch.setattr(train, "train_step", lambda *a, **k: step_losses.append(train_step(*a, **k)) or step_losses[-1])
@@ -351,28 +359,62 @@ def test_progress_lines_between_evaluations_in_a_log_and_on_a_terminal(data, tmp
                      terminal.getvalue()), terminal.getvalue()
 
 
-def test_time_left_counts_the_evaluations_and_saves_still_due(tmp_path):
-    # the schedule of test_checkpoints_are_saved_every_save_every_steps_and_at_epoch_ends: 20 steps an epoch,
-    # evaluations at 1, 6, 11, 16, 21, 22, saves at 8, 16, 20, 22
-    args = argparse.Namespace(eval_every=5, save_every=8, out=str(tmp_path))
-    run = train.Run(args, None, 0, 1, None, None, total_steps=22, steps_per_epoch=20, steps_run=2,
-                    eval_seconds=6.0, evals_run=2, save_seconds=2.0, saves_run=1, started=time.time() - 10)
-    run.state["step"] = 2
-    # 1 s a training step (10 s - 6 s evaluating - 2 s saving, over 2 steps) x 20 steps, 3 s x 5 evaluations,
-    # 2 s x 4 saves
-    assert train.time_left(run) == pytest.approx(20 + 15 + 8, abs=0.2)
-    run.state["step"] = 21
-    assert train.time_left(run) == pytest.approx(1 + 3 + 2, abs=0.2)
-
-
 def test_lr_schedules():
     class Args:
         lr, warmup_steps, lr_schedule = 1e-3, 4, "cosine"
-    assert [train.lr_at(s, Args, 15) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
-    assert train.lr_at(4, Args, 15) == pytest.approx(1e-3) and train.lr_at(14, Args, 15) == pytest.approx(1e-4)
-    assert train.lr_at(9, Args, 15) == pytest.approx(0.55e-3)  # halfway down
+    assert [lr_at(s, Args, 15) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lr_at(4, Args, 15) == pytest.approx(1e-3) and lr_at(14, Args, 15) == pytest.approx(1e-4)
+    assert lr_at(9, Args, 15) == pytest.approx(0.55e-3)  # halfway down
     Args.lr_schedule = "constant"
-    assert train.lr_at(14, Args, 15) == 1e-3
+    assert lr_at(14, Args, 15) == 1e-3
+
+
+# ----------------------------------------------------------------------------- checkpoints written before
+
+
+OLD_RUNS = os.path.join(ROOT, "tests", "fixtures", "old-runs")
+# The runs in tests/fixtures/old-runs: LoRA (small files) on the tiny model, written by train.py at commit 995ee9c,
+# the last before checkpoint.py held both sides of the format:
+#     python train.py OLD_RUN [--dpo] --data tests/fixtures/old-runs/{data,pairs}.json --out OUT --max-steps 3
+OLD_RUN = [*TINY, "--mask-instructions", "--lora-rank", 2, "--lora-alpha", 8, "--lr", "1e-2", "--lora-dropout", "0.1",
+           "--dropout", "0.1", "--eval-every", 2]
+
+
+def assert_same(a, b, where="checkpoint"):
+    """Two checkpoint dicts hold the same: keys in the same order, equal values, equal tensors."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, (where, a, b)
+
+
+@pytest.mark.parametrize("name, data_file, dpo", [("lora-sft", "data.json", []), ("lora-dpo", "pairs.json", ["--dpo"])])
+def test_a_checkpoint_written_before_the_restructure_is_the_same_and_resumes_exactly(name, data_file, dpo, tmp_path):
+    data = os.path.join(OLD_RUNS, data_file)
+    old = tmp_path / "old"
+    shutil.copytree(os.path.join(OLD_RUNS, name), old)
+    run(*OLD_RUN, *dpo, "--data", data, "--out", tmp_path / "new", "--max-steps", 3)
+    written, ours = load_checkpoint(old / "ckpt.pt"), load_checkpoint(tmp_path / "new" / "ckpt.pt")
+    # the same but for where and when: the data's path, the folder, the time taken, and --plot, now plot.py
+    assert written["args"].pop("plot") is False
+    for ckpt in (written, ours):
+        del ckpt["data"], ckpt["elapsed"], ckpt["args"]["data"], ckpt["args"]["out"]
+    assert_same(written, ours)
+    assert losses(old) == losses(tmp_path / "new")
+
+    run("--resume", "--out", old, "--data", data, "--max-steps", 6)  # the data moved since: found by its content
+    run(*OLD_RUN, *dpo, "--data", data, "--out", tmp_path / "full", "--max-steps", 6)
+    assert [m["step"] for m in metrics(old)] == [1, 3, 5, 6] and losses(old) == losses(tmp_path / "full")
+    assert_same_weights(old, tmp_path / "full")
+    assert "plot" not in load_checkpoint(old / "ckpt.pt")["args"]  # a flag no longer there is not carried on
 
 
 # ----------------------------------------------------------------------------- stopping
@@ -576,43 +618,6 @@ def test_setting_mistakes_are_one_sentence(data, tmp_path):
                                                     "it cannot be resumed")
 
 
-def test_plot_draws_a_finished_run_later(data, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "out"
-    with pytest.raises(SystemExit) as stopped:
-        run_cli("--plot", "--out", out)
-    assert stopped.value.code == (f"error: nothing to plot: {out / 'metrics.jsonl'} does not exist (train.py writes "
-                                  "it at every evaluation)")
-    with pytest.raises(SystemExit) as stopped:
-        run("--plot", "--out", out, "--lr", "1e-3")
-    assert stopped.value.code == 2 and "--plot goes with --out only" in capsys.readouterr().err
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # trained without matplotlib...
-    run(*FAST, "--data", data, "--out", out, "--max-steps", 1)
-    assert (f"no {out / 'loss.png'}: matplotlib is not installed (pip install matplotlib), then draw it with "
-            f"python train.py --plot --out {out}\n") in capsys.readouterr().out
-    with pytest.raises(SystemExit) as stopped:
-        run_cli("--plot", "--out", out)
-    assert stopped.value.code == "error: matplotlib is not installed; pip install matplotlib, then run this again"
-    assert not os.path.exists(out / "loss.png")
-    if HAVE_MATPLOTLIB:  # ... then installed
-        monkeypatch.undo()
-        run("--plot", "--out", out)
-        assert capsys.readouterr().out == f"wrote {out / 'loss.png'}\n" and os.path.getsize(out / "loss.png") > 0
-
-
-@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is optional")
-def test_loss_plot_marks_the_points_when_there_are_few(tmp_path, monkeypatch):
-    from matplotlib.figure import Figure
-    drawn, savefig = [], Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig) or savefig(fig, *a, **k))
-    for n in (1, 60):
-        with open(tmp_path / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(dict(step=s, tokens_seen=10 * s, train_loss=3.0, val_loss=3.5)) + "\n"
-                         for s in range(1, n + 1))
-        train.plot_losses(tmp_path / "metrics.jsonl", str(tmp_path / "loss.png"))
-    few, many = ([line.get_marker() for line in fig.axes[0].lines] for fig in drawn)
-    assert few == ["o", "o"] and many == ["None", "None"]
-
-
 def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         run("--help")
@@ -620,6 +625,138 @@ def test_help_shows_every_default(capsys):
     for default in ("(default: gpt2)", "(default: 5e-05)", "(default: 0.1)", "(default: 8)", "(default: 123)",
                     "(default: 1024)", "(default: auto)", "(default: out)", "(default: float32)"):
         assert default in text
+
+
+def test_a_model_file_says_what_it_holds_and_refuses_random_weights(data, tmp_path, capsys):
+    run(*FAST, "--data", data, "--out", tmp_path / "first", "--max-steps", 1)
+    best = tmp_path / "first" / "best.pt"
+    proc = script("train.py", "--model", best, "--batch-size", 2, "--eval-batches", 1, "--mask-instructions",
+                  "--data", data, "--out", tmp_path / "next", "--max-steps", 1)
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr
+    assert (f"model {best} (a train.py checkpoint: step 1, trained from tiny's random weights): 3.3M parameters, "
+            "3.32M trainable; context 64, on ") in stdout
+    proc = script("train.py", "--model", best, "--init", "random", "--data", tmp_path / "nope.json", "--out",
+                  tmp_path / "random")
+    assert proc.communicate(timeout=60) == ("", f"error: --init random would throw away the weights of the model "
+                                                f"file {best}; drop --init random to start from them, or give a preset "
+                                                "for random weights of its size\n") and proc.returncode == 1
+    assert not os.path.exists(tmp_path / "random")
+
+
+def test_a_model_that_does_not_exist_is_refused_before_the_data_is_read(tmp_path):
+    out = tmp_path / "new" / "out"  # made to hold the lock, and removed again with its parent: nothing is left
+    for model in (tmp_path / "out" / "nope.pt", "gpt3"):
+        proc = script("train.py", "--model", model, "--data", tmp_path / "nope.json", "--out", out)
+        assert proc.communicate(timeout=60) == ("", f"error: --model {model} does not exist; give a preset (gpt2, "
+                                                    "gpt2-medium, gpt2-large, gpt2-xl, tiny), a local Hugging Face "
+                                                    "GPT-2 folder or a model file\n") and proc.returncode == 1
+    proc = script("train.py", "--model", "tiny", "--data", tmp_path / "nope.json", "--out", out)
+    assert proc.communicate(timeout=60)[1] == ("error: 'tiny' has no pretrained weights; start it from random ones "
+                                               "with --init random\n")
+    assert os.listdir(tmp_path) == []
+
+
+def test_help_describes_the_data_train_py_reads():
+    proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "COLUMNS": "1000"})  # no line broken at a flag's hyphen
+    text = " ".join(proc.stdout.split())
+    assert proc.returncode == 0 and ("--data DATA instruction data (.json or .jsonl): Alpaca entries, conversations "
+                                     "(OpenAI's 'messages' or ShareGPT's 'conversations'), or for --dpo preference "
+                                     "pairs ('chosen' and 'rejected'); or raw text (.txt)") in text
+    assert "only --epochs, --max-steps, --lr, --warmup-steps, --lr-schedule, --weight-decay, --grad-clip" in text
+
+
+def conversations(folder, n=48, weight=None):
+    """n two-exchange conversations; with a weight, the first assistant turn carries it."""
+    entries = []
+    for i in range(n):
+        first = {"role": "assistant", "content": f"{i % 7}.", **({"weight": weight} if weight is not None else {})}
+        entries.append({"messages": [{"role": "user", "content": f"Say {i % 7}."}, first,
+                                     {"role": "user", "content": "Backwards?"},
+                                     {"role": "assistant", "content": WORDS[i % len(WORDS)][::-1]}]})
+    path = os.path.join(folder, "conversations.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(entry) + "\n" for entry in entries)
+    return path
+
+
+def test_openai_weight_0_turns_leave_the_loss_with_mask_instructions_and_are_refused_without(tmp_path, capsys):
+    path = conversations(tmp_path, weight=0)
+    proc = script("train.py", *TINY, "--data", path, "--out", tmp_path / "plain")
+    assert proc.communicate(timeout=60) == ("", f"error: {path} has 48 assistant turns of weight 0, which only "
+                                                "--mask-instructions leaves out of the loss (without it every token "
+                                                "counts); add it\n") and proc.returncode == 1
+    run(*FAST, "--data", path, "--out", tmp_path / "weighted", "--max-steps", 1)
+    assert ("conversations: 48 of 48 with more than one assistant turn; 48 assistant turns of weight 0, left out "
+            "of the loss\n") in capsys.readouterr().out  # which targets count: test_data.py
+    assert load_checkpoint(tmp_path / "weighted" / "ckpt.pt")["step"] == 1
+
+
+# ----------------------------------------------------------------------------- one run to a folder
+
+
+def wait_for(path, proc, timeout=120):
+    """Wait until path exists, while proc runs."""
+    deadline = time.time() + timeout
+    while not os.path.exists(path) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None and os.path.exists(path), proc.communicate()
+
+
+def in_use(out, pid):
+    return f"error: {out} is in use by train.py (process {pid}); wait for it to end, or give another folder\n"
+
+
+def test_a_second_run_into_a_running_runs_folder_is_refused_and_a_kill_9_frees_it(data, tmp_path):
+    out = tmp_path / "out"
+    first = script("train.py", *FAST, "--data", data, "--out", out, "--epochs", 1000, "--save-every", 2,
+                   "--eval-every", 3)
+    wait_for(out / "ckpt.pt", first)
+    for argv in ([*FAST, "--data", data, "--out", out],  # another run into the folder
+                 ["--resume", "--out", out]):  # the running run resumed a second time
+        second = script("train.py", *argv)
+        assert second.communicate(timeout=120) == ("", in_use(out, first.pid)) and second.returncode == 1
+    first.send_signal(signal.SIGKILL)  # no save, no clean-up: the kernel releases the lock with the process
+    first.communicate(timeout=60)
+    saved = load_checkpoint(out / "ckpt.pt")["step"]
+    again = script("train.py", "--resume", "--out", out, "--max-steps", saved + 3)
+    stdout, stderr = again.communicate(timeout=180)
+    assert again.returncode == 0 and "Traceback" not in stderr, stderr
+    steps = [m["step"] for m in metrics(out)]  # one run's lines, in order: those after the save were dropped
+    assert steps == sorted(set(steps)) and steps[-1] == saved + 3 == load_checkpoint(out / "ckpt.pt")["step"]
+
+
+def test_two_runs_started_together_into_a_new_folder_one_runs_the_other_is_refused(data, tmp_path):
+    out = tmp_path / "new" / "out"
+    runs = [script("train.py", *FAST, "--data", data, "--out", out, "--epochs", 1000, "--save-every", 2)
+            for _ in range(2)]
+    deadline = time.time() + 180
+    while all(r.poll() is None for r in runs) and time.time() < deadline:
+        time.sleep(0.05)
+    refused, = [r for r in runs if r.poll() is not None]
+    running, = [r for r in runs if r is not refused]
+    assert refused.communicate(timeout=60) == ("", in_use(out, running.pid)) and refused.returncode == 1
+    wait_for(out / "ckpt.pt", running)
+    running.send_signal(signal.SIGINT)
+    stdout, stderr = running.communicate(timeout=120)
+    assert running.returncode == 130 and "interrupted at step" in stdout, stderr
+
+
+def test_an_out_that_names_no_folder_is_refused_first(tmp_path):
+    # a --model and --data that do not exist either: --out is the first thing checked
+    nowhere = ["--model", tmp_path / "nope.pt", "--data", tmp_path / "nope.json"]
+    proc = script("train.py", *nowhere, "--out", "")
+    assert proc.communicate(timeout=60) == ("", "error: the output folder is an empty name; give a folder to write "
+                                                "results in\n") and proc.returncode == 1
+    for out in ("/sys/gpt2-instruct-test", "/proc/gpt2-instruct-test"):  # root may write in them, yet makes no folder
+        if not os.path.isdir(os.path.dirname(out)):
+            continue
+        proc = script("train.py", *nowhere, "--out", out)
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 1 and stderr.startswith(f"error: cannot create the folder {out}: "
+                                                          f"{os.path.dirname(out)} "), stderr
+        assert not os.path.exists(out) and stderr.count("\n") == 1
 
 
 # ----------------------------------------------------------------------------- LoRA
