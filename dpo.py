@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from common import IGNORE_INDEX, Progress
 from data import PreferenceDataset, collate_pairs
-from data import check_preference_entries  # noqa: F401 (eval.py imports it from here: to import from data.py)
 
 LOGPROB_MODES = ("sum", "mean")  # the paper's and TRL's; the book's notebook takes the mean
 

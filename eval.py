@@ -57,9 +57,9 @@ from checkpoint import (TrainedWith, add_model_args, check_model_args, load_chec
     load_model_file, model_file_settings)
 from common import (AT_LEAST_1, Progress, lock_folder, plural, resolve_device, run_main, writable_folder,
     write_json)
-from data import DataSplits, batch_indices, check_same_data, prepare_data, split_fractions
+from data import DataSplits, batch_indices, check_preference_entries, check_same_data, prepare_data, split_fractions
 from decoding import add_decoding_args, choice_logprobs, decoding_settings, generate, hit_limit
-from dpo import check_preference_entries, pair_report
+from dpo import pair_report
 from model import GPT, calc_loss_loader, weights_fingerprint
 from prompts import decode, encode, entry_output, get_prompt_style
 from results import RESPONSES, SUMMARY, load_responses, read_summary
