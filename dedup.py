@@ -252,7 +252,7 @@ def duplicate_entries(texts, threshold=THRESHOLD, left=None, right=None, vectors
     for field in rest:
         column = texts[field]
         same = np.array([column[a] == column[b] for a, b in zip(i.tolist(), j.tolist())], dtype=bool)
-        found = np.full(len(i), np.nan)
+        found = np.where(same & ~blank[field][i], 1.0, np.nan)
         compare = ~same & ~blank[field][i] & ~blank[field][j]
         if compare.any():
             vectors[field] = vectors[field] or tfidf(column)
@@ -302,5 +302,5 @@ def leak_summary(train, test, val, threshold=THRESHOLD):
     others = np.arange(len(train), len(entries))
     leaked = np.unique(duplicate_entries(texts, threshold, others, np.arange(len(train)))[0]) if len(others) else []
     in_test = int((np.asarray(leaked) < len(train) + len(test)).sum())
-    return (f"test-set leaks (entries with a near-duplicate in train, TF-IDF cosine > {threshold:g} on "
-            f"{', '.join(fields)}): {in_test} of {len(test)} test, {len(leaked) - in_test} of {len(val)} validation")
+    return (f"test-set leaks, entries with a near-duplicate in train (datatools.py dedup lists them): "
+            f"{in_test} of {len(test)} test, {len(leaked) - in_test} of {len(val)} val")
