@@ -67,7 +67,7 @@ def dedup(args):
     fields = args.fields or default_fields(entries)
     texts = {field: field_texts(entries, field) for field in fields}
     for field, column in texts.items():
-        if not any(column):
+        if args.fields and not any(column):
             raise ValueError(f"{args.file}: no entry has any {field!r} text to compare")
     print(f"{args.file}: {plural(len(entries), 'entry', 'entries')}; near-duplicates: TF-IDF vectors of character "
           f"1-3-grams with a cosine similarity above {args.threshold:g}")
@@ -151,14 +151,20 @@ def read_records(path):
     return records
 
 
+def check_output(path, source=None):
+    """ValueError unless path can be a tool's output: a .jsonl file, not the input."""
+    if not path.lower().endswith(".jsonl"):
+        raise ValueError(f"{path}: the output is a .jsonl file (JSON Lines: an entry a line, written as it comes)")
+    if source is not None and os.path.exists(path) and os.path.samefile(path, source):
+        raise ValueError(f"{path} is the input file; give another output file (the input is never changed)")
+
+
 class Output:
     """A JSON Lines file that a run appends to an entry at a time, each on disk once written. One
     run at a time (a lock beside it, OUT.lock); the records of earlier runs of the same tool and
     model are kept and continued, those of another are refused."""
 
     def __init__(self, path, what, same):
-        if not path.lower().endswith(".jsonl"):
-            raise ValueError(f"{path}: the output is a .jsonl file (JSON Lines: an entry a line, written as it comes)")
         self.lock = lock_file(path + ".lock", f"datatools.py {what}", path)
         self.path, self.records = path, read_records(path)
         for record in self.records:
@@ -177,8 +183,8 @@ class Output:
 
     def stopped(self, error):
         """The error of a run that stopped, saying what is kept and how to go on."""
-        return type(error)(f"{error}; the {plural(len(self.records), 'entry', 'entries')} written before are in "
-                           f"{self.path}: run the same command again to go on")
+        return type(error)(f"{error}; {self.path} keeps the {plural(len(self.records), 'entry', 'entries')} "
+                           "written before: run the same command again to go on")
 
 
 class LeftOut:
@@ -244,6 +250,7 @@ def first_line(text):
 
 
 def generate(args):
+    check_output(args.out)
     url = check_url(args.llm_url, "llm")
     check_server(url, args.llm, args.llm_timeout, "llm")
     out = Output(args.out, "generate", {"tool": "generate", "model": args.llm})
@@ -357,6 +364,7 @@ def refined_parts(reply, part):
 
 
 def reflect(args):
+    check_output(args.out, args.file)
     url = check_url(args.llm_url, "llm")
     entries = alpaca_entries(args.file)
     check_server(url, args.llm, args.llm_timeout, "llm")
@@ -428,6 +436,7 @@ def polite_prompt(entry, politeness):
 
 
 def polite(args):
+    check_output(args.out, args.file)
     url = check_url(args.llm_url, "llm")
     entries = alpaca_entries(args.file)
     check_server(url, args.llm, args.llm_timeout, "llm")
@@ -461,6 +470,7 @@ def polite(args):
 
 
 def pairs(args):
+    check_output(args.out, args.file)
     judge_url = check_url(args.judge_url, "judge")
     entries = alpaca_entries(args.file)
     settings = decoding_settings(args)
@@ -541,9 +551,10 @@ def judged_pair(args, url, entry, samples, set_aside, left_out, where):
 
 
 def show_count(text):
-    if text == "all":
-        return None
-    return checked(int, lambda v: v >= 0, "a count or 'all'")(text)
+    """--show N or all (None)."""
+    if text != "all" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a count or 'all', got {text}")
+    return None if text == "all" else int(text)
 
 
 def add_llm_args(p, temperature):
