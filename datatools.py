@@ -27,7 +27,7 @@ from checkpoint import add_model_args, load_for_inference
 from common import (AT_LEAST_1, POSITIVE, SEED, Progress, atomic_write, checked, lock_file, plural, resolve_device,
     run_main, stop_on_interrupt, write_json)
 from data import TEST_FRAC, TRAIN_FRAC, is_raw_text, load_instruction_data, split_data, split_fractions
-from decoding import add_decoding_args, decoding_settings, generate as sample
+from decoding import add_decoding_args, decoding_settings, generate
 from dedup import THRESHOLD, default_fields, duplicate_entries, field_texts, keep_first, near_pairs, tfidf
 from llm import DEFAULT_TIMEOUT, DEFAULT_URL, OPTIONS, ask, check_server, check_url, judge_prompt, parse_score
 from prompts import decode, format_input, prompt_ids
@@ -63,6 +63,16 @@ def field_sims(sims, k):
 def dedup(args):
     if is_raw_text(args.file):
         raise ValueError(f"{args.file} is raw text; dedup compares the entries of instruction data (.json, .jsonl)")
+    out = args.drop_duplicates
+    if out and os.path.exists(out) and os.path.exists(args.file) and os.path.samefile(out, args.file):
+        raise ValueError(f"--drop-duplicates {out} is the input file; give a new file (the input is never changed)")
+    with stop_on_interrupt("nothing was written"):
+        find_duplicates(args)
+
+
+def find_duplicates(args):
+    """Print the near-duplicate pairs of each field, the near-duplicate entries and the leaks; write
+    --drop-duplicates."""
     entries = load_instruction_data(args.file)
     fields = args.fields or default_fields(entries)
     texts = {field: field_texts(entries, field) for field in fields}
@@ -108,8 +118,6 @@ def report_leaks(args, n, i, j, sims):
 def drop_duplicates(args, entries, i, j):
     """Write the entries that are no near-duplicate of an entry kept before them to --drop-duplicates."""
     out = args.drop_duplicates
-    if os.path.exists(out) and os.path.samefile(out, args.file):
-        raise ValueError(f"--drop-duplicates {out} is the input file; give a new file (the input is never changed)")
     kept = keep_first(len(entries), i, j)
     kept_entries = [e for e, keep in zip(entries, kept) if keep]
     if out.lower().endswith(".jsonl"):
@@ -140,7 +148,7 @@ def read_records(path):
         print(f"{path}: removed its last line, cut short by a run that was killed while writing it", file=sys.stderr)
         data = data[:cut]
     records = []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+    for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), start=1):
         try:
             record = json.loads(line)
         except ValueError:
@@ -249,7 +257,7 @@ def first_line(text):
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
-def generate(args):
+def generate_data(args):
     check_output(args.out)
     url = check_url(args.llm_url, "llm")
     check_server(url, args.llm, args.llm_timeout, "llm")
@@ -372,32 +380,11 @@ def reflect(args):
     switch_training_text(out, args.train_on)
     indices = todo(entries, out, args.entries)
     progress = Progress(f"reflected by {args.llm}:", len(indices))
-    kept = LeftOut(progress)  # what is kept as it was, by reason
+    kept = LeftOut(progress)  # the entries kept as they were, by reason
 
     def loop():
         for done, i in enumerate(indices, start=1):
-            entry, options = entries[i], sampling(args, i)
-            made_by = {"tool": "reflect", "model": args.llm, "part": args.part, **options, "entry": i}
-            refined = None
-            if args.part == "instruction" and entry["input"]:
-                kept.add("has an input", f"entry {i}", "the book's instruction reflection is for entries without one")
-            else:
-                reply = ask(url, args.llm, reflection_messages(entry, args.part), args.llm_timeout, options, "llm")
-                refined = refined_parts(reply, args.part)
-                original = {key: entry[key] for key in refined or ()}
-                if not reply.strip():
-                    kept.add("empty", f"entry {i}", "the reply is empty")
-                elif refined is None:
-                    kept.add("unparseable", f"entry {i}", f"no {'[New Instruction]' if args.part == 'instruction' else '[Better Answer]'} "
-                             f"in the reply {one_line(reply, 60)!r}")
-                elif refined == original:
-                    kept.add("unchanged", f"entry {i}", "the rewrite is the original")
-                    refined = None
-            if refined is None:
-                out.write({**entry, "made_by": made_by})
-            else:
-                reflection = {"train_on": args.train_on, "original": original, "refined": refined}
-                out.write({**entry, **reflection[args.train_on], "reflection": reflection, "made_by": made_by})
+            out.write(reflected(args, url, entries[i], i, kept))
             progress.update(done)
 
     with progress:
@@ -405,6 +392,27 @@ def reflect(args):
     print(f"{out.path}: {plural(len(out.records), 'entry', 'entries')}, "
           f"{sum('reflection' in r for r in out.records)} refined (training uses the {args.train_on} text); "
           f"kept as they were this run: {kept}")
+
+
+def reflected(args, url, entry, i, kept):
+    """Entry i as the LLM refines it, the original kept in "reflection"; or as it was (noted in kept)."""
+    options = sampling(args, i)
+    as_it_was = {**entry, "made_by": {"tool": "reflect", "model": args.llm, "part": args.part, **options, "entry": i}}
+    if args.part == "instruction" and entry["input"]:
+        kept.add("with an input", f"entry {i}", "the book's instruction reflection is for entries without one")
+        return as_it_was
+    reply = ask(url, args.llm, reflection_messages(entry, args.part), args.llm_timeout, options, "llm")
+    refined = refined_parts(reply, args.part)
+    original = {key: entry[key] for key in refined or ()}
+    if not reply.strip():
+        return kept.add("empty", f"entry {i}", "the reply is empty") or as_it_was
+    if refined is None:
+        marker = "[New Instruction]" if args.part == "instruction" else "[Better Answer]"
+        return kept.add("unparseable", f"entry {i}", f"no {marker} in the reply {one_line(reply, 60)!r}") or as_it_was
+    if refined == original:
+        return kept.add("unchanged", f"entry {i}", "the rewrite is the original") or as_it_was
+    reflection = {"train_on": args.train_on, "original": original, "refined": refined}
+    return {**entry, **reflection[args.train_on], "reflection": reflection, "made_by": as_it_was["made_by"]}
 
 
 def switch_training_text(out, train_on):
@@ -463,7 +471,8 @@ def polite(args):
 
     with progress:
         run(out, loop)
-    print(f"{out.path}: {plural(len(out.records), 'pair')}; left out this run: {left_out} (a re-run asks again for those)")
+    print(f"{out.path}: {plural(len(out.records), 'pair')}; left out this run: {left_out} (a re-run asks again "
+          "for those)")
 
 
 # ----------------------------------------------------------------------------- preference pairs from your model
@@ -483,8 +492,9 @@ def pairs(args):
     indices = todo(entries, out, args.entries)
     model, _, style = load_for_inference(args.ckpt, args.model, args.prompt_style, resolve_device(args.device),
                                          args.quantize, args.base)
-    made_by = {"tool": "pairs", "model": model_name, "judge": args.judge, "samples": args.samples,
-               **{k: settings[k] for k in ("temperature", "top_k", "top_p", "seed")}, "max_new_tokens": args.max_new_tokens}
+    sampled = {k: settings[k] for k in ("temperature", "top_k", "top_p", "seed")}
+    made_by = {"tool": "pairs", "model": model_name, "judge": args.judge, "samples": args.samples, **sampled,
+               "max_new_tokens": args.max_new_tokens}
     progress = Progress(f"pairs from {os.path.basename(model_name)}, judged by {args.judge}:", len(indices))
     left_out, set_aside = LeftOut(progress), {}  # entries left out; samples set aside, by reason
 
@@ -493,8 +503,7 @@ def pairs(args):
             batch = [i for i in indices[start:start + args.batch_size]
                      if not too_long(entries[i], style, model, left_out, i)]
             rows = [prompt_ids(entries[i], style) for i in batch for _ in range(args.samples)]
-            outputs = sample(model, rows, args.max_new_tokens, **{k: settings[k] for k in
-                                                                   ("temperature", "top_k", "top_p", "seed")})
+            outputs = generate(model, rows, args.max_new_tokens, **sampled) if rows else []
             for k, i in enumerate(batch):
                 samples = [decode(ids).strip() for ids in outputs[k * args.samples:(k + 1) * args.samples]]
                 pair = judged_pair(args, judge_url, entries[i], samples, set_aside, left_out, f"entry {i}")
@@ -514,7 +523,7 @@ def too_long(entry, style, model, left_out, i):
     n = len(prompt_ids(entry, style))
     if n < model.config.context_length:
         return False
-    left_out.add("prompt too long", f"entry {i}", f"{n} tokens, the context holds {model.config.context_length}")
+    left_out.add("too long", f"entry {i}", f"{n} tokens, the context holds {model.config.context_length}")
     return True
 
 
@@ -539,11 +548,11 @@ def judged_pair(args, url, entry, samples, set_aside, left_out, where):
         else:
             scored.append((score, sample))
     if len(scored) < 2:
-        return left_out.add("fewer than 2 samples to compare", where,
+        return left_out.add("with fewer than 2 samples to compare", where,
                             f"{len(samples)} sampled, {len(distinct)} distinct and non-empty, {len(scored)} scored")
     (best, chosen), (worst, rejected) = max(scored, key=lambda s: s[0]), min(scored, key=lambda s: s[0])
     if best == worst:
-        return left_out.add("tie", where, f"every sample scored {best}")
+        return left_out.add("tied", where, f"every sample scored {best}")
     return {"chosen": chosen, "rejected": rejected, "chosen_score": best, "rejected_score": worst}
 
 
@@ -633,7 +642,8 @@ def main(argv=None):
     add_decoding_args(a)
     a.set_defaults(temperature=0.7)
     args = p.parse_args(argv)
-    {"dedup": dedup, "generate": generate, "reflect": reflect, "polite": polite, "pairs": pairs}[args.command](args)
+    commands = {"dedup": dedup, "generate": generate_data, "reflect": reflect, "polite": polite, "pairs": pairs}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -470,7 +470,8 @@ def test_summary_reports_sizes_truncation_padding_and_leaks(tmp_path):
         "examples: 10 train, 1 val, 9 test",
         f"tokens per train example: min {min(lengths)}, mean {sum(lengths) / 10:.1f}, max {max(lengths)}",
         "longer than the context length of 60 (truncated): 0 train, 1 val, 0 test",
-        "test-set leaks, entries with a near-duplicate in train (datatools.py dedup lists them): 1 of 9 test, 0 of 1 val",
+        "test-set leaks, entries with a near-duplicate in train (datatools.py dedup lists them): "
+        "1 of 9 test, 0 of 1 val",
         "train examples whose prompt alone fills the context (nothing to learn): 0",
         f"padding in train batches of 2: {shuffled:.1%} of input tokens shuffled, {grouped:.1%} grouped by length",
     ]

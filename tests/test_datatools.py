@@ -17,7 +17,7 @@ import datatools
 from data import load_instruction_data, prepare_data
 from dpo import check_preference_entries, preference_splits
 from judge_server import closed_port_url, echo, judge_server
-from test_train import base_folder, run  # noqa: F401
+from test_train import base_folder, run  # noqa: F401 (base_folder: a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -285,7 +285,7 @@ def test_reflect_on_instructions_leaves_entries_with_an_input_as_they_were(tmp_p
     assert [r["made_by"]["entry"] for r in records] == [1, 2, 3] and len(server.requests) == 2
     assert records[2]["instruction"] == "Spell cat backwards. Explain why." and records[2]["output"] == "Because."
     assert records[2]["reflection"]["original"] == {"instruction": "Spell cat backwards.", "output": "tac"}
-    assert "entry 2: has an input: the book's instruction reflection is for entries without one" in done.stderr
+    assert "entry 2: with an input: the book's instruction reflection is for entries without one" in done.stderr
 
 
 def politeness(body):
@@ -334,7 +334,7 @@ def test_pairs_from_a_model_then_dpo_on_them(tmp_path, base_folder):  # noqa: F8
                              server.url, "--samples", 3, "--max-new-tokens", 6, "--temperature", 1.0, "--device", "cpu")
     assert done.returncode == 0, done.stderr
     records = read_lines(out)
-    ties = int(re.search(r"left out this run: (\d+) tie", done.stdout).group(1)) if "tie" in done.stdout else 0
+    ties = int(re.search(r"left out this run: (\d+) tied", done.stdout).group(1)) if "tied" in done.stdout else 0
     assert len(records) + ties == 12 and len(records) >= 4
     for r in records:
         assert r["chosen_score"] == int(score_by_length(f"score the model response `{r['chosen']}` on a scale from "
@@ -351,7 +351,7 @@ def test_pairs_from_a_model_then_dpo_on_them(tmp_path, base_folder):  # noqa: F8
                               server.url, "--samples", 3, "--max-new-tokens", 6, "--temperature", 1.0)
     assert read_lines(out) == records
     if ties:
-        assert f"left out this run: {ties} tie" in again.stdout
+        assert f"left out this run: {ties} tied" in again.stdout
     # what train.py --dpo reads
     splits = preference_splits(prepare_data(str(out), train_frac=0.5, test_frac=0.25), 64)
     assert len(splits.train) == len(records) // 2

@@ -151,15 +151,15 @@ def entry(instruction, output, input=""):
     return {"instruction": instruction, "input": input, "output": output}
 
 
-ENTRIES = [
-    entry("Name a dwarf planet in our solar system.", "One dwarf planet in our solar system is Pluto."),   # 0
-    entry("What is the capital of Italy?", "The capital of Italy is Rome."),                             # 1
-    entry("Name a dwarf planet in our solar system.", "One dwarf planet in our solar system is Pluto."),   # 2 = 0
-    entry("Name one dwarf planet in our solar system.", "One dwarf planet in the solar system is Pluto."),  # 3 ~ 0
-    entry("Name a dwarf planet in our solar system.", "Ceres, in the asteroid belt."),                     # 4: output differs
-    entry("Translate to French.", "Bonjour", "Hello"),                                                     # 5
-    entry("Translate to French.", "Merci", "Thank you"),                                                   # 6: input differs
-    entry("What is the capital of Italy?", "The capital of Italy is Rome."),                             # 7 = 1
+ENTRIES = [  # 2 is 0; 3 is near 0; 4 has 0's instruction, another output; 6 has 5's instruction, another input
+    entry("Name a dwarf planet in our solar system.", "One dwarf planet in our solar system is Pluto."),
+    entry("What is the capital of Italy?", "The capital of Italy is Rome."),
+    entry("Name a dwarf planet in our solar system.", "One dwarf planet in our solar system is Pluto."),
+    entry("Name one dwarf planet in our solar system.", "One dwarf planet in the solar system is Pluto."),
+    entry("Name a dwarf planet in our solar system.", "Ceres, in the asteroid belt."),
+    entry("Translate to French.", "Bonjour", "Hello"),
+    entry("Translate to French.", "Merci", "Thank you"),
+    entry("What is the capital of Italy?", "The capital of Italy is Rome."),  # 7 is 1
 ]
 
 
