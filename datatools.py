@@ -87,8 +87,9 @@ def find_duplicates(args):
         pairs[field] = near_pairs(vectors[field], args.threshold)
         i, j, sims = pairs[field]
         shown = np.array([len(column[a]) > 1 and len(column[b]) > 1 for a, b in zip(i, j)], dtype=bool)
-        print(f"\n{field}: {plural(int(shown.sum()), 'pair')}")  # the book leaves out texts of one character
-        show_pairs((i[shown], j[shown], sims[shown]), column, args.show)
+        if any(column):  # a field no entry has (a system message, say) has no pairs to list
+            print(f"\n{field}: {plural(int(shown.sum()), 'pair')}")  # the book leaves out texts of one character
+            show_pairs((i[shown], j[shown], sims[shown]), column, args.show)
     i, j, sims = duplicate_entries(texts, args.threshold, vectors=vectors, pairs=pairs)
     print(f"\nentries that are near-duplicates of an earlier entry in every field ({', '.join(fields)}): "
           f"{len(np.unique(j))}")

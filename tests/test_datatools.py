@@ -152,6 +152,22 @@ def test_generate_writes_entries_and_counts_what_it_leaves_out(tmp_path):
     assert read_lines(out)[6]["made_by"]["request"] == 13 and len(read_lines(out)) == 7
 
 
+def test_generate_from_an_openai_compatible_server(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    out = tmp_path / "made.jsonl"
+    with judge_server(answer=llm) as server:
+        done = datatools_cli("generate", out, "--count", 1, "--llm-url", server.url + "/v1", "--temperature", 0.8,
+                             "--top-p", 0.9, "--seed", 4, "--pre-query", "<|im_start|>user\n")
+    assert done.returncode == 0, done.stderr
+    assert [r["path"] for r in server.requests] == ["/v1/chat/completions"] * 2
+    assert server.requests[0]["body"] == {"model": "llama3", "temperature": 0.8, "seed": 4, "top_p": 0.9,
+                                          "messages": [{"role": "assistant", "content": "<|im_start|>user\n"}]}
+    assert server.requests[0]["headers"]["Authorization"] == "Bearer sk-test"
+    assert read_lines(out) == [{"instruction": "Name 2 things.", "input": "", "output": "Answer: name 2 things.",
+                                "made_by": {"tool": "generate", "model": "llama3", "seed": 4, "temperature": 0.8,
+                                            "top_p": 0.9, "request": 0}}]
+
+
 def test_an_interrupted_generation_goes_on_without_duplicates(tmp_path):
     out = tmp_path / "made.jsonl"
     with judge_server(answer=llm, delay=0.3) as server:
