@@ -245,6 +245,16 @@ def test_one_run_at_a_time_and_one_model_to_a_file(tmp_path):
 # ----------------------------------------------------------------------------- reflect and polite
 
 
+def run_on_entries(tool, answer, tmp_path, *argv):
+    """`datatools.py TOOL data.json out.jsonl *argv` on ENTRIES against the stub answering `answer`:
+    (the finished run, the server, the records written)."""
+    path, out = write_entries(tmp_path / "data.json", ENTRIES), tmp_path / "out.jsonl"
+    with judge_server(answer=answer) as server:
+        done = datatools_cli(tool, path, out, *argv, "--llm-url", server.url)
+    assert done.returncode == 0, done.stderr
+    return done, server, read_lines(out)
+
+
 ENTRIES = [entry("Name a color.", "Blue."), entry("Add 2 and 3.", "5"),
            entry("Translate to French.", "Bonjour", "Hello"), entry("Spell cat backwards.", "tac")]
 
@@ -261,11 +271,8 @@ def reflector(body):
 
 
 def test_reflect_keeps_the_original_beside_the_refined_text(tmp_path):
-    path, out = write_entries(tmp_path / "data.json", ENTRIES), tmp_path / "reflected.jsonl"
-    with judge_server(answer=reflector) as server:
-        done = datatools_cli("reflect", path, out, "--llm-url", server.url)
-    assert done.returncode == 0, done.stderr
-    records = read_lines(out)
+    done, server, records = run_on_entries("reflect", reflector, tmp_path)
+    path, out = tmp_path / "data.json", tmp_path / "out.jsonl"
     assert [(r["instruction"], r["output"]) for r in records] == [
         ("Name a color.", "A fuller answer to 'Name a color.'."), ("Add 2 and 3.", "5"),
         ("Translate to French.", "A fuller answer to 'Translate to French.'."),
@@ -293,11 +300,7 @@ def test_reflect_keeps_the_original_beside_the_refined_text(tmp_path):
 
 
 def test_reflect_on_instructions_leaves_entries_with_an_input_as_they_were(tmp_path):
-    path, out = write_entries(tmp_path / "data.json", ENTRIES), tmp_path / "reflected.jsonl"
-    with judge_server(answer=reflector) as server:
-        done = datatools_cli("reflect", path, out, "--part", "instruction", "--entries", "1:", "--llm-url",
-                             server.url)
-    records = read_lines(out)
+    done, server, records = run_on_entries("reflect", reflector, tmp_path, "--part", "instruction", "--entries", "1:")
     assert [r["made_by"]["entry"] for r in records] == [1, 2, 3] and len(server.requests) == 2
     assert records[2]["instruction"] == "Spell cat backwards. Explain why." and records[2]["output"] == "Because."
     assert records[2]["reflection"]["original"] == {"instruction": "Spell cat backwards.", "output": "tac"}
@@ -315,11 +318,8 @@ def politeness(body):
 
 
 def test_polite_pairs_the_books_way(tmp_path):
-    path, out = write_entries(tmp_path / "data.json", ENTRIES), tmp_path / "prefs.jsonl"
-    with judge_server(answer=politeness) as server:
-        done = datatools_cli("polite", path, out, "--llm-url", server.url)
-    assert done.returncode == 0, done.stderr
-    records = read_lines(out)
+    done, server, records = run_on_entries("polite", politeness, tmp_path)
+    out = tmp_path / "out.jsonl"
     assert [r["made_by"]["entry"] for r in records] == [0, 2]
     for r in records:
         rewrite = ("Kindly: " if r["made_by"]["rewrote"] == "polite" else "Whatever: ") + r["output"]

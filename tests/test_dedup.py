@@ -35,6 +35,20 @@ def all_pairs(texts):
     return i, j, dedup.similarities(vectors, i, j)
 
 
+def shared_data(name):
+    """A data set in ../shared/data, or the test is skipped."""
+    path = os.path.join(SHARED, name)
+    if not os.path.exists(path):
+        pytest.skip(f"../shared/data/{name} is not there")
+    with open(path) as f:
+        return json.load(f)
+
+
+def as_the_book_lists(texts, threshold=0.9):
+    """near_pairs as the book's script lists them: a text of one character or none is never paired."""
+    return dedup.near_pairs(dedup.tfidf(texts), threshold, allowed=np.array([len(t) > 1 for t in texts]))
+
+
 def book_pairs(texts, threshold):
     """The book's find_near_duplicates on one field, with its indices kept right: every pair above
     the threshold, except pairs with a text of one character or none."""
@@ -106,16 +120,13 @@ def test_near_pairs_are_every_pair_above_the_threshold(threshold, groups, monkey
 
 
 def test_the_books_pairs_on_its_example_data_set():
-    """The book's README: find-near-duplicates.py on instruction-examples.json finds these."""
-    path = os.path.join(SHARED, "instruction-examples.json")
-    if not os.path.exists(path):
-        pytest.skip("../shared/data/instruction-examples.json (LLMs-from-scratch ch07/02) is not there")
-    with open(path) as f:
-        entries = json.load(f)
+    """The book's README: find-near-duplicates.py on instruction-examples.json (LLMs-from-scratch,
+    ch07/02_dataset-utilities) finds these."""
+    entries = shared_data("instruction-examples.json")
     found = {}
     for field in dedup.ALPACA_FIELDS:
         texts = dedup.field_texts(entries, field)
-        i, j, sims = dedup.near_pairs(dedup.tfidf(texts), allowed=np.array([len(t) > 1 for t in texts]))
+        i, j, sims = as_the_book_lists(texts)
         found[field] = [(texts[a], texts[b], round(s, 2)) for a, b, s in zip(i, j, sims)]
     assert found == {
         "instruction": [
@@ -129,14 +140,10 @@ def test_the_books_pairs_on_its_example_data_set():
 
 
 def test_the_chapters_data_set_against_the_books_way():
-    path = os.path.join(SHARED, "instruction-data.json")
-    if not os.path.exists(path):
-        pytest.skip("../shared/data/instruction-data.json is not there")
-    with open(path) as f:
-        entries = json.load(f)
+    entries = shared_data("instruction-data.json")
     for field in dedup.ALPACA_FIELDS:
         texts = dedup.field_texts(entries, field)
-        i, j, sims = dedup.near_pairs(dedup.tfidf(texts), allowed=np.array([len(t) > 1 for t in texts]))
+        i, j, sims = as_the_book_lists(texts)
         bi, bj, bsims = book_pairs(texts, 0.9)
         assert list(zip(i, j)) == list(zip(bi, bj)) and sims == pytest.approx(bsims)
         assert len(i) == {"instruction": 441, "input": 15, "output": 1}[field]
