@@ -116,8 +116,9 @@ def tfidf(texts, group_count=None, chunk=1 << 21):
     docs = [preprocess(t) for t in texts]
     starts = np.r_[0, np.cumsum([len(d) for d in docs], dtype=np.int64)]
     ids, n_ids = ngram_ids("".join(docs)) if starts[-1] else ((), 0)
-    bounds = np.searchsorted(starts, np.arange(0, starts[-1], chunk), side="right") - 1
-    spans = list(zip(*(lambda b: (b[:-1], b[1:]))(np.unique(np.r_[bounds, len(docs)])))) if len(docs) else []
+    # spans of texts counted together: each starts at the text that holds a multiple of `chunk`
+    cuts = np.unique(np.r_[np.searchsorted(starts, np.arange(0, starts[-1], chunk), side="right") - 1, len(docs)])
+    spans = list(zip(cuts[:-1].tolist(), cuts[1:].tolist()))
     # columns by collection frequency, most frequent first, so that column % G spreads the
     # frequent n-grams over all groups
     frequency = np.zeros(n_ids, dtype=np.int64)
