@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from common import AT_LEAST_1, IGNORE_INDEX, download, plural, run_main
+from dedup import leak_summary
 from prompts import EOT_ID, PROMPT_STYLES, ROLES, encode, encode_conversation, entry_messages, get_prompt_style
 
 TRAIN_FRAC, TEST_FRAC = 0.85, 0.10  # the chapter's split: the rest (0.05) is validation
@@ -594,6 +595,7 @@ def summarize_data(splits: DataSplits, batch_size: int, context_length: int) -> 
         f"tokens per train example: min {min(lengths)}, mean {np.mean(lengths):.1f}, max {max(lengths)}",
         f"longer than the context length of {context_length} (truncated): {too_long}",
     ]
+    lines.append(leak_summary(splits.train_entries, splits.test_entries, splits.val_entries))
     if "messages" in splits.train_entries[0]:
         entries = splits.train_entries + splits.val_entries + splits.test_entries
         multi = sum(sum(m["role"] == "assistant" for m in e["messages"]) > 1 for e in entries)

@@ -1,7 +1,8 @@
 """Speed benchmarks, one line per figure (a script, not collected by pytest).
 
     python tests/bench.py                    # everything (about 20 minutes on 2 cores)
-    python tests/bench.py --only generation  # or training, eval, judge, lora, int8, llama, beams, dpo, serve, choices
+    python tests/bench.py --only generation  # or training, eval, judge, lora, int8, llama, beams, dpo, serve, choices,
+                                             # dedup
 
 On the gpt2 (124M) config with random weights (lora: gpt2-medium), on the CPU. Targets are
 ratios within one run, since absolute times on a shared machine are noisy; see README.md.
@@ -9,6 +10,7 @@ ratios within one run, since absolute times on a shared machine are noisy; see R
 import argparse
 import importlib.util
 import os
+import re
 import sys
 import tempfile
 import time
@@ -541,9 +543,63 @@ def bench_choices(batch_size=16, repeats=3):
           f"a 3-token label and end-of-text ({seconds['greedy 4']:.2f} s)")
 
 
+def synthetic_alpaca(n, seed=0):
+    """n entries of Alpaca's lengths (instructions of about 60 characters, 40% with an input, outputs
+    of about 250), of words of GPT-2's vocabulary drawn by a Zipf law over their rank, each text
+    with 12 words of a topic of its own; 1% are an earlier entry with one word more in its output."""
+    import numpy as np
+    from prompts import get_tokenizer
+
+    rng = np.random.default_rng(seed)
+    tokenizer = get_tokenizer()
+    words = [tokenizer.decode([t]) for t in range(tokenizer.n_vocab - 1)]
+    words = np.array([w.strip() for w in words if w.startswith(" ") and w[1:].isalpha()])
+    zipf = 1 / np.arange(1, len(words) + 1)
+
+    def texts(lo, hi):
+        lengths = rng.integers(lo, hi, n)
+        common = rng.choice(len(words), lengths.sum(), p=zipf / zipf.sum())
+        topics = rng.integers(500, len(words), (n, 12))
+        topical = topics[np.repeat(np.arange(n), lengths), rng.integers(12, size=lengths.sum())]
+        drawn = words[np.where(rng.random(lengths.sum()) < 0.3, topical, common)]
+        return [" ".join(w).capitalize() + "." for w in np.split(drawn, np.cumsum(lengths)[:-1])]
+
+    entries = [{"instruction": i, "input": x if rng.random() < 0.4 else "", "output": o}
+               for i, x, o in zip(texts(4, 16), texts(3, 22), texts(8, 75))]
+    for k in rng.choice(np.arange(1, n), n // 100, replace=False):
+        original = entries[rng.integers(k)]
+        entries[k] = {**original, "output": original["output"] + " " + words[rng.integers(100)]}
+    return entries
+
+
+def bench_dedup(n=52002):
+    """datatools.py dedup (instruction, input and output pairs, duplicate entries, leaks between the
+    splits) on n synthetic entries of Alpaca's lengths, as a user runs it: its time and peak memory."""
+    import json
+    import resource
+    import subprocess
+
+    entries = synthetic_alpaca(n)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "synthetic.json")
+        with open(path, "w") as f:
+            json.dump(entries, f)
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "datatools.py"), "dedup", path, "--show", "0"],
+                              capture_output=True, text=True, check=True)
+        seconds = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    found = re.search(r"in every field \(instruction, input, output\): (\d+)", done.stdout).group(1)
+    leaks = re.search(r"test-set leaks \(entries with a near-duplicate in train\): (.*)", done.stdout).group(1)
+    chars = sum(len(e[k]) for e in entries for k in e) / n
+    print(f"dedup, {n:,} synthetic entries of {chars:.0f} characters on average: {seconds:.1f} s "
+          f"({usage.ru_utime + usage.ru_stime:.1f} s of CPU), peak memory {usage.ru_maxrss / 1024:.0f} MiB "
+          f"(target < 60 s on 2 cores); {found} near-duplicate entries ({n // 100} planted), leaks: {leaks}")
+
+
 BENCHES = {"generation": bench_generation, "eval": bench_eval, "training": bench_training, "judge": bench_judge,
            "lora": bench_lora, "int8": bench_int8, "llama": bench_llama, "beams": bench_beams, "dpo": bench_dpo,
-           "serve": bench_serve, "choices": bench_choices}
+           "serve": bench_serve, "choices": bench_choices, "dedup": bench_dedup}
 
 
 def main():

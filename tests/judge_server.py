@@ -34,7 +34,9 @@ class Handler(BaseHTTPRequestHandler):
                 server.barrier.wait(timeout=10)
             time.sleep(server.delay)
             status = server.status(n)
-            if status != 200:
+            if server.garbage(n):  # a 200 whose body is no chat reply: a proxy's error page, say
+                self.send_raw(b"<html><body>502 Bad Gateway</body></html>")
+            elif status != 200:
                 self.send(status, {"error": f"model {body['model']!r} not found, try pulling it first"
                                    if status == 404 else "the server failed"})
             elif self.path.endswith("/chat/completions"):
@@ -74,6 +76,13 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def send_raw(self, data):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def send_chunks(self, text):
         """Ollama's stream: a JSON line per piece of the reply (here a character), then a last one with done."""
         lines = [{"message": {"role": "assistant", "content": ch}, "done": False} for ch in text]
@@ -92,15 +101,19 @@ class Handler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def judge_server(stream=True, delay=0.0, status=lambda n: 200, reply=echo, wait_for=0, models=("llama3",)):
+def judge_server(stream=True, delay=0.0, status=lambda n: 200, reply=echo, wait_for=0, models=("llama3",),
+                 answer=None, garbage=lambda n: False):
     """A running server at server.url. status(n) is the HTTP status of the n-th chat request
-    (from 1); reply(prompt) the judge's answer; delay the seconds before each answer; wait_for > 0
-    holds the first wait_for requests until that many are being served at once; models are the
-    names it lists (server.requests holds the chat requests, server.model_lists the lists asked for)."""
+    (from 1); reply(prompt) the judge's answer to the first message, or answer(body) the answer to
+    the whole request (its messages and options); garbage(n) True makes the n-th reply a 200 whose
+    body is no chat reply; delay the seconds before each answer; wait_for > 0 holds the first
+    wait_for requests until that many are being served at once; models are the names it lists
+    (server.requests holds the chat requests, server.model_lists the lists asked for)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.stream, server.delay, server.status, server.wait_for = stream, delay, status, wait_for
     server.models, server.model_lists = models, []
-    server.reply = lambda body: reply(body["messages"][0]["content"])
+    server.reply = answer or (lambda body: reply(body["messages"][0]["content"]))
+    server.garbage = garbage
     server.barrier = threading.Barrier(max(wait_for, 1))
     server.requests, server.lock, server.active, server.max_active = [], threading.Lock(), 0, 0
     server.url = f"http://127.0.0.1:{server.server_address[1]}"

@@ -455,8 +455,9 @@ def test_prepare_data_without_path_uses_the_default_set(tmp_path, monkeypatch):
     assert splits.path == "data/source.json" and len(splits.train) == 17
 
 
-def test_summary_reports_sizes_truncation_and_padding(tmp_path):
+def test_summary_reports_sizes_truncation_padding_and_leaks(tmp_path):
     entries = make_entries(19) + [{"instruction": "long " * 60, "input": "", "output": "x"}]
+    entries[12] = dict(entries[2])  # a test entry that is also in train: a leak
     splits = data.prepare_data(write_json(tmp_path, entries), context_length=60, mask_instructions=True,
                                train_frac=0.5, test_frac=0.45)
     lengths = splits.train.lengths
@@ -469,6 +470,8 @@ def test_summary_reports_sizes_truncation_and_padding(tmp_path):
         "examples: 10 train, 1 val, 9 test",
         f"tokens per train example: min {min(lengths)}, mean {sum(lengths) / 10:.1f}, max {max(lengths)}",
         "longer than the context length of 60 (truncated): 0 train, 1 val, 0 test",
+        "test-set leaks, entries with a near-duplicate in train (datatools.py dedup lists them): "
+        "1 of 9 test, 0 of 1 val",
         "train examples whose prompt alone fills the context (nothing to learn): 0",
         f"padding in train batches of 2: {shuffled:.1%} of input tokens shuffled, {grouped:.1%} grouped by length",
     ]
