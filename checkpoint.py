@@ -12,8 +12,9 @@ from typing import Optional
 import torch
 
 from common import atomic_write
+from hf import HF_REPOS, build_model, default_cache_dir
 from lora import add_lora, base_fingerprint, load_lora_state_dict, lora_settings, lora_state_dict, merge_lora
-from model import GPT, HF_REPOS, PRESETS, GPTConfig, build_model, default_cache_dir, with_context_length
+from model import GPT, PRESETS, GPTConfig, with_context_length
 from prompts import PROMPT_STYLES, check_vocab
 from quantize import prepare_for_decoding
 

@@ -11,7 +11,8 @@ from common import resolve_device
 import decoding
 import generate as generate_script
 from prompts import decode, encode, encode_conversation, EOT_ID, format_prompt
-from model import GPT, config_for, from_pretrained
+from hf import from_pretrained
+from model import GPT, config_for
 from checkpoint import load_for_inference
 from decoding import choice_logprobs, generate, prefill, respond, sample_next, stream
 from test_model import FIXTURE, REFERENCE
