@@ -172,8 +172,9 @@ def architecture(cfg):
 
 def rope_parameters(hf):
     """config.json's RoPE settings: "rope_parameters" (transformers 5), or the older "rope_scaling"
-    beside "rope_theta"."""
-    return {"rope_theta": hf.get("rope_theta", 10000.0), **(hf.get("rope_parameters") or hf.get("rope_scaling") or {})}
+    beside "rope_theta" (and "partial_rotary_factor")."""
+    return {"rope_theta": hf.get("rope_theta", 10000.0), "partial_rotary_factor": hf.get("partial_rotary_factor", 1.0),
+            **(hf.get("rope_parameters") or hf.get("rope_scaling") or {})}
 
 
 def unsupported_setting(hf, family):
