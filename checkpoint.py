@@ -231,7 +231,7 @@ def model_file_settings(path):
 def heads_for_width(emb_dim, path):
     """The attention heads of a GPT-2 of width emb_dim (its preset's): a state dict does not say."""
     for preset in PRESETS.values():
-        if preset["emb_dim"] == emb_dim:
+        if preset.get("family", "gpt2") == "gpt2" and preset["emb_dim"] == emb_dim:
             return preset["n_heads"]
     raise ValueError(f"{path}: a model of width {emb_dim} is none of GPT-2's sizes, so its number of attention "
                      "heads is unknown")

@@ -280,15 +280,23 @@ class Block(nn.Module):
 
 
 class TiedEmbedding(nn.Module):
-    """The token embedding, which is also the output head (weight tying, as in GPT-2). Stored
-    [emb_dim, vocab], the head's [in, out]: on the CPU the head's matmul for one new token
-    (generation) reads that layout some 1.5x faster than nn.Embedding's [vocab, emb_dim].
+    """The token embedding, which is also the output head (weight tying, as in GPT-2): an
+    [emb_dim, vocab] matrix, the head's [in, out]. GPT-2 lays it out so in memory too: on the CPU
+    the head's matmul for one new token (generation) reads that layout some 1.5x faster than
+    nn.Embedding's [vocab, emb_dim]. The Llama family (vocab_major) lays the same matrix out
+    [vocab, emb_dim], as nn.Embedding and Hugging Face do: the gradients of the embedding and of
+    the head then both come in that layout, where [emb_dim, vocab] costs a transposed copy of
+    the whole matrix every step (large with a 128-152k vocabulary), and loading reads the file
+    straight in; quantize.prepare_for_decoding lays it out [emb_dim, vocab] for decoding.
     tied=False gives the head weights of its own, `head`, in the same layout."""
 
-    def __init__(self, vocab_size, emb_dim, tied=True):
+    def __init__(self, vocab_size, emb_dim, tied=True, vocab_major=False):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(emb_dim, vocab_size))
-        self.head = None if tied else nn.Parameter(torch.empty(emb_dim, vocab_size))
+
+        def matrix():
+            return torch.empty(vocab_size, emb_dim).t() if vocab_major else torch.empty(emb_dim, vocab_size)
+        self.weight = nn.Parameter(matrix())
+        self.head = None if tied else nn.Parameter(matrix())
         self.int8_head = None  # an Int8Linear copy of the head after quantize.quantize_int8
 
     def forward(self, idx):
@@ -317,7 +325,7 @@ class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        self.wte = TiedEmbedding(cfg.vocab_size, cfg.emb_dim, cfg.tied_head)
+        self.wte = TiedEmbedding(cfg.vocab_size, cfg.emb_dim, cfg.tied_head, vocab_major=cfg.family != "gpt2")
         self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim) if cfg.family == "gpt2" else None
         self.drop = nn.Dropout(cfg.drop_rate)
         self.h = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))

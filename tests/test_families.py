@@ -20,11 +20,13 @@ from decoding import generate, stream
 from hf import config_json, from_pretrained, hf_folder, hf_state_dict, read_config
 from lora import LoRALinear, add_lora, lora_modules, lora_settings, merge_lora
 from model import GPT, KVCache, config_for
-from quantize import Int8Linear, block_linears, quantize_int8
+from quantize import Int8Linear, block_linears, prepare_for_decoding, quantize_int8
 from test_decoding import beam_search_without_cache
 
-transformers = pytest.importorskip("transformers")
-transformers.logging.set_verbosity_error()
+try:
+    import transformers  # the reference; optional: the tests that need it skip without it
+except ImportError:
+    transformers = None
 
 VOCAB = 256
 SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -49,6 +51,9 @@ FAMILIES = {
 def reference():
     """{family: a transformers model with random weights} (norm weights around 1, all else N(0, 0.2):
     logits that spread, so greedy decoding has something to follow)."""
+    if transformers is None:
+        pytest.skip("transformers is not installed (pip install transformers)")
+    transformers.logging.set_verbosity_error()
     models = {}
     for family, make in FAMILIES.items():
         torch.manual_seed(0)
@@ -183,6 +188,24 @@ def test_beam_search_and_streaming(family, folders):
     eos = streamed[1][4]  # a row stops at its end token, the others go on
     stopped = generate(model, rows, 10, eos_id=eos)
     assert stopped[1] == streamed[1][:streamed[1].index(eos)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_embedding_trains_vocab_major_and_decodes_emb_major(family, folders):
+    """The [emb_dim, vocab] matrix lies [vocab, emb_dim] in memory for training (its gradients come so,
+    as in transformers); prepare_for_decoding lays it out [emb_dim, vocab], the same values, the same tokens."""
+    model = ours(folders, family)
+    matrices = [m for m in (model.wte.weight, model.wte.head) if m is not None]
+    assert all(m.shape == (64, VOCAB) and m.t().is_contiguous() for m in matrices)
+    idx = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(11))
+    model(idx, torch.roll(idx, -1, 1)).backward()
+    assert all(m.grad.stride() == m.stride() for m in matrices)
+    rows = prompts(seed=11)
+    expected = generate(model, rows, 10, eos_id=None)
+    prepared = prepare_for_decoding(copy.deepcopy(model))
+    for before, after in zip(matrices, [m for m in (prepared.wte.weight, prepared.wte.head) if m is not None]):
+        assert after.is_contiguous() and torch.equal(after, before)
+    assert generate(prepared, rows, 10, eos_id=None) == expected
 
 
 @pytest.mark.parametrize("family", FAMILIES)
