@@ -145,10 +145,13 @@ def atomic_write(path):
 
 def download(url, dest, headers=None):
     """Fetch url to dest with a progress line, through a temporary name; headers: extra request
-    headers (an Authorization token). A file the server does not have raises FileNotFoundError,
-    one it refuses PermissionError, any other failure OSError."""
+    headers (an Authorization token), sent to url's server only, not on to where it redirects (the
+    hub redirects to signed storage addresses, which refuse a second credential). A file the server
+    does not have raises FileNotFoundError, one it refuses PermissionError, any other failure OSError."""
     try:
-        request = urllib.request.Request(url, headers=headers or {})
+        request = urllib.request.Request(url)
+        for name, value in (headers or {}).items():
+            request.add_unredirected_header(name, value)
         with urllib.request.urlopen(request, timeout=30) as response, atomic_write(dest) as tmp, open(tmp, "wb") as f:
             total, done = int(response.headers.get("Content-Length") or 0), 0
             while chunk := response.read(1 << 20):

@@ -250,8 +250,7 @@ def config_json(cfg, dtype, bos_token_id=None, eos_token_id=None):
             "use_cache": True, "vocab_size": cfg.vocab_size,
         }
     scaling = None if cfg.rope_scaling is None else {
-        "rope_type": "llama3", "factor": cfg.rope_scaling["factor"],
-        "low_freq_factor": cfg.rope_scaling["low_freq_factor"], "high_freq_factor": cfg.rope_scaling["high_freq_factor"],
+        "rope_type": "llama3", **{k: cfg.rope_scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor")},
         "original_max_position_embeddings": cfg.rope_scaling["original_context_length"]}
     config = {
         "architectures": [architecture(cfg)], "model_type": cfg.family, "attention_dropout": 0.0,

@@ -120,9 +120,9 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.size(-1),), eps=self.eps) * self.weight
 
 
-def norm_layer(cfg, dim=None):
-    return nn.LayerNorm(dim or cfg.emb_dim, eps=cfg.norm_eps) if cfg.family == "gpt2" else \
-        RMSNorm(dim or cfg.emb_dim, cfg.norm_eps)
+def norm_layer(cfg):
+    """The family's normalisation of the residual stream: GPT-2's LayerNorm, the others' RMSNorm."""
+    return nn.LayerNorm(cfg.emb_dim, eps=cfg.norm_eps) if cfg.family == "gpt2" else RMSNorm(cfg.emb_dim, cfg.norm_eps)
 
 
 def rope_frequencies(cfg):
@@ -130,7 +130,8 @@ def rope_frequencies(cfg):
     (float32, as Hugging Face computes it). Llama 3 divides the low frequencies (wavelengths above
     original_context_length / low_freq_factor) by `factor`, keeps the high ones (wavelengths below
     original_context_length / high_freq_factor), and blends the two in between."""
-    inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float, device="cpu") / cfg.head_dim))
+    dims = torch.arange(0, cfg.head_dim, 2, dtype=torch.float, device="cpu")
+    inv_freq = 1.0 / (cfg.rope_base ** (dims / cfg.head_dim))
     if cfg.rope_scaling is None:
         return inv_freq
     factor, low, high, context = (cfg.rope_scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",

@@ -1,7 +1,9 @@
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -216,6 +218,49 @@ def test_hub_names_use_the_cache_and_download_atomically(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "dl") == ["file.bin"]
 
 
+def test_download_sends_its_headers_to_the_server_alone_and_names_refusals(tmp_path):
+    """A real HTTP server on 127.0.0.1: a token goes to the address asked, not on to where it redirects
+    (as the hub's files redirect to signed storage addresses); 404 and 401 are told apart from the rest."""
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            if self.path == "/repo/file":
+                self.send_response(302)
+                self.send_header("Location", "/storage/blob?signed=1")
+                self.end_headers()
+                return
+            code, body = {"/storage/blob?signed=1": (200, b"weights"), "/gated": (401, b""), "/broken": (500, b"")}.get(
+                self.path, (404, b""))
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        download(f"{base}/repo/file", str(tmp_path / "file"), {"Authorization": "Bearer secret"})
+        assert (tmp_path / "file").read_bytes() == b"weights"
+        assert seen == [("/repo/file", "Bearer secret"), ("/storage/blob?signed=1", None)]
+        with pytest.raises(FileNotFoundError, match=f"^{base}/absent does not exist \\(HTTP 404\\)$"):
+            download(f"{base}/absent", str(tmp_path / "absent"))
+        with pytest.raises(PermissionError, match=f"^{base}/gated was refused \\(HTTP 401: Unauthorized\\)$"):
+            download(f"{base}/gated", str(tmp_path / "gated"))
+        with pytest.raises(OSError, match="could not download .*/broken \\(HTTP 500: Internal Server Error\\); "
+                                          "check the network"):
+            download(f"{base}/broken", str(tmp_path / "broken"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
 def test_command_line_lists_presets_and_loads_a_name_or_folder(tmp_path, monkeypatch, capsys):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "hf.py"], cwd=root, capture_output=True, text=True, timeout=60)
@@ -231,8 +276,10 @@ def test_command_line_lists_presets_and_loads_a_name_or_folder(tmp_path, monkeyp
         "(openai-community/gpt2-xl)",
         "tiny          gpt2   2 layers, 4 heads         width   64, context   1024:     3.4M parameters "
         "(random weights only)",
-        "qwen3-0.6b    qwen3 28 layers, 16 heads (8 kv) width 1024, context  40960:   596.0M parameters (Qwen/Qwen3-0.6B)",
-        "qwen3-1.7b    qwen3 28 layers, 16 heads (8 kv) width 2048, context  40960: 1,720.6M parameters (Qwen/Qwen3-1.7B)",
+        "qwen3-0.6b    qwen3 28 layers, 16 heads (8 kv) width 1024, context  40960:   596.0M parameters "
+        "(Qwen/Qwen3-0.6B)",
+        "qwen3-1.7b    qwen3 28 layers, 16 heads (8 kv) width 2048, context  40960: 1,720.6M parameters "
+        "(Qwen/Qwen3-1.7B)",
         "llama-3.2-1b  llama 16 layers, 32 heads (8 kv) width 2048, context 131072: 1,235.8M parameters "
         "(meta-llama/Llama-3.2-1B)",
         "llama-3.2-3b  llama 28 layers, 24 heads (8 kv) width 3072, context 131072: 3,212.7M parameters "
