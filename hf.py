@@ -2,7 +2,7 @@
 config.json as a GPTConfig (the family from its architecture; what the model cannot run is refused
 in one sentence), the names of each family's tensors both ways, and the weights of a folder
 (model.safetensors, or shards listed in model.safetensors.index.json) read tensor by tensor into a
-model built without memory: the peak is the model plus a few tens of MB.
+model built on the meta device: the peak memory is the model's and a few tens of MB.
 
     python hf.py                  # the presets: family, layers, heads, width, parameters, hub repository
     python hf.py qwen3-0.6b       # fetch its files into the cache now (say, before going offline)
