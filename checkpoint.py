@@ -84,7 +84,7 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
     try:
         model = GPT(GPTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError) as e:  # unknown config keys, weights of another shape
+    except (TypeError, ValueError, RuntimeError) as e:  # unknown or inconsistent config keys, weights of another shape
         detail = str(e).strip().splitlines()[-1].strip()  # load_state_dict lists mismatches a line each
         raise ValueError(f"{path} is corrupt: its weights do not fit its config ({detail})") from None
     return model
@@ -323,7 +323,8 @@ def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, devic
         raise ValueError("--base goes with a LoRA --ckpt: the folder its base model moved to")
     if model_name in PRESETS and model_name not in HF_REPOS:
         raise ValueError(f"'{model_name}' is a preset without pretrained weights (train.py --init random uses it); "
-                         f"give a --ckpt, a GPT-2 name ({', '.join(HF_REPOS)}) or a local folder")
+                         f"give a --ckpt, a preset with pretrained weights ({', '.join(HF_REPOS)}) or a local "
+                         "folder")
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path)
         if base is not None:

@@ -22,6 +22,7 @@ from lora import LoRALinear, add_lora, lora_modules, lora_settings, merge_lora
 from model import GPT, KVCache, config_for
 from quantize import Int8Linear, block_linears, prepare_for_decoding, quantize_int8
 from test_decoding import beam_search_without_cache
+from test_lora import train_adapters
 
 try:
     import transformers  # the reference; optional: the tests that need it skip without it
@@ -81,6 +82,10 @@ def ours(folders, family, layout="float32", **kwargs):
     return from_pretrained(folders[family, layout], **kwargs).eval()
 
 
+def token_ids(shape, seed):
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
 def prompts(seed=0, lengths=(7, 3, 11)):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
@@ -104,7 +109,7 @@ def test_logits_and_greedy_decoding_equal_transformers(family, reference, folder
     assert cfg.family == ("llama" if family == "smollm2" else family) and model.wte.weight.dtype == torch.float32
     assert (cfg.qk_norm, cfg.qkv_bias) == (family == "qwen3", family == "qwen2")
     assert cfg.head_dim == (32 if family == "qwen3" else 16) and cfg.tied_head == (family != "llama")
-    idx = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(1))
+    idx = token_ids((3, 40), seed=1)
     with torch.no_grad():
         expected = reference[family](idx).logits
         torch.testing.assert_close(model(idx), expected, atol=1e-4, rtol=0)
@@ -125,7 +130,7 @@ def test_bfloat16_shards_load_as_they_are_or_cast(family, reference, folders):
         assert torch.equal(tensor, expected[name]), name
     widened = ours(folders, family, "bf16-shards", dtype=torch.float32)
     assert all(torch.equal(a.float(), b) for a, b in zip(model.parameters(), widened.parameters()))
-    idx = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+    idx = token_ids((2, 24), seed=2)
     with torch.no_grad():
         logits, their_logits = model(idx), theirs(idx).logits
     assert logits.dtype == torch.bfloat16
@@ -138,7 +143,7 @@ def test_bfloat16_shards_load_as_they_are_or_cast(family, reference, folders):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kv_cache_decoding_equals_a_full_forward(family, folders):
     model = ours(folders, family)
-    idx = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
+    idx = token_ids((2, 20), seed=3)
     with torch.no_grad():
         full = model(idx)
         cache = KVCache(model.config, 2, 20, "cpu")
@@ -197,7 +202,7 @@ def test_the_embedding_trains_vocab_major_and_decodes_emb_major(family, folders)
     model = ours(folders, family)
     matrices = [m for m in (model.wte.weight, model.wte.head) if m is not None]
     assert all(m.shape == (64, VOCAB) and m.t().is_contiguous() for m in matrices)
-    idx = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(11))
+    idx = token_ids((2, 12), seed=11)
     model(idx, torch.roll(idx, -1, 1)).backward()
     assert all(m.grad.stride() == m.stride() for m in matrices)
     rows = prompts(seed=11)
@@ -214,7 +219,7 @@ def test_int8_weights_decode_close_to_float(family, folders):
     linears = block_linears(model)
     assert {name for _, name, _ in linears} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                 "down_proj"}
-    idx = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(6))
+    idx = token_ids((3, 16), seed=6)
     # each int8 layer against its float one, on the very activations the model feeds it: about 1.5% off, and
     # 2.5% for down_proj, whose inputs (silu(gate) * up) are heavy-tailed (max / rms about 5 here), which
     # costs precision in the 7-bit range Int8Linear gives each row of activations
@@ -249,10 +254,8 @@ def test_int8_weights_decode_close_to_float(family, folders):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_starts_at_the_base_trains_only_adapters_and_merges(family, folders):
     model = ours(folders, family)
-    idx = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(7))
-    targets = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(8))
-    with torch.no_grad():
-        base = model(idx)
+    idx = token_ids((4, 16), seed=7)
+    base = model(idx).detach()
     add_lora(model, rank=4, alpha=8)  # the default targets, GPT-2's names: every linear of a block
     assert [name for name, _ in lora_modules(model)][:7] == [f"h.0.{p}" for p in (
         "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
@@ -262,18 +265,9 @@ def test_lora_starts_at_the_base_trains_only_adapters_and_merges(family, folders
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(name.endswith((".lora_A", ".lora_B")) for name in trainable)
     frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = model(idx, targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses, _ = train_adapters(model, steps=8, lr=1e-2, vocab=VOCAB)
     assert losses[-1] < 0.9 * losses[0]
     assert all(torch.equal(p, frozen[name]) for name, p in model.named_parameters() if name in frozen)
-    model.eval()
     with torch.no_grad():
         unmerged = model(idx)
         merge_lora(model)
@@ -300,20 +294,9 @@ def test_a_lora_target_the_family_lacks_is_refused():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_fine_tuning_lowers_the_loss(family, folders):
     model = ours(folders, family)
-    idx = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(9))
-    targets = torch.roll(idx, -1, dims=1)
-    targets[:, :8] = -100  # a masked prompt, as --mask-instructions gives
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(10):
-        loss = model(idx, targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses, _ = train_adapters(model, steps=10, lr=3e-3, vocab=VOCAB)  # every parameter: none is frozen
     assert losses[-1] < 0.5 * losses[0], losses
-    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -327,7 +310,7 @@ def test_our_weights_saved_as_the_familys_architecture_load_in_transformers(fami
     save_file(hf_state_dict(model), str(tmp_path / "model.safetensors"))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     assert type(theirs).__name__ == hf.architecture(model.config)
-    idx = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(10))
+    idx = token_ids((2, 30), seed=10)
     with torch.no_grad():
         torch.testing.assert_close(theirs(idx).logits, model(idx), atol=1e-4, rtol=0)
     assert read_config(str(tmp_path)) == model.config  # and back
