@@ -68,11 +68,26 @@ def weight_files(folder):
     return [os.path.join(folder, "model.safetensors")]
 
 
-def check_folder(folder):
-    """Raise FileNotFoundError naming what a model folder lacks, if it lacks anything."""
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"{os.path.join(folder, 'config.json')} is missing; {NEEDS}")
-    weight_files(folder)
+def check_folder(folder, weights=True):
+    """Raise FileNotFoundError naming what a model folder lacks (config.json, and with weights the
+    weights), if it lacks anything; for a train.py output folder given instead, naming its checkpoint."""
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        if weights:
+            weight_files(folder)
+        return
+    checkpoints = [name for name in ("best.pt", "ckpt.pt") if os.path.isfile(os.path.join(folder, name))]
+    if checkpoints:
+        raise FileNotFoundError(f"{folder} is a train.py output folder, not a Hugging Face model folder (it has no "
+                                f"config.json); give its checkpoint, {os.path.join(folder, checkpoints[0])}")
+    raise FileNotFoundError(f"{os.path.join(folder, 'config.json')} is missing; {NEEDS}")
+
+
+def unknown_model(name_or_path, names):
+    """The error for a model that is none of `names` nor an existing path: one that looks like a
+    path (a folder in it, or a model file's suffix) does not exist."""
+    if "/" in name_or_path or os.sep in name_or_path or name_or_path.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        return FileNotFoundError(f"{name_or_path} does not exist; a model is {names}, a local folder or a model file")
+    return ValueError(f"'{name_or_path}' is neither {names} nor a local folder")
 
 
 def hf_folder(name_or_path, cache_dir=None):
@@ -87,8 +102,7 @@ def hf_folder(name_or_path, cache_dir=None):
         except (FileNotFoundError, ValueError):
             fetch(name_or_path, folder)
     else:
-        raise ValueError(f"'{name_or_path}' is neither a preset with pretrained weights ({', '.join(HF_REPOS)}) "
-                         "nor a local folder")
+        raise unknown_model(name_or_path, f"a preset with pretrained weights ({', '.join(HF_REPOS)})")
     check_folder(folder)
     return folder
 
@@ -458,8 +472,9 @@ def build_model(name_or_path, pretrained=True, context_length=None, drop_rate=0.
     if name_or_path in PRESETS:
         return GPT(with_context_length(config_for(name_or_path, drop_rate=drop_rate), context_length))
     if os.path.isdir(name_or_path):
+        check_folder(name_or_path, weights=False)
         return GPT(read_config(name_or_path, context_length, drop_rate))
-    raise ValueError(f"'{name_or_path}' is neither a preset ({', '.join(PRESETS)}) nor a local folder")
+    raise unknown_model(name_or_path, f"a preset ({', '.join(PRESETS)})")
 
 
 # ----------------------------------------------------------------------------- command line

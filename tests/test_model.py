@@ -165,6 +165,20 @@ def test_build_model_random_and_errors(tmp_path):
         build_model("gpt2", pretrained=False, context_length=2048)
 
 
+def test_a_missing_path_and_a_train_output_folder_are_told_apart(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"^out/nope.pt does not exist; a model is a preset with pretrained "
+                                                r"weights \(gpt2, .*, qwen2.5-1.5b\), a local folder or a model file$"):
+        build_model("out/nope.pt")
+    with pytest.raises(ValueError, match=r"^'nope' is neither a preset \(gpt2, .*tiny, .*\) nor a local folder$"):
+        build_model("nope", pretrained=False)
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    for pretrained in (True, False):
+        with pytest.raises(FileNotFoundError, match=f"^{tmp_path} is a train.py output folder, not a Hugging Face "
+                                                    f"model folder \\(it has no config.json\\); give its checkpoint, "
+                                                    f"{tmp_path / 'ckpt.pt'}$"):
+            build_model(str(tmp_path), pretrained=pretrained)
+
+
 def test_from_pretrained_reports_bad_folders(tmp_path):
     folder = tmp_path / "m"
     folder.mkdir()
