@@ -13,8 +13,9 @@ from typing import Optional
 import torch
 
 from common import atomic_write
+from hf import HF_REPOS, build_model, default_cache_dir
 from lora import add_lora, base_fingerprint, load_lora_state_dict, lora_settings, lora_state_dict, merge_lora
-from model import GPT, HF_REPOS, PRESETS, GPTConfig, build_model, default_cache_dir, with_context_length
+from model import GPT, PRESETS, GPTConfig, with_context_length
 from prompts import PROMPT_STYLES, check_vocab
 from quantize import prepare_for_decoding
 
@@ -84,7 +85,7 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
     try:
         model = GPT(GPTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError) as e:  # unknown config keys, weights of another shape
+    except (TypeError, ValueError, RuntimeError) as e:  # unknown or inconsistent config keys, weights of another shape
         detail = str(e).strip().splitlines()[-1].strip()  # load_state_dict lists mismatches a line each
         raise ValueError(f"{path} is corrupt: its weights do not fit its config ({detail})") from None
     return model
@@ -350,7 +351,7 @@ def model_file_settings(path):
 def heads_for_width(emb_dim, path):
     """The attention heads of a GPT-2 of width emb_dim (its preset's): a state dict does not say."""
     for preset in PRESETS.values():
-        if preset["emb_dim"] == emb_dim:
+        if preset.get("family", "gpt2") == "gpt2" and preset["emb_dim"] == emb_dim:
             return preset["n_heads"]
     raise ValueError(f"{path}: a model of width {emb_dim} is none of GPT-2's sizes, so its number of attention "
                      "heads is unknown")
@@ -433,12 +434,14 @@ def add_model_args(p):
 def check_model_args(ckpt_path=None, model_name=None, base=None):
     """ValueError, before any work, unless the add_model_args flags name one model to load."""
     if (ckpt_path is None) == (model_name is None):
-        raise ValueError("give exactly one of --ckpt (a train.py checkpoint) or --model (a GPT-2 name or folder)")
+        raise ValueError("give exactly one of --ckpt (a train.py checkpoint) or --model (a preset, a Hugging Face "
+                         "folder or a model file)")
     if base is not None and ckpt_path is None:
         raise ValueError("--base goes with a LoRA --ckpt: the folder its base model moved to")
     if model_name in PRESETS and model_name not in HF_REPOS:
         raise ValueError(f"'{model_name}' is a preset without pretrained weights (train.py --init random uses it); "
-                         f"give a --ckpt, a GPT-2 name ({', '.join(HF_REPOS)}) or a local folder")
+                         f"give a --ckpt, a preset with pretrained weights ({', '.join(HF_REPOS)}) or a local "
+                         "folder")
 
 
 def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, device="cpu", quantize=None, base=None):

@@ -11,6 +11,7 @@ import signal
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 import torch
@@ -175,10 +176,16 @@ def atomic_write(path):
             os.remove(tmp)
 
 
-def download(url, dest):
-    """Fetch url to dest with a progress line, through a temporary name."""
+def download(url, dest, headers=None):
+    """Fetch url to dest with a progress line, through a temporary name; headers: extra request
+    headers (an Authorization token), sent to url's server only, not on to where it redirects (the
+    hub redirects to signed storage addresses, which refuse a second credential). A file the server
+    does not have raises FileNotFoundError, one it refuses PermissionError, any other failure OSError."""
     try:
-        with urllib.request.urlopen(url, timeout=30) as response, atomic_write(dest) as tmp, open(tmp, "wb") as f:
+        request = urllib.request.Request(url)
+        for name, value in (headers or {}).items():
+            request.add_unredirected_header(name, value)
+        with urllib.request.urlopen(request, timeout=30) as response, atomic_write(dest) as tmp, open(tmp, "wb") as f:
             total, done = int(response.headers.get("Content-Length") or 0), 0
             while chunk := response.read(1 << 20):
                 f.write(chunk)
@@ -188,6 +195,12 @@ def download(url, dest):
                           end="", file=sys.stderr, flush=True)
         if total:
             print(file=sys.stderr)
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise FileNotFoundError(f"{url} does not exist (HTTP 404)") from None
+        if e.code in (401, 403):
+            raise PermissionError(f"{url} was refused (HTTP {e.code}: {e.reason})") from None
+        raise OSError(f"could not download {url} (HTTP {e.code}: {e.reason}); check the network") from None
     except OSError as e:  # URLError is an OSError
         raise OSError(f"could not download {url} ({getattr(e, 'reason', e)}); check the network") from None
 

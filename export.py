@@ -31,7 +31,7 @@ import signal
 from checkpoint import load_model_file
 from common import (atomic_write, check_interrupted, lock_file, run_main, stop_on_interrupt, writable_folder,
     write_json)
-from model import transposed_in_hf
+from hf import config_json as hf_config_json, hf_state_dict
 from prompts import EOT, EOT_ID, check_vocab, get_prompt_style, get_tokenizer
 
 # What an export folder holds: --force replaces a folder of these files and nothing else.
@@ -45,30 +45,9 @@ EXPORT_LOCK = ".export.lock"
 # ----------------------------------------------------------------------------- the model
 
 
-def hf_state_dict(model):
-    """The model's tensors under the names and in the layouts save_pretrained writes for
-    GPT2LMHeadModel: a "transformer." prefix, Conv1D weights [in, out], wte [vocab, emb_dim],
-    no lm_head unless the model has a head of its own, and no attention-mask buffers."""
-    return {("lm_head.weight" if key == "wte.head" else "transformer." + key):
-            (tensor.t() if transposed_in_hf(key) else tensor).contiguous()
-            for key, tensor in model.state_dict().items()}
-
-
 def config_json(cfg, dtype):
-    """A standard GPT2Config (the fields transformers writes) for a GPTConfig, and n_ctx, which
-    transformers no longer writes but llama.cpp's convert_hf_to_gguf.py reads for GPT-2."""
-    return {
-        "activation_function": "gelu_new", "add_cross_attention": False, "architectures": ["GPT2LMHeadModel"],
-        "attn_pdrop": cfg.drop_rate, "bos_token_id": EOT_ID, "dtype": dtype, "embd_pdrop": cfg.drop_rate,
-        "eos_token_id": EOT_ID, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "gpt2",
-        "n_ctx": cfg.context_length, "n_embd": cfg.emb_dim, "n_head": cfg.n_heads, "n_inner": None,
-        "n_layer": cfg.n_layers,
-        "n_positions": cfg.context_length, "pad_token_id": None, "reorder_and_upcast_attn": False,
-        "resid_pdrop": cfg.drop_rate, "scale_attn_by_inverse_layer_idx": False, "scale_attn_weights": True,
-        "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
-        "summary_type": "cls_index", "summary_use_proj": True, "tie_word_embeddings": cfg.tied_head, "use_cache": True,
-        "vocab_size": cfg.vocab_size,
-    }
+    """hf.config_json with GPT-2's token ids: <|endoftext|> begins and ends a text."""
+    return hf_config_json(cfg, dtype, EOT_ID, EOT_ID)
 
 
 def generation_config_json():

@@ -1,7 +1,8 @@
 """LoRA: low-rank adapters (Hu et al. 2021; the book's appendix E). A frozen linear layer W plus
 a trainable update (alpha / rank) * B A, A [rank, in] and B [out, rank]. B starts at zero, so the
 adapted model starts as exactly the base model. Adding, merging and saving adapters, and the
-fingerprint that identifies the base weights they were trained on."""
+fingerprint that identifies the base weights they were trained on. The target layers are named
+per family (LORA_TARGETS, LLAMA_LORA_TARGETS)."""
 import math
 
 import torch
@@ -11,8 +12,36 @@ import torch.nn.functional as F
 from model import weights_fingerprint
 
 
-# The linear layers of a block that LoRA can adapt: short names for the command line.
+# The linear layers of a block that LoRA can adapt, by the short names of the command line: GPT-2's,
+# which name the same layers on every family (on the Llama family qkv adapts q, k and v, mlp_in gate
+# and up), and the Llama family's own projections, one name each (the usual LoRA targets q and v).
 LORA_TARGETS = {"qkv": "attn.c_attn", "attn_out": "attn.c_proj", "mlp_in": "mlp.c_fc", "mlp_out": "mlp.c_proj"}
+LLAMA_LORA_TARGETS = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.o_proj",
+                      "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+GPT2_NAMES_ON_LLAMA = {"qkv": ("q", "k", "v"), "attn_out": ("o",), "mlp_in": ("gate", "up"), "mlp_out": ("down",)}
+ALL_LORA_TARGETS = (*LORA_TARGETS, *LLAMA_LORA_TARGETS)
+
+
+def family_targets(cfg):
+    """{target name: the layers inside a block it adapts} for a config's family."""
+    if cfg.family == "gpt2":
+        return {name: (path,) for name, path in LORA_TARGETS.items()}
+    return {**{name: tuple(LLAMA_LORA_TARGETS[n] for n in names) for name, names in GPT2_NAMES_ON_LLAMA.items()},
+            **{name: (path,) for name, path in LLAMA_LORA_TARGETS.items()}}
+
+
+def target_paths(cfg, targets):
+    """The layers inside a block (attn.c_attn, ...) that the target names adapt, in the block's
+    order; a name the family lacks, or none at all, is refused in one sentence."""
+    table = family_targets(cfg)
+    for target in targets or [""]:
+        if target not in table:
+            raise ValueError((f"the {cfg.family} family has no LoRA target '{target}'" if target in ALL_LORA_TARGETS
+                              else f"unknown LoRA target '{target}'") +
+                             f"; choose among {', '.join(table)} (comma-separated)")
+    paths = {path for target in targets for path in table[target]}
+    order = LORA_TARGETS if cfg.family == "gpt2" else LLAMA_LORA_TARGETS
+    return [path for path in order.values() if path in paths]
 
 
 class LoRALinear(nn.Module):
@@ -55,19 +84,16 @@ def lora_modules(model):
 
 
 def add_lora(model, rank, alpha, dropout=0.0, targets=tuple(LORA_TARGETS)):
-    """Freeze every parameter of model (embeddings, layer norms and biases too) and wrap the
-    target linears of every block in LoRALinear, in place. targets: names from LORA_TARGETS,
-    as a list or a comma-separated string. Returns the model."""
+    """Freeze every parameter of model (embeddings, norms and biases too) and wrap the target
+    linears of every block in LoRALinear, in place. targets: names from LORA_TARGETS (any
+    family) or LLAMA_LORA_TARGETS (the Llama family), as a list or a comma-separated string.
+    Returns the model."""
     if isinstance(targets, str):
         targets = targets.split(",")
-    targets = [t.strip() for t in targets]
-    unknown = [t for t in targets if t not in LORA_TARGETS]
-    if unknown or not targets:
-        raise ValueError(f"unknown LoRA target '{unknown[0] if unknown else ''}'; "
-                         f"choose among {', '.join(LORA_TARGETS)} (comma-separated)")
+    paths = target_paths(model.config, [t.strip() for t in targets])
     if lora_modules(model):
         raise ValueError("the model has LoRA adapters already")
-    linears = [(block, LORA_TARGETS[t]) for block in model.h for t in LORA_TARGETS if t in targets]
+    linears = [(block, path) for block in model.h for path in paths]
     smallest = min(min(block.get_submodule(path).weight.shape) for block, path in linears)
     if not (isinstance(rank, int) and 1 <= rank <= smallest):
         raise ValueError(f"LoRA rank {rank} must be an integer from 1 to {smallest}, "
@@ -90,8 +116,9 @@ def lora_settings(model):
     if not modules:
         raise ValueError("the model has no LoRA adapters")
     paths = {name.split(".", 2)[2] for name, _ in lora_modules(model)}  # h.3.attn.c_attn -> attn.c_attn
+    names = LORA_TARGETS if model.config.family == "gpt2" else LLAMA_LORA_TARGETS  # one layer a name
     return {"rank": modules[0].rank, "alpha": modules[0].alpha, "dropout": modules[0].dropout.p,
-            "targets": [t for t, path in LORA_TARGETS.items() if path in paths]}
+            "targets": [t for t, path in names.items() if path in paths]}
 
 
 def lora_state_dict(model):

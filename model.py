@@ -1,46 +1,90 @@
-"""GPT-2 in one file: config presets, the model, a KV cache for generation, the loss over a
-data loader, and loading Hugging Face GPT-2 weights (hub names or local folders).
+"""The model in one file: GPT-2 and the families after it that fine-tuning starts from today
+(Llama 3.2, SmolLM2, Qwen2.5, Qwen3), their config and presets, one Block forward for training
+and decoding, a KV cache for generation, and the loss over a data loader. Hugging Face folders
+(the hub presets, config.json, loading the weights) are hf.py's.
 
-    python model.py                 # the presets: layers, heads, width, parameters
-    python model.py gpt2-medium     # fetch its weights into the cache now (say, before going offline)
-    python model.py PATH            # check that a Hugging Face GPT-2 folder loads
+GPT-2 (Radford et al. 2019): learned position embeddings, LayerNorm, a GELU MLP, biases
+everywhere. The Llama family (Llama 3, SmolLM2, Qwen2.5, Qwen3; Touvron et al. 2023) changes
+those four: rotary position embeddings (RoPE) applied to q and k in every layer, RMSNorm, a
+SwiGLU MLP and no biases; and it has fewer key/value heads than query heads (grouped-query
+attention). On top of that, Qwen2.5 keeps biases on q, k and v, Qwen3 normalises each head's q
+and k (QK-norm) and has a head size apart from width / heads, and Llama 3 stretches RoPE's
+low frequencies (its rope_scaling).
 """
-import argparse
 import hashlib
-import json
 import math
-import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import IGNORE_INDEX, download, run_main
+from common import IGNORE_INDEX
 
 EXACT_TOP = 8  # an int8 output head's best tokens whose logits are recomputed in float
+FAMILIES = ("gpt2", "llama", "qwen2", "qwen3")  # llama: Llama 3 and SmolLM2; qwen2: Qwen2.5
 
 
 @dataclass
 class GPTConfig:
+    """A model's shape and its family's switches; the defaults are GPT-2's, so a config saved
+    before the other families existed loads as the GPT-2 it was."""
     vocab_size: int = 50257
     context_length: int = 1024
     emb_dim: int = 768
     n_layers: int = 12
     n_heads: int = 12
     drop_rate: float = 0.0
-    qkv_bias: bool = True
+    qkv_bias: bool = True  # biases on q, k and v (GPT-2, Qwen2.5); the Llama family has no other biases
     tied_head: bool = True  # False: an output head of its own (the book's GPTModel after fine-tuning)
+    family: str = "gpt2"  # one of FAMILIES: GPT-2's block, or the Llama family's
+    n_kv_heads: Optional[int] = None  # key/value heads (grouped-query attention); None: n_heads
+    head_dim: Optional[int] = None  # None: emb_dim // n_heads
+    hidden_dim: Optional[int] = None  # the MLP's width; None: 4 * emb_dim
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before RoPE
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0  # RoPE's theta: the longest wavelength is about 2 pi * rope_base positions
+    rope_scaling: Optional[dict] = None  # Llama 3: factor, low_freq_factor, high_freq_factor, original_context_length
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family '{self.family}'; choose one of {', '.join(FAMILIES)}")
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.emb_dim // self.n_heads
+        self.hidden_dim = self.hidden_dim or 4 * self.emb_dim
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{self.n_heads} attention heads cannot share {self.n_kv_heads} key/value heads evenly")
+        if self.family == "gpt2" and (self.n_kv_heads != self.n_heads or self.head_dim * self.n_heads != self.emb_dim):
+            raise ValueError("GPT-2 has as many key/value heads as heads, of size emb_dim / n_heads")
 
 
+# Llama 3.2 and SmolLM2 are LlamaForCausalLM, Qwen2.5 is Qwen2ForCausalLM: shapes as their config.json files
+# give them (hf.py downloads the weights of these names from the hub repository of the same name).
+LLAMA_32 = dict(family="llama", vocab_size=128256, context_length=131072, qkv_bias=False, n_kv_heads=8,
+                rope_base=500000.0, rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                      original_context_length=8192))
+SMOLLM2 = dict(family="llama", vocab_size=49152, context_length=8192, qkv_bias=False, rope_base=100000.0)
+QWEN25 = dict(family="qwen2", vocab_size=151936, context_length=32768, n_kv_heads=2, norm_eps=1e-6,
+              rope_base=1000000.0)
+QWEN3 = dict(family="qwen3", vocab_size=151936, context_length=40960, qkv_bias=False, n_kv_heads=8, head_dim=128,
+             qk_norm=True, norm_eps=1e-6, rope_base=1000000.0)
 PRESETS = {
     "gpt2": dict(emb_dim=768, n_layers=12, n_heads=12),  # 124M
     "gpt2-medium": dict(emb_dim=1024, n_layers=24, n_heads=16),  # 355M
     "gpt2-large": dict(emb_dim=1280, n_layers=36, n_heads=20),  # 774M
     "gpt2-xl": dict(emb_dim=1600, n_layers=48, n_heads=25),  # 1558M
     "tiny": dict(emb_dim=64, n_layers=2, n_heads=4),  # tests and smoke runs (3.3M, mostly embeddings)
+    "qwen3-0.6b": dict(QWEN3, emb_dim=1024, n_layers=28, n_heads=16, hidden_dim=3072),
+    "qwen3-1.7b": dict(QWEN3, emb_dim=2048, n_layers=28, n_heads=16, hidden_dim=6144),
+    "llama-3.2-1b": dict(LLAMA_32, emb_dim=2048, n_layers=16, n_heads=32, hidden_dim=8192),
+    "llama-3.2-3b": dict(LLAMA_32, emb_dim=3072, n_layers=28, n_heads=24, hidden_dim=8192),
+    "smollm2-135m": dict(SMOLLM2, emb_dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536),
+    "smollm2-360m": dict(SMOLLM2, emb_dim=960, n_layers=32, n_heads=15, n_kv_heads=5, hidden_dim=2560),
+    "smollm2-1.7b": dict(SMOLLM2, emb_dim=2048, n_layers=24, n_heads=32, hidden_dim=8192, rope_base=130000.0),
+    "qwen2.5-0.5b": dict(QWEN25, emb_dim=896, n_layers=24, n_heads=14, hidden_dim=4864),
+    "qwen2.5-1.5b": dict(QWEN25, emb_dim=1536, n_layers=28, n_heads=12, hidden_dim=8960, context_length=131072),
 }
-HF_REPOS = {name: f"openai-community/{name}" for name in PRESETS if name.startswith("gpt2")}
 
 
 def config_for(name, **overrides):
@@ -50,10 +94,89 @@ def config_for(name, **overrides):
     return GPTConfig(**{**PRESETS[name], **overrides})
 
 
+def with_context_length(cfg, context_length):
+    """cfg with a shorter context, if one is given (a GPT-2 keeps its first position embeddings)."""
+    if context_length is not None:
+        if not 0 < context_length <= cfg.context_length:
+            raise ValueError(f"context length {context_length} must be between 1 and the model's {cfg.context_length}")
+        cfg.context_length = context_length
+    return cfg
+
+
 # ----------------------------------------------------------------------------- the model
 
 
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) times a
+    learned scale, LayerNorm without the mean and the bias. Computed in float32 and scaled in x's
+    dtype, as Hugging Face's Llama and Qwen do."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), eps=self.eps) * self.weight
+
+
+def norm_layer(cfg):
+    """The family's normalisation of the residual stream: GPT-2's LayerNorm, the others' RMSNorm."""
+    return nn.LayerNorm(cfg.emb_dim, eps=cfg.norm_eps) if cfg.family == "gpt2" else RMSNorm(cfg.emb_dim, cfg.norm_eps)
+
+
+def rope_frequencies(cfg):
+    """RoPE's angle per position for each pair of a head's dimensions, rope_base ** (-2i / head_dim)
+    (float32, as Hugging Face computes it). Llama 3 divides the low frequencies (wavelengths above
+    original_context_length / low_freq_factor) by `factor`, keeps the high ones (wavelengths below
+    original_context_length / high_freq_factor), and blends the two in between."""
+    dims = torch.arange(0, cfg.head_dim, 2, dtype=torch.float, device="cpu")
+    inv_freq = 1.0 / (cfg.rope_base ** (dims / cfg.head_dim))
+    if cfg.rope_scaling is None:
+        return inv_freq
+    factor, low, high, context = (cfg.rope_scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                                  "original_context_length"))
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(medium, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embeddings (RoPE, Su et al. 2021): a query or key at position p has each
+    pair of its dimensions (i, i + head_dim / 2, the pairing of Hugging Face's weights) rotated by
+    the angle p * frequency_i, so that q . k depends on the distance between their positions. The
+    cos and sin of every position's angles are computed once per device and dtype (in float32,
+    then cast): not buffers, so that building on the meta device and casting leave them exact."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.cos = self.sin = None  # (context_length, head_dim)
+
+    def forward(self, positions, dtype):
+        """cos and sin of positions (T,) or (B, T), shaped (T or B, T, 1, head_dim): they broadcast
+        over the heads of q and k (B, T, heads, head_dim)."""
+        if self.cos is None or self.cos.device != positions.device or self.cos.dtype != dtype:
+            inv_freq = rope_frequencies(self.cfg).to(positions.device)
+            angles = torch.arange(self.cfg.context_length, device=positions.device).float()[:, None] * inv_freq
+            angles = torch.cat((angles, angles), dim=-1)
+            self.cos, self.sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        return self.cos[positions].unsqueeze(-2), self.sin[positions].unsqueeze(-2)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, T, heads, head_dim) rotated: each pair (x1, x2) of its halves becomes
+    (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
 class CausalSelfAttention(nn.Module):
+    """GPT-2's attention: q, k and v of every head from one linear layer, c_attn."""
+
     def __init__(self, cfg, layer=0):
         super().__init__()
         assert cfg.emb_dim % cfg.n_heads == 0, "emb_dim must be divisible by n_heads"
@@ -62,11 +185,12 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
         self.resid_drop = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x, cache=None, mask=None):
+    def forward(self, x, cache=None, mask=None, rope=None):
         """x (B, T, C) attends causally to itself, and in generation to the keys and values of
         the positions before it in `cache`, where its own are appended. mask: a boolean mask of
         the keys each query may see (KVCache.attn_mask), None where plain causal attention is
-        right (training; a cache without padding, for a fresh prompt or one new token a row)."""
+        right (training; a cache without padding, for a fresh prompt or one new token a row).
+        rope: unused (GPT-2's positions are in its embeddings)."""
         B, T, C = x.shape
         # q, k and v of every head, (3, B, heads, T, head size): views of c_attn's output
         qkv = self.c_attn(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
@@ -78,15 +202,65 @@ class CausalSelfAttention(nn.Module):
         return self.resid_drop(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
+class GroupedQueryAttention(nn.Module):
+    """The Llama family's attention (Ainslie et al. 2023): n_heads query heads share n_kv_heads
+    key/value heads, a group each, so the KV cache holds only the n_kv_heads. q and k are rotated
+    by their positions (RoPE); Qwen3 first RMS-normalises each head's q and k (QK-norm)."""
+
+    def __init__(self, cfg, layer=0):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.drop_rate, self.layer = cfg.drop_rate, layer
+        self.q_proj = nn.Linear(cfg.emb_dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.emb_dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.emb_dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.emb_dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.resid_drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x, cache=None, mask=None, rope=None):
+        """As CausalSelfAttention's; rope: the cos and sin of x's positions (RotaryEmbedding)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope).transpose(1, 2), apply_rope(k, *rope).transpose(1, 2)  # (B, heads, T, head size)
+        if cache is not None:
+            k, v = cache.update(self.layer, torch.stack((k, v)))
+        dropout = self.drop_rate if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.resid_drop(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)))
+
+
 class MLP(nn.Module):
+    """GPT-2's MLP: c_proj(gelu(c_fc(x)))."""
+
     def __init__(self, cfg):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
-        self.c_proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+        self.c_fc = nn.Linear(cfg.emb_dim, cfg.hidden_dim)
+        self.c_proj = nn.Linear(cfg.hidden_dim, cfg.emb_dim)
         self.drop = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x):
         return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class SwiGLU(nn.Module):
+    """The Llama family's MLP (Shazeer 2020): down_proj(silu(gate_proj(x)) * up_proj(x)), no biases."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.emb_dim, bias=False)
+        self.drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x):
+        return self.drop(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -95,26 +269,35 @@ class Block(nn.Module):
 
     def __init__(self, cfg, layer=0):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.emb_dim)
-        self.attn = CausalSelfAttention(cfg, layer)
-        self.ln_2 = nn.LayerNorm(cfg.emb_dim)
-        self.mlp = MLP(cfg)
+        gpt2 = cfg.family == "gpt2"
+        self.ln_1 = norm_layer(cfg)
+        self.attn = CausalSelfAttention(cfg, layer) if gpt2 else GroupedQueryAttention(cfg, layer)
+        self.ln_2 = norm_layer(cfg)
+        self.mlp = MLP(cfg) if gpt2 else SwiGLU(cfg)
 
-    def forward(self, x, cache=None, mask=None):
-        x = x + self.attn(self.ln_1(x), cache, mask)
+    def forward(self, x, cache=None, mask=None, rope=None):
+        x = x + self.attn(self.ln_1(x), cache, mask, rope)
         return x + self.mlp(self.ln_2(x))
 
 
 class TiedEmbedding(nn.Module):
-    """The token embedding, which is also the output head (weight tying, as in GPT-2). Stored
-    [emb_dim, vocab], the head's [in, out]: on the CPU the head's matmul for one new token
-    (generation) reads that layout some 1.5x faster than nn.Embedding's [vocab, emb_dim].
+    """The token embedding, which is also the output head (weight tying, as in GPT-2): an
+    [emb_dim, vocab] matrix, the head's [in, out]. GPT-2 lays it out so in memory too: on the CPU
+    the head's matmul for one new token (generation) reads that layout some 1.5x faster than
+    nn.Embedding's [vocab, emb_dim]. The Llama family (vocab_major) lays the same matrix out
+    [vocab, emb_dim], as nn.Embedding and Hugging Face do: the gradients of the embedding and of
+    the head then both come in that layout, where [emb_dim, vocab] costs a transposed copy of
+    the whole matrix every step (large with a 128-152k vocabulary), and loading reads the file
+    straight in; quantize.prepare_for_decoding lays it out [emb_dim, vocab] for decoding.
     tied=False gives the head weights of its own, `head`, in the same layout."""
 
-    def __init__(self, vocab_size, emb_dim, tied=True):
+    def __init__(self, vocab_size, emb_dim, tied=True, vocab_major=False):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(emb_dim, vocab_size))
-        self.head = None if tied else nn.Parameter(torch.empty(emb_dim, vocab_size))
+
+        def matrix():
+            return torch.empty(vocab_size, emb_dim).t() if vocab_major else torch.empty(emb_dim, vocab_size)
+        self.weight = nn.Parameter(matrix())
+        self.head = None if tied else nn.Parameter(matrix())
         self.int8_head = None  # an Int8Linear copy of the head after quantize.quantize_int8
 
     def forward(self, idx):
@@ -135,16 +318,20 @@ class TiedEmbedding(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2. Module names follow Hugging Face's: loading its weights is a matter of keys and transposes."""
+    """GPT-2, or a model of the Llama family (cfg.family). Module names follow Hugging Face's
+    GPT-2 (wte, wpe, h, ln_1, attn, ln_2, mlp, ln_f), and inside a Llama-family block its Llama's
+    (q_proj, k_proj, v_proj, o_proj, q_norm, k_norm, gate_proj, up_proj, down_proj): hf.py maps
+    the names of each family's weights both ways."""
 
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        self.wte = TiedEmbedding(cfg.vocab_size, cfg.emb_dim, cfg.tied_head)
-        self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.wte = TiedEmbedding(cfg.vocab_size, cfg.emb_dim, cfg.tied_head, vocab_major=cfg.family != "gpt2")
+        self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim) if cfg.family == "gpt2" else None
         self.drop = nn.Dropout(cfg.drop_rate)
         self.h = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.emb_dim)
+        self.ln_f = norm_layer(cfg)
+        self.rope = None if cfg.family == "gpt2" else RotaryEmbedding(cfg)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("c_proj.weight"):
@@ -159,18 +346,23 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    @classmethod
-    def from_pretrained(cls, name_or_path, context_length=None, **kwargs):
-        """GPT-2 with Hugging Face weights; see the module function from_pretrained."""
-        return from_pretrained(name_or_path, context_length, **kwargs)
-
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def embed(self, idx, positions):
+        """The token embeddings of idx (B, T) at positions (T,) or (B, T), and the rotary cos and
+        sin of those positions every layer applies (the Llama family; None for GPT-2, whose
+        position embeddings are added here)."""
+        if self.rope is None:
+            return self.wte(idx) + self.wpe(positions), None
+        x = self.wte(idx)
+        return x, self.rope(positions, x.dtype)
+
     def _hidden(self, idx):
-        x = self.drop(self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device)))
+        x, rope = self.embed(idx, torch.arange(idx.size(1), device=idx.device))
+        x = self.drop(x)
         for block in self.h:
-            x = block(x)
+            x = block(x, rope=rope)
         return self.ln_f(x)
 
     def forward(self, idx, targets=None, reduction="mean"):
@@ -201,10 +393,10 @@ class GPT(nn.Module):
         T = idx.size(1)
         if cache.pos + T > cache.max_len:
             raise ValueError(f"KV cache full: {cache.pos} + {T} tokens > {cache.max_len}")
-        x = self.wte(idx) + self.wpe(cache.positions(T))
+        x, rope = self.embed(idx, cache.positions(T))
         mask = cache.attn_mask(T)  # the same for every layer
         for block in self.h:
-            x = block(x, cache, mask)
+            x = block(x, cache, mask, rope)
         cache.pos += T
         x = self.ln_f(x if all_positions else x[:, -1])
         return self.wte.logits(x)
@@ -247,8 +439,9 @@ class KVCache:
     def __init__(self, cfg, batch_size, max_len, device, dtype=torch.float32, pad_lens=None):
         if max_len - max(pad_lens or [0]) > cfg.context_length:
             raise ValueError(f"KV cache of {max_len} tokens exceeds the context length {cfg.context_length}")
-        # keys and values side by side, so that a layer's new ones go in with one copy
-        shape = (cfg.n_layers, 2, batch_size, cfg.n_heads, max_len, cfg.emb_dim // cfg.n_heads)
+        # keys and values side by side, so that a layer's new ones go in with one copy; only the
+        # key/value heads (fewer than the query heads with grouped-query attention)
+        shape = (cfg.n_layers, 2, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.kv = torch.empty(shape, device=device, dtype=dtype)
         self.cfg, self.max_len, self.pos = cfg, max_len, 0
         self.pad_lens = None
@@ -256,7 +449,7 @@ class KVCache:
             self.pad_lens = torch.as_tensor(pad_lens, device=device).view(-1, 1)
 
     def update(self, layer, kv):
-        """Append the new keys and values kv (2, B, heads, T, head size) of a layer; returns
+        """Append the new keys and values kv (2, B, kv heads, T, head size) of a layer; returns
         that layer's keys and values so far."""
         end = self.pos + kv.size(3)
         self.kv[layer, :, :, :, self.pos:end] = kv
@@ -317,162 +510,3 @@ class KVCache:
             self.kv = self.kv[:, :, rows]
         if self.pad_lens is not None:
             self.pad_lens = self.pad_lens[rows]
-
-
-# ----------------------------------------------------------------------------- Hugging Face weights
-
-
-def default_cache_dir():
-    return os.environ.get("GPT2_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "gpt2-weights"))
-
-
-def hf_folder(name_or_path, cache_dir=None):
-    """A local folder holding config.json and model.safetensors: the folder given, or the
-    hub's files for a preset name, downloaded once into the cache folder."""
-    if os.path.isdir(name_or_path):
-        folder = name_or_path
-    elif name_or_path in HF_REPOS:
-        folder = os.path.join(cache_dir or default_cache_dir(), name_or_path)
-        for file in ("config.json", "model.safetensors"):
-            if not os.path.exists(os.path.join(folder, file)):
-                try:
-                    download(f"https://huggingface.co/{HF_REPOS[name_or_path]}/resolve/main/{file}",
-                             os.path.join(folder, file))
-                except OSError as e:
-                    raise OSError(f"{e}, or pass a local folder with config.json and model.safetensors") from None
-    else:
-        raise unknown_model(name_or_path, f"a GPT-2 name ({', '.join(HF_REPOS)})")
-    check_gpt2_folder(folder)
-    return folder
-
-
-def unknown_model(name_or_path, names):
-    """The error for a model that is none of `names` nor an existing path: one that looks like a
-    path (a folder in it, or a model file's suffix) does not exist."""
-    if "/" in name_or_path or os.sep in name_or_path or name_or_path.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        return FileNotFoundError(f"{name_or_path} does not exist; a model is {names}, a local folder or a model file")
-    return ValueError(f"'{name_or_path}' is neither {names} nor a local folder")
-
-
-def check_gpt2_folder(folder, files=("config.json", "model.safetensors")):
-    """FileNotFoundError unless folder holds `files`, naming the checkpoint of a train.py output
-    folder given instead."""
-    for file in files:
-        if not os.path.isfile(os.path.join(folder, file)):
-            checkpoints = [name for name in ("best.pt", "ckpt.pt") if os.path.isfile(os.path.join(folder, name))]
-            if checkpoints:
-                raise FileNotFoundError(f"{folder} is a train.py output folder, not a GPT-2 folder (it has no {file}); "
-                                        f"give its checkpoint, {os.path.join(folder, checkpoints[0])}")
-            raise FileNotFoundError(f"{os.path.join(folder, file)} is missing; a GPT-2 folder needs "
-                                    "config.json and model.safetensors")
-
-
-def hf_config(folder, context_length=None, drop_rate=0.0):
-    """GPTConfig from a Hugging Face config.json, optionally with a shorter context."""
-    try:
-        with open(os.path.join(folder, "config.json")) as f:
-            hf = json.load(f)
-        cfg = GPTConfig(vocab_size=hf["vocab_size"], context_length=hf["n_positions"], emb_dim=hf["n_embd"],
-                        n_layers=hf["n_layer"], n_heads=hf["n_head"], drop_rate=drop_rate, qkv_bias=True,
-                        tied_head=hf.get("tie_word_embeddings", True))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{folder}/config.json is not a GPT-2 config ({e!r})") from None
-    return with_context_length(cfg, context_length)
-
-
-def with_context_length(cfg, context_length):
-    if context_length is not None:
-        if not 0 < context_length <= cfg.context_length:
-            raise ValueError(f"context length {context_length} must be between 1 and the model's {cfg.context_length}")
-        cfg.context_length = context_length
-    return cfg
-
-
-def transposed_in_hf(key):
-    """Whether Hugging Face stores our tensor `key` transposed: its Conv1D weights are [in, out]
-    where nn.Linear's are [out, in], and its wte (and an untied lm_head) is [vocab, emb_dim] where
-    our TiedEmbedding is [emb_dim, vocab]."""
-    return key in ("wte.weight", "wte.head") or key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
-
-
-def from_pretrained(name_or_path, context_length=None, drop_rate=0.0, cache_dir=None):
-    """GPT-2 with Hugging Face weights: a preset name (downloaded once) or a local folder.
-    A context_length below the checkpoint's keeps the first rows of the position embedding."""
-    from safetensors.torch import load_file
-
-    folder = hf_folder(name_or_path, cache_dir)
-    cfg = hf_config(folder, context_length, drop_rate)
-    try:
-        hf_state = load_file(os.path.join(folder, "model.safetensors"))
-    except Exception as e:  # safetensors' own error or an OSError: either way unreadable
-        raise ValueError(f"{folder}/model.safetensors cannot be read ({e}); delete it to download it again") from None
-
-    model = GPT(cfg)
-    state = model.state_dict()
-    loaded = set()
-    for key, tensor in hf_state.items():
-        key = key.removeprefix("transformer.")
-        if key.endswith((".attn.bias", ".attn.masked_bias")) or (key == "lm_head.weight" and cfg.tied_head):
-            continue  # causal-mask buffers; lm_head is tied to wte
-        if key == "lm_head.weight":
-            key = "wte.head"
-        if key not in state:
-            raise ValueError(f"{folder}/model.safetensors has an unexpected tensor '{key}'; is it a GPT-2 checkpoint?")
-        if transposed_in_hf(key):
-            tensor = tensor.t()
-        if key == "wpe.weight":
-            tensor = tensor[: cfg.context_length]
-        if tensor.shape != state[key].shape:
-            raise ValueError(f"{folder}: '{key}' has shape {tuple(tensor.shape)}, "
-                             f"expected {tuple(state[key].shape)} from its config.json")
-        state[key] = tensor
-        loaded.add(key)
-    missing = set(state) - loaded
-    if missing:
-        raise ValueError(f"{folder}/model.safetensors lacks {len(missing)} tensors, e.g. '{sorted(missing)[0]}'")
-    model.load_state_dict(state)
-    return model
-
-
-def build_model(name_or_path, pretrained=True, context_length=None, drop_rate=0.0):
-    """The model train.py and generate.py start from: Hugging Face weights for a GPT-2 name
-    or folder, or random weights of a preset's (or a folder's) shape."""
-    if pretrained:
-        if name_or_path in PRESETS and name_or_path not in HF_REPOS:
-            raise ValueError(f"'{name_or_path}' has no pretrained weights; use random initialisation")
-        return from_pretrained(name_or_path, context_length, drop_rate)
-    if name_or_path in PRESETS:
-        return GPT(with_context_length(config_for(name_or_path, drop_rate=drop_rate), context_length))
-    if os.path.isdir(name_or_path):
-        check_gpt2_folder(name_or_path, ["config.json"])
-        return GPT(hf_config(name_or_path, context_length, drop_rate))
-    raise unknown_model(name_or_path, f"a preset ({', '.join(PRESETS)})")
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", help=f"a GPT-2 name ({', '.join(HF_REPOS)}) to download once into "
-                   f"{default_cache_dir()} ($GPT2_CACHE_DIR), or a local Hugging Face GPT-2 folder, to load "
-                   "and describe; none: list the presets")
-    args = p.parse_args(argv)
-    if args.model is None:
-        for name in PRESETS:
-            with torch.device("meta"):  # shapes only: no memory, no time
-                model = GPT(config_for(name))
-            cfg = model.config
-            print(f"{name:12} {cfg.n_layers:2} layers, {cfg.n_heads:2} heads, width {cfg.emb_dim:4}, context "
-                  f"{cfg.context_length}: {model.num_params() / 1e6:,.1f}M parameters"
-                  + ("" if name in HF_REPOS else " (random weights only)"))
-        return
-    model = from_pretrained(args.model)
-    cfg = model.config
-    print(f"{args.model}: {model.num_params() / 1e6:,.1f}M parameters, {cfg.n_layers} layers, {cfg.n_heads} heads, "
-          f"width {cfg.emb_dim}, context {cfg.context_length}, vocabulary {cfg.vocab_size}; loaded from "
-          f"{hf_folder(args.model)}")
-
-
-if __name__ == "__main__":
-    run_main(main)

@@ -82,7 +82,8 @@ class Int8Linear(nn.Module):
 
 
 def block_linears(model):
-    """(parent module, attribute name, nn.Linear) of every linear layer in the model's blocks."""
+    """(parent module, attribute name, nn.Linear) of every linear layer in the model's blocks:
+    GPT-2's c_attn, c_proj, c_fc, c_proj; the Llama family's q/k/v/o_proj, gate/up/down_proj."""
     return [(parent, name, child) for block in model.h for parent in (block.attn, block.mlp)
             for name, child in parent.named_children() if isinstance(child, nn.Linear)]
 
@@ -101,12 +102,17 @@ def quantize_int8(model, head=True):
 
 def prepare_for_decoding(model, quantize=None):
     """The model made ready, in place, for generation and evaluation on its device (after the
-    move): with quantize="int8", quantize_int8; otherwise its block linears' weights in the
-    memory layout linear_kernel chooses, the same values, not copied. Returns it in eval mode."""
+    move): with quantize="int8", quantize_int8; otherwise its block linears' weights (and the
+    output head) in the memory layout linear_kernel chooses, the same values. Returns it in
+    eval mode."""
     if quantize == "int8":
         return quantize_int8(model)
     if linear_kernel(model.wte.weight.device) == "in-out":
         for _, _, linear in block_linears(model):
             # the same [out, in] matrix with its columns contiguous; the old layout is freed
             linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t(), requires_grad=False)
+        for name in ("weight", "head"):  # the output head [in, out] in memory too (the Llama family's is not)
+            matrix = getattr(model.wte, name)
+            if matrix is not None and not matrix.is_contiguous():
+                setattr(model.wte, name, nn.Parameter(matrix.detach().contiguous(), requires_grad=False))
     return model.eval()

@@ -9,7 +9,8 @@ from checkpoint import (load_checkpoint, load_model_file, model_file_holds, mode
                         save_checkpoint)
 from export import export
 from checkpoint import load_for_inference
-from model import GPT, config_for, from_pretrained
+from hf import from_pretrained
+from model import GPT, config_for
 from test_model import tiny
 
 

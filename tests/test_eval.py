@@ -17,6 +17,7 @@ from checkpoint import save_checkpoint
 from data import batch_indices, collate, InstructionDataset, prepare_data
 from prompts import decode, encode, EOT_ID, format_prompt, prompt_ids
 from common import IGNORE_INDEX
+from hf import HF_REPOS
 from model import config_for, GPT
 from decoding import generate, respond
 
@@ -375,13 +376,13 @@ def test_model_paths_that_are_no_model_say_so(tmp_path):
     """--model with a file that does not exist, or a train.py output folder; --reference that does not fit."""
     result = eval_py("--model", tmp_path / "out" / "nope.pt", "--out", tmp_path / "o")
     assert result.returncode == 1 and result.stderr == (
-        f"error: {tmp_path / 'out' / 'nope.pt'} does not exist; a model is a GPT-2 name (gpt2, gpt2-medium, "
-        "gpt2-large, gpt2-xl), a local folder or a model file\n")
+        f"error: {tmp_path / 'out' / 'nope.pt'} does not exist; a model is a preset with pretrained weights "
+        f"({', '.join(HF_REPOS)}), a local folder or a model file\n")
     run = tmp_path / "run"
     save_ckpt(run / "best.pt", tiny_model(), data=write_data(tmp_path, make_entries()))
     result = eval_py("--model", run, "--out", tmp_path / "o")
     assert result.returncode == 1 and result.stderr == (
-        f"error: {run} is a train.py output folder, not a GPT-2 folder (it has no config.json); give its "
+        f"error: {run} is a train.py output folder, not a Hugging Face model folder (it has no config.json); give its "
         f"checkpoint, {run / 'best.pt'}\n")
 
 

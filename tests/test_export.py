@@ -23,7 +23,8 @@ import prompts
 import export as export_script
 from checkpoint import save_checkpoint
 from prompts import decode, encode, EOT_ID, format_input, format_prompt, PROMPT_STYLES, render_text
-from model import GPT, config_for, from_pretrained
+from hf import from_pretrained
+from model import GPT, config_for
 from export import chat_template, export
 from decoding import respond
 from test_model import FIXTURE

@@ -12,7 +12,8 @@ from common import resolve_device
 import decoding
 import generate as generate_script
 from prompts import decode, encode, encode_conversation, EOT_ID, format_prompt
-from model import GPT, config_for, from_pretrained
+from hf import HF_REPOS, from_pretrained
+from model import GPT, config_for
 from checkpoint import load_for_inference
 from decoding import choice_logprobs, generate, prefill, respond, sample_next, stream
 from test_model import FIXTURE, REFERENCE
@@ -239,14 +240,16 @@ def test_cli_errors_are_one_line(tmp_path):
     result = run_script("--model", "tiny", "--prompt", "hi")
     assert result.returncode == 1 and result.stderr == (
         "error: 'tiny' is a preset without pretrained weights (train.py --init random uses it); give a --ckpt, "
-        "a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local folder\n")
+        "a preset with pretrained weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl, qwen3-0.6b, qwen3-1.7b, "
+        "llama-3.2-1b, llama-3.2-3b, smollm2-135m, smollm2-360m, smollm2-1.7b, qwen2.5-0.5b, qwen2.5-1.5b) or a "
+        "local folder\n")
     result = run_script("--ckpt", str(tmp_path), "--prompt", "hi")
     assert result.returncode == 1
     assert result.stderr == f"error: checkpoint {tmp_path} is a directory, not a checkpoint file\n"
     result = run_script("--model", str(tmp_path / "nope.pt"), "--prompt", "hi")
     assert result.returncode == 1 and result.stderr == (f"error: {tmp_path / 'nope.pt'} does not exist; a model is a "
-                                                        "GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a local "
-                                                        "folder or a model file\n")
+                                                        f"preset with pretrained weights ({', '.join(HF_REPOS)}), a "
+                                                        "local folder or a model file\n")
 
 
 def test_cli_marks_answers_with_their_instruction_on_one_line(tmp_path):

@@ -19,7 +19,8 @@ from checkpoint import save_checkpoint
 from prompts import encode, EOT_ID, format_prompt, get_tokenizer, render_text
 from export import MODELFILE_HEADER, chat_template, export_gguf
 from decoding import generate
-from model import GPT, config_for, from_pretrained
+from hf import from_pretrained
+from model import GPT, config_for
 from test_export import (ENTRIES, ROOT, SAMPLES, bpe_tokenizer, file_modes, holding_the_lock, render,
     save_tiny_checkpoint, umask)
 from test_lora import hf_base, lora_run  # noqa: F401 (hf_base is a fixture)

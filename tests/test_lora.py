@@ -10,14 +10,15 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-import model as model_module
+import hf as hf_module
 from export import config_json, export, hf_state_dict
 from checkpoint import load_for_inference
 from decoding import respond
 from checkpoint import build_base, lora_checkpoint, lora_model_from_checkpoint, model_from_checkpoint, save_checkpoint
 from lora import (LORA_TARGETS, LoRALinear, add_lora, base_fingerprint, lora_modules, lora_state_dict, merge_lora,
     parameter_counts)
-from model import GPT, build_model, config_for, from_pretrained
+from hf import build_model, from_pretrained
+from model import GPT, config_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -340,9 +341,9 @@ def test_a_preset_base_missing_from_the_cache_points_to_base(tmp_path, monkeypat
     path, _ = lora_run(tmp_path, model, {**identity, "base": "gpt2", "init": "pretrained"})
     monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path / "cache"))
 
-    def offline(url, dest):
+    def offline(url, dest, headers=None):
         raise OSError(f"could not download {url} (no network); check the network")
-    monkeypatch.setattr(model_module, "download", offline)
+    monkeypatch.setattr(hf_module, "download", offline)
     with pytest.raises(OSError) as raised:
         load_for_inference(path)
     assert str(raised.value) == (

@@ -1,15 +1,18 @@
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from common import download
-from model import GPT, KVCache, PRESETS, build_model, config_for, from_pretrained, hf_folder
-from model import main as model_main
+from hf import build_model, from_pretrained, hf_folder
+from hf import main as hf_main
+from model import GPT, KVCache, PRESETS, config_for
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf-tiny-gpt2")
 REFERENCE = json.load(open(os.path.join(FIXTURE, "reference.json")))
@@ -22,7 +25,7 @@ def tiny(seed=0, **overrides):
 
 @pytest.mark.parametrize("layout", ["bare", "prefixed"])
 def test_hf_logits_match_transformers(layout):
-    model = GPT.from_pretrained(os.path.join(FIXTURE, layout)).eval()
+    model = from_pretrained(os.path.join(FIXTURE, layout)).eval()
     with torch.no_grad():
         logits = model(torch.tensor(REFERENCE["input_ids"]))
     torch.testing.assert_close(logits, torch.tensor(REFERENCE["logits"]), atol=REFERENCE["tolerance"], rtol=0)
@@ -63,7 +66,11 @@ def test_output_head_is_the_token_embedding():
 
 
 def test_preset_parameter_counts():
-    expected = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+    # the counts of the hub models (their model cards, transformers' num_parameters())
+    expected = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200,
+                "qwen3-0.6b": 596_049_920, "qwen3-1.7b": 1_720_574_976, "llama-3.2-1b": 1_235_814_400,
+                "llama-3.2-3b": 3_212_749_824, "smollm2-135m": 134_515_008, "smollm2-360m": 361_821_120,
+                "smollm2-1.7b": 1_711_376_384, "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304}
     for name, count in expected.items():
         with torch.device("meta"):
             assert GPT(config_for(name)).num_params() == count, name
@@ -152,10 +159,24 @@ def test_build_model_random_and_errors(tmp_path):
     assert build_model(os.path.join(FIXTURE, "bare"), pretrained=False).config.vocab_size == 1024
     with pytest.raises(ValueError, match="'tiny' has no pretrained weights"):
         build_model("tiny")
-    with pytest.raises(ValueError, match="'gpt3' is neither a GPT-2 name"):
+    with pytest.raises(ValueError, match="'gpt3' is neither a preset with pretrained weights"):
         build_model("gpt3")
     with pytest.raises(ValueError, match="context length 2048 must be between 1 and the model's 1024"):
         build_model("gpt2", pretrained=False, context_length=2048)
+
+
+def test_a_missing_path_and_a_train_output_folder_are_told_apart(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"^out/nope.pt does not exist; a model is a preset with pretrained "
+                                                r"weights \(gpt2, .*, qwen2.5-1.5b\), a local folder or a model file$"):
+        build_model("out/nope.pt")
+    with pytest.raises(ValueError, match=r"^'nope' is neither a preset \(gpt2, .*tiny, .*\) nor a local folder$"):
+        build_model("nope", pretrained=False)
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    for pretrained in (True, False):
+        with pytest.raises(FileNotFoundError, match=f"^{tmp_path} is a train.py output folder, not a Hugging Face "
+                                                    f"model folder \\(it has no config.json\\); give its checkpoint, "
+                                                    f"{tmp_path / 'ckpt.pt'}$"):
+            build_model(str(tmp_path), pretrained=pretrained)
 
 
 def test_from_pretrained_reports_bad_folders(tmp_path):
@@ -174,8 +195,15 @@ def test_from_pretrained_reports_bad_folders(tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "n_embd": 128}))
     with pytest.raises(ValueError, match=r"'h.0.attn.c_attn.bias' has shape \(192,\), expected \(384,\) from its config.json"):
         from_pretrained(str(folder))
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"]}))
+    with pytest.raises(ValueError, match="config.json: the architecture MistralForCausalLM is not supported; "
+                                         "supported are GPT2LMHeadModel, LlamaForCausalLM"):
+        from_pretrained(str(folder))
+    (folder / "config.json").write_text(json.dumps({**config, "n_head": None}))
+    with pytest.raises(ValueError, match="config.json is not a valid GPT2Model config"):
+        from_pretrained(str(folder))
     (folder / "config.json").write_text("{broken")
-    with pytest.raises(ValueError, match="config.json is not a GPT-2 config"):
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
         from_pretrained(str(folder))
 
 
@@ -185,12 +213,12 @@ def test_hub_names_use_the_cache_and_download_atomically(tmp_path, monkeypatch):
     cached.mkdir()
     for file in ("config.json", "model.safetensors"):
         (cached / file).write_bytes(open(os.path.join(FIXTURE, "bare", file), "rb").read())
-    monkeypatch.setattr("model.download", lambda url, dest: pytest.fail("should not download"))
+    monkeypatch.setattr("hf.download", lambda url, dest, headers=None: pytest.fail("should not download"))
     assert hf_folder("gpt2", cache_dir=str(tmp_path)) == str(cached)
     # download() writes through a temporary name; a failure leaves nothing behind
-    def offline(url, dest):
+    def offline(url, dest, headers=None):
         raise OSError(f"could not download {url} (offline); check the network")
-    monkeypatch.setattr("model.download", offline)
+    monkeypatch.setattr("hf.download", offline)
     with pytest.raises(OSError, match="check the network, or pass a local folder with config.json"):
         hf_folder("gpt2-medium", cache_dir=str(tmp_path))
     monkeypatch.undo()
@@ -204,18 +232,84 @@ def test_hub_names_use_the_cache_and_download_atomically(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "dl") == ["file.bin"]
 
 
+def test_download_sends_its_headers_to_the_server_alone_and_names_refusals(tmp_path):
+    """A real HTTP server on 127.0.0.1: a token goes to the address asked, not on to where it redirects
+    (as the hub's files redirect to signed storage addresses); 404 and 401 are told apart from the rest."""
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            if self.path == "/repo/file":
+                self.send_response(302)
+                self.send_header("Location", "/storage/blob?signed=1")
+                self.end_headers()
+                return
+            code, body = {"/storage/blob?signed=1": (200, b"weights"), "/gated": (401, b""), "/broken": (500, b"")}.get(
+                self.path, (404, b""))
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        download(f"{base}/repo/file", str(tmp_path / "file"), {"Authorization": "Bearer secret"})
+        assert (tmp_path / "file").read_bytes() == b"weights"
+        assert seen == [("/repo/file", "Bearer secret"), ("/storage/blob?signed=1", None)]
+        with pytest.raises(FileNotFoundError, match=f"^{base}/absent does not exist \\(HTTP 404\\)$"):
+            download(f"{base}/absent", str(tmp_path / "absent"))
+        with pytest.raises(PermissionError, match=f"^{base}/gated was refused \\(HTTP 401: Unauthorized\\)$"):
+            download(f"{base}/gated", str(tmp_path / "gated"))
+        with pytest.raises(OSError, match="could not download .*/broken \\(HTTP 500: Internal Server Error\\); "
+                                          "check the network"):
+            download(f"{base}/broken", str(tmp_path / "broken"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
 def test_command_line_lists_presets_and_loads_a_name_or_folder(tmp_path, monkeypatch, capsys):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "model.py"], cwd=root, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "hf.py"], cwd=root, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stderr == ""
     assert proc.stdout.splitlines() == [
-        "gpt2         12 layers, 12 heads, width  768, context 1024: 124.4M parameters",
-        "gpt2-medium  24 layers, 16 heads, width 1024, context 1024: 354.8M parameters",
-        "gpt2-large   36 layers, 20 heads, width 1280, context 1024: 774.0M parameters",
-        "gpt2-xl      48 layers, 25 heads, width 1600, context 1024: 1,557.6M parameters",
-        "tiny          2 layers,  4 heads, width   64, context 1024: 3.4M parameters (random weights only)"]
+        "gpt2          gpt2  12 layers, 12 heads        width  768, context   1024:   124.4M parameters "
+        "(openai-community/gpt2)",
+        "gpt2-medium   gpt2  24 layers, 16 heads        width 1024, context   1024:   354.8M parameters "
+        "(openai-community/gpt2-medium)",
+        "gpt2-large    gpt2  36 layers, 20 heads        width 1280, context   1024:   774.0M parameters "
+        "(openai-community/gpt2-large)",
+        "gpt2-xl       gpt2  48 layers, 25 heads        width 1600, context   1024: 1,557.6M parameters "
+        "(openai-community/gpt2-xl)",
+        "tiny          gpt2   2 layers, 4 heads         width   64, context   1024:     3.4M parameters "
+        "(random weights only)",
+        "qwen3-0.6b    qwen3 28 layers, 16 heads (8 kv) width 1024, context  40960:   596.0M parameters "
+        "(Qwen/Qwen3-0.6B)",
+        "qwen3-1.7b    qwen3 28 layers, 16 heads (8 kv) width 2048, context  40960: 1,720.6M parameters "
+        "(Qwen/Qwen3-1.7B)",
+        "llama-3.2-1b  llama 16 layers, 32 heads (8 kv) width 2048, context 131072: 1,235.8M parameters "
+        "(meta-llama/Llama-3.2-1B)",
+        "llama-3.2-3b  llama 28 layers, 24 heads (8 kv) width 3072, context 131072: 3,212.7M parameters "
+        "(meta-llama/Llama-3.2-3B)",
+        "smollm2-135m  llama 30 layers, 9 heads (3 kv)  width  576, context   8192:   134.5M parameters "
+        "(HuggingFaceTB/SmolLM2-135M)",
+        "smollm2-360m  llama 32 layers, 15 heads (5 kv) width  960, context   8192:   361.8M parameters "
+        "(HuggingFaceTB/SmolLM2-360M)",
+        "smollm2-1.7b  llama 24 layers, 32 heads        width 2048, context   8192: 1,711.4M parameters "
+        "(HuggingFaceTB/SmolLM2-1.7B)",
+        "qwen2.5-0.5b  qwen2 24 layers, 14 heads (2 kv) width  896, context  32768:   494.0M parameters "
+        "(Qwen/Qwen2.5-0.5B)",
+        "qwen2.5-1.5b  qwen2 28 layers, 12 heads (2 kv) width 1536, context 131072: 1,543.7M parameters "
+        "(Qwen/Qwen2.5-1.5B)"]
     with pytest.raises(SystemExit) as stopped:
-        model_main(["--help"])
+        hf_main(["--help"])
     assert stopped.value.code == 0 and "usage: " in capsys.readouterr().out
     # a preset name: its weights from the cache folder (fetched there once; here put there by the test)
     cached = tmp_path / "gpt2"
@@ -223,9 +317,9 @@ def test_command_line_lists_presets_and_loads_a_name_or_folder(tmp_path, monkeyp
     for file in ("config.json", "model.safetensors"):
         (cached / file).write_bytes(open(os.path.join(FIXTURE, "bare", file), "rb").read())
     monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path))
-    model_main(["gpt2"])
-    assert capsys.readouterr().out == ("gpt2: 0.2M parameters, 2 layers, 4 heads, width 64, context 64, vocabulary "
-                                       f"1024; loaded from {cached}\n")
+    hf_main(["gpt2"])
+    assert capsys.readouterr().out == ("gpt2: GPT2LMHeadModel, 0.2M parameters, 2 layers, 4 heads, width 64, context "
+                                       f"64, vocabulary 1024, float32; loaded from {cached}\n")
     folder = os.path.join(FIXTURE, "prefixed")
-    model_main([folder])
-    assert capsys.readouterr().out.endswith(f"vocabulary 1024; loaded from {folder}\n")
+    hf_main([folder])
+    assert capsys.readouterr().out.endswith(f"vocabulary 1024, float32; loaded from {folder}\n")

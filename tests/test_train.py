@@ -21,7 +21,8 @@ import eval as ev
 import train
 from checkpoint import load_checkpoint, save_checkpoint
 from common import run_main, write_json
-from model import GPT, config_for, from_pretrained
+from hf import from_pretrained
+from model import GPT, config_for
 from export import config_json, hf_state_dict
 from checkpoint import load_for_inference
 from step import lr_at
