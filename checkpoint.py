@@ -13,10 +13,10 @@ from typing import Optional
 import torch
 
 from common import atomic_write
-from hf import HF_REPOS, build_model, default_cache_dir
+from hf import HF_REPOS, build_model, default_cache_dir, hf_folder
 from lora import add_lora, base_fingerprint, load_lora_state_dict, lora_settings, lora_state_dict, merge_lora
 from model import GPT, PRESETS, GPTConfig, with_context_length
-from prompts import PROMPT_STYLES, check_vocab
+from prompts import GPT2, STYLE_NAMES, check_vocab, load_tokenizer, tokenizer_from_state
 from quantize import prepare_for_decoding
 
 
@@ -40,11 +40,13 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def run_record(model, splits, prompt_style, mask_instructions, split):
+def run_record(model, splits, prompt_style, mask_instructions, split, tokenizer=GPT2):
     """What a checkpoint records besides the weights for those who use it (trained_with reads
-    it back): the model's config, the prompt style (raw text is continued as it is: "none"),
-    the loss masking, the context length, and the data: where it was, its fingerprint, the split."""
-    return {"config": dataclasses.asdict(model.config),
+    it back): the model's config, its tokenizer (prompts.tokenizer_from_state reads it: the
+    checkpoint works after its base folder moves), the prompt style (raw text is continued as it
+    is: "none"), the loss masking, the context length, and the data: where it was, its
+    fingerprint, the split."""
+    return {"config": dataclasses.asdict(model.config), "tokenizer": tokenizer.state(),
             "prompt_style": "none" if splits.kind == "text" else prompt_style,
             "mask_instructions": mask_instructions, "context_length": model.config.context_length,
             "data": os.path.abspath(splits.path), "data_fingerprint": splits.fingerprint,
@@ -255,7 +257,7 @@ def check_start_model(name_or_path, pretrained):
         return
     if not os.path.exists(name_or_path):
         raise FileNotFoundError(f"--model {name_or_path} does not exist; give a preset ({', '.join(PRESETS)}), a "
-                                "local Hugging Face GPT-2 folder or a model file")
+                                "local Hugging Face folder or a model file")
     if os.path.isfile(name_or_path) and not pretrained:
         raise ValueError(f"--init random would throw away the weights of the model file {name_or_path}; drop --init "
                          "random to start from them, or give a preset for random weights of its size")
@@ -283,35 +285,38 @@ def build_start_model(name_or_path, pretrained=True, context_length=None, drop_r
     """build_model, and for a file (load_model_file) its weights, or random ones of its shape."""
     if not os.path.isfile(name_or_path):
         return build_model(name_or_path, pretrained, context_length, drop_rate)
-    model, _ = load_model_file(name_or_path, context_length, drop_rate)
+    model = load_model_file(name_or_path, context_length, drop_rate)[0]
     return model if pretrained else GPT(model.config)
 
 
 def load_model_file(path, context_length=None, drop_rate=0.0, base=None):
-    """(model, prompt style or None) of a model file: a train.py checkpoint (best.pt or ckpt.pt;
-    LoRA merged, its base looked for in the folder `base` if given), the state dict the book
-    saves (gpt2-medium355M-sft.pth) or nanoGPT's ckpt.pt, with dropout drop_rate and, if given,
-    a shorter context (the first position embeddings)."""
+    """(model, prompt style or None, tokenizer) of a model file: a train.py checkpoint (best.pt or
+    ckpt.pt; LoRA merged, its base looked for in the folder `base` if given; its own tokenizer),
+    the state dict the book saves (gpt2-medium355M-sft.pth) or nanoGPT's ckpt.pt (GPT-2's
+    tokenizer), with dropout drop_rate and, if given, a shorter context (for GPT-2, the first
+    position embeddings)."""
     obj, kind = read_model_file(path)
     if base is not None:
         obj = with_base(obj, base, path)
-    style = None
+    style, tokenizer = None, GPT2
     if kind == "nanogpt":
         state, config = nanogpt_state_dict(obj, path)
     elif kind == "train.py":
         model = model_from_checkpoint(obj, path)
         state, config, style = model.state_dict(), dataclasses.asdict(model.config), obj.get("prompt_style")
+        tokenizer = tokenizer_from_state(obj.get("tokenizer"))
     else:
         state, config = book_state_dict(obj, path)
     cfg = with_context_length(GPTConfig(**{**config, "drop_rate": drop_rate}), context_length)
-    state["wpe.weight"] = state["wpe.weight"][:cfg.context_length]
+    if "wpe.weight" in state:  # GPT-2's learned positions (the Llama family's are rotary)
+        state["wpe.weight"] = state["wpe.weight"][:cfg.context_length]
     model = GPT(cfg)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         detail = str(e).strip().splitlines()[-1].strip()
-        raise ValueError(f"{path}: its weights do not fit a GPT-2 of their own shapes ({detail})") from None
-    return model, style
+        raise ValueError(f"{path}: its weights do not fit a model of their own shapes ({detail})") from None
+    return model, style, tokenizer
 
 
 def read_model_file(path):
@@ -425,7 +430,7 @@ def add_model_args(p):
                    "or a model file (the book's .pth state dict, nanoGPT's ckpt.pt)")
     p.add_argument("--base", metavar="FOLDER", help="a LoRA --ckpt: the folder its base model moved to "
                    "(checked against the checkpoint's fingerprint)")
-    p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), help="default: the checkpoint's, else alpaca")
+    p.add_argument("--prompt-style", choices=list(STYLE_NAMES), help="default: the checkpoint's, else alpaca")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--quantize", choices=["int8"], help="int8 weights for the block linears and the output head: "
                    "faster decoding on the CPU")
@@ -445,23 +450,26 @@ def check_model_args(ckpt_path=None, model_name=None, base=None):
 
 
 def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, device="cpu", quantize=None, base=None):
-    """(model in eval mode on device, its TrainedWith, prompt style): a fine-tuned
-    checkpoint from train.py (its prompt style unless overridden; a LoRA checkpoint's base
-    looked for in the folder `base` if given), a base GPT-2 or a model file
-    (load_model_file: as --model, its TrainedWith is empty), its weights
-    prepared for decoding (quantize.prepare_for_decoding; quantize="int8": int8 weights)."""
+    """(model in eval mode on device, its TrainedWith, prompt style, tokenizer): a fine-tuned
+    checkpoint from train.py (its prompt style unless overridden, and its tokenizer; a LoRA
+    checkpoint's base looked for in the folder `base` if given), a preset or a Hugging Face
+    folder (its tokenizer files), or a model file (load_model_file: as --model, its TrainedWith
+    is empty), its weights prepared for decoding (quantize.prepare_for_decoding;
+    quantize="int8": int8 weights)."""
     check_model_args(ckpt_path, model_name, base)
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path)
         if base is not None:
             ckpt = with_base(ckpt, base, ckpt_path)
         model, style = model_from_checkpoint(ckpt, ckpt_path), prompt_style or ckpt.get("prompt_style", "alpaca")
+        tokenizer = tokenizer_from_state(ckpt.get("tokenizer"))
     elif os.path.isfile(model_name):
-        model, file_style = load_model_file(model_name)
+        model, file_style, tokenizer = load_model_file(model_name)
         ckpt, style = None, prompt_style or file_style or "alpaca"
     else:
         ckpt, model, style = None, build_model(model_name), prompt_style or "alpaca"
-    if style not in PROMPT_STYLES:
-        raise ValueError(f"unknown prompt style '{style}'; choose one of {', '.join(PROMPT_STYLES)}")
-    check_vocab(model.config.vocab_size, ckpt_path or model_name)
-    return prepare_for_decoding(model.to(device), quantize), trained_with(ckpt), style
+        tokenizer = load_tokenizer(hf_folder(model_name))
+    if style not in STYLE_NAMES:
+        raise ValueError(f"unknown prompt style '{style}'; choose one of {', '.join(STYLE_NAMES)}")
+    check_vocab(model.config.vocab_size, ckpt_path or model_name, tokenizer)
+    return prepare_for_decoding(model.to(device), quantize), trained_with(ckpt), style, tokenizer

@@ -491,7 +491,7 @@ def pairs(args):
     model_name = os.path.abspath(args.ckpt) if args.ckpt else args.model
     out = Output(args.out, "pairs", {"tool": "pairs", "model": model_name, "judge": args.judge})
     indices = todo(entries, out, args.entries)
-    model, _, style = load_for_inference(args.ckpt, args.model, args.prompt_style, resolve_device(args.device),
+    model, _, style, _ = load_for_inference(args.ckpt, args.model, args.prompt_style, resolve_device(args.device),
                                          args.quantize, args.base)
     sampled = {k: settings[k] for k in ("temperature", "top_k", "top_p", "seed")}
     made_by = {"tool": "pairs", "model": model_name, "judge": args.judge, "samples": args.samples, **sampled,
@@ -582,9 +582,9 @@ def add_llm_args(p, temperature):
 
 
 def add_entries_arg(p):
-    p.add_argument("--entries", metavar="START:END", type=entry_range, default=slice(None),
-                   help="only these entries of FILE (0-based, END excluded), e.g. :5 to try, :935 for the training "
-                   "split of 1,100")
+    p.add_argument("--entries", metavar="START:END", type=entry_range, default=":",
+                   help="only these entries of FILE (0-based, END excluded; ':' is all of them), e.g. :5 to try, "
+                   ":935 for the training split of 1,100")
 
 
 def main(argv=None):

@@ -208,7 +208,7 @@ class Evaluation:
 def load(args, device, out_dir):
     """The Evaluation of args: the model, its data cut as in training, the test entries and
     answers evaluated, and what decides the results."""
-    model, trained, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize,
+    model, trained, style, _ = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize,
                                                args.base)
     context_length = trained.context_length or model.config.context_length
     mask = trained.mask_instructions if args.mask_instructions is None else args.mask_instructions

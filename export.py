@@ -230,7 +230,7 @@ def export(ckpt_path, out, force=False, base=None):
         check_out(out, force)  # again, now that no other export can change it
         remove_stale_tmp(out)
         # a train.py checkpoint, the book's .pth or nanoGPT's ckpt.pt
-        model, style = load_model_file(ckpt_path, base=base)
+        model, style, _ = load_model_file(ckpt_path, base=base)
         cfg, style = model.config, style or "alpaca"
         get_prompt_style(style)  # an unknown style fails before anything is written
         try:
@@ -546,7 +546,7 @@ def export_gguf(ckpt_path, path, gguf_type="f16", force=False, base=None):
     check_gguf_out(path, force)
     with export_lock(path):  # two exports to one folder would choose the same Modelfile
         modelfile = check_gguf_out(path, force)  # again, now that no other export can change them
-        model, style = load_model_file(ckpt_path, base=base)
+        model, style, _ = load_model_file(ckpt_path, base=base)
         style = style or "alpaca"
         get_prompt_style(style)
         check_vocab(model.config.vocab_size, ckpt_path)  # llama.cpp needs the tokenizer in the file

@@ -49,7 +49,7 @@ def answer_all(args):
     """Print the answers to the --prompt instructions, then those of the interactive loop."""
     device = resolve_device(args.device)
     sampling = decoding_settings(args)
-    model, _, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize, args.base)
+    model, _, style, _ = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize, args.base)
 
     def answer(instructions, seed):
         """Print the response to each instruction (marked when there are several), with a note on

@@ -736,7 +736,7 @@ def main():
     args = p.parse_args()
 
     device = resolve_device(args.device)
-    model, _, style = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize, args.base)
+    model, _, style, _ = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize, args.base)
     name = os.path.basename(os.path.normpath(args.ckpt or args.model))
     engine = Engine(model, args.max_batch, args.max_queue)
     try:

@@ -123,7 +123,7 @@ def parser():
         pass
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
-    p.add_argument("--model", default="gpt2", help=f"{', '.join(PRESETS)}, a local Hugging Face GPT-2 folder, or "
+    p.add_argument("--model", default="gpt2", help=f"{', '.join(PRESETS)}, a local Hugging Face folder, or "
                    "a model file: a train.py checkpoint (with its prompt style and context length unless given), "
                    "the book's GPTModel state dict (.pth) or nanoGPT's ckpt.pt")
     p.add_argument("--init", choices=["pretrained", "random"], default="pretrained",

@@ -109,7 +109,7 @@ def test_the_books_state_dict_loads_exactly(tmp_path):
         book.out_head.weight.copy_(book.tok_emb.weight)  # tied, as GPT-2 and as loaded from it
     path = str(tmp_path / "gpt2-tiny-sft.pth")
     torch.save(book.state_dict(), path)  # as the chapter saves gpt2-medium355M-sft.pth
-    model, style = load_model_file(path)
+    model, style, _ = load_model_file(path)
     idx = torch.randint(0, 50257, (2, 40))
     assert style is None and model.config.context_length == 64 and model.config.n_heads == 4
     assert torch.allclose(model.eval()(idx), book(idx), atol=1e-5)
@@ -121,7 +121,7 @@ def test_the_books_state_dict_loads_exactly(tmp_path):
     with torch.no_grad():
         book.out_head.weight.add_(0.01 * torch.randn_like(book.out_head.weight))
     torch.save(book.state_dict(), path)
-    model, _ = load_model_file(path)
+    model, _, _ = load_model_file(path)
     assert not model.config.tied_head and torch.allclose(model.eval()(idx), book(idx), atol=1e-5)
     export(path, str(tmp_path / "hf"))  # and so does a Hugging Face export of it (lm_head, not tied)
     with open(tmp_path / "hf" / "config.json") as f:
@@ -146,7 +146,7 @@ def test_nanogpts_checkpoint_loads_exactly(tmp_path, bias, compiled):
     torch.save({"model": state, "model_args": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, bias=bias,
                                                    vocab_size=50257, dropout=0.0),
                 "iter_num": 10, "best_val_loss": 3.0, "config": {"dataset": "shakespeare"}}, path)
-    loaded, style = load_model_file(path)
+    loaded, style, _ = load_model_file(path)
     idx = torch.randint(0, 50257, (2, 30))
     assert style is None and torch.equal(loaded.eval()(idx), model(idx))
     assert load_for_inference(None, path)[2] == "alpaca"  # generate.py --model FILE

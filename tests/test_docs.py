@@ -59,6 +59,8 @@ def script_flags(command):
         words = part.split()
         for i, word in enumerate(words):
             if word.endswith(".py") and word in runnable():
+                if i + 1 < len(words) and f"{word} {words[i + 1]}" in all_help():  # a subcommand: its own flags
+                    word = f"{word} {words[i + 1]}"
                 found.append((word, [w.split("=")[0] for w in words[i + 1:] if FLAG.fullmatch(w.split("=")[0])]))
                 break
     return found
@@ -71,20 +73,28 @@ def runnable():
     return {name(f) for f in files if '__name__ == "__main__"' in read(f)}
 
 
+def run_help(commands):
+    """{command: its --help text}, the commands run side by side: each imports torch."""
+    env = {**os.environ, "COLUMNS": "200"}
+    procs = {command: subprocess.Popen([sys.executable, *command.split(), "--help"], cwd=ROOT, env=env, text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE) for command in commands}
+    texts = {}
+    for command, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"python {command} --help failed: {err[-500:]}"
+        texts[command] = out
+    return texts
+
+
 @functools.lru_cache(maxsize=None)
 def all_help():
-    """{script: the flags `python script --help` lists (its option lines: two spaces, then the flags)},
-    the scripts run side by side: each imports torch."""
-    env = {**os.environ, "COLUMNS": "200"}
-    procs = {script: subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for script in sorted(runnable())}
-    flags = {}
-    for script, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"python {script} --help failed: {err[-500:]}"
-        options = re.findall(r"^  (-\S.*?)(?: {2,}|$)", out, re.MULTILINE)
-        flags[script] = set(FLAG.findall(" ".join(options)))
-    return flags
+    """{script, or "script subcommand": the flags its --help lists (its option lines: two spaces,
+    then the flags)}; a script with subcommands (listed four spaces in) has an entry for each."""
+    texts = run_help(sorted(runnable()))
+    texts.update(run_help([f"{script} {sub}" for script, out in texts.items()
+                           for sub in re.findall(r"^    ([a-z][\w-]*) {2,}\S", out, re.MULTILINE)]))
+    return {command: set(FLAG.findall(" ".join(re.findall(r"^  (-\S.*?)(?: {2,}|$)", out, re.MULTILINE))))
+            for command, out in texts.items()}
 
 
 def help_flags(script):
@@ -131,9 +141,10 @@ def test_commands_pass_only_flags_the_scripts_have(page):
 @pytest.mark.parametrize("script", sorted(runnable()))
 def test_every_flag_is_documented(script):
     text = "\n".join(read(page) for page in PAGES)
-    missing = sorted(flag for flag in help_flags(script) - {"--help"}
-                     if not re.search(re.escape(flag) + r"(?![\w-])", text))
-    assert not missing, f"{script}'s {', '.join(missing)} appear in neither README.md nor docs/"
+    for command in [c for c in all_help() if c.split()[0] == script]:  # the script and its subcommands
+        missing = sorted(flag for flag in help_flags(command) - {"--help"}
+                         if not re.search(re.escape(flag) + r"(?![\w-])", text))
+        assert not missing, f"{command}'s {', '.join(missing)} appear in neither README.md nor docs/"
 
 
 def test_the_checks_find_what_is_wrong():

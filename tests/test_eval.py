@@ -543,9 +543,9 @@ def test_one_run_at_a_time_in_a_folder(tmp_path):
         first.kill()  # kill -9: the kernel releases its lock
         first.communicate(timeout=60)
     assert first.returncode == -signal.SIGKILL
-    third = eval_py(*command, "--limit", 2)
+    third = eval_py(*command)  # the first's own command: it goes on from whatever the first wrote
     assert third.returncode == 0, third.stderr
-    assert read_json(tmp_path / "run" / "eval.json")["n_evaluated"] == 2
+    assert read_json(tmp_path / "run" / "eval.json")["n_evaluated"] == 40
 
     hold = "import sys, common; lock = common.lock_folder(sys.argv[1], 'train.py'); print('locked', flush=True); " \
         "sys.stdin.read()"

@@ -182,7 +182,7 @@ def test_cli_prints_the_response_in_the_checkpoints_prompt_style(tmp_path):
     # several answers: each after a line that names its instruction
     assert result.stdout == (f"==> 1/2: Name a color. <==\n{expected[0]}\n\n"
                              f"==> 2/2: Say hi. <==\n{expected[1]}\n")
-    loaded, _, style = load_for_inference(ckpt, None, None, "cpu")
+    loaded, _, style, _ = load_for_inference(ckpt, None, None, "cpu")
     assert style == "phi3" and format_prompt(entries[0], style).startswith("<|user|>\nName a color.")
 
 

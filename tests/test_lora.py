@@ -234,7 +234,7 @@ def test_a_lora_checkpoint_loads_for_inference_merged(tmp_path, hf_base):
                             "base": identity}
     assert os.path.getsize(path) < 2 * adapter_bytes < base_bytes / 100  # adapters only: kilobytes
 
-    loaded, _, style = load_for_inference(path)  # what generate.py and eval.py do
+    loaded, _, style, _ = load_for_inference(path)  # what generate.py and eval.py do
     assert style == "phi3" and not lora_modules(loaded) and loaded.config.context_length == 32
     idx, _ = batch(vocab=50257)
     with torch.no_grad():
@@ -320,7 +320,7 @@ def test_a_moved_base_folder_is_refused_in_one_line_and_found_with_base(tmp_path
     result = generate_cli("--base", elsewhere)
     assert result.returncode == 0, result.stderr
     assert result.stdout == respond(merged, [{"instruction": "Hi", "input": ""}], "phi3", 5)[0] + "\n"
-    loaded, _, _ = load_for_inference(path, base=elsewhere)
+    loaded = load_for_inference(path, base=elsewhere)[0]
     exported = from_pretrained(export(path, str(tmp_path / "hf"), base=elsewhere)).eval()
     idx, _ = batch(vocab=50257)
     with torch.no_grad():

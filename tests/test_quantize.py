@@ -135,6 +135,6 @@ def test_quantize_flag_for_a_checkpoint_and_a_hugging_face_folder(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"==> 1/2: Name a color. <==\n{expected[0]}\n\n==> 2/2: Say hi. <==\n{expected[1]}\n"
     folder = export(ckpt, str(tmp_path / "hf"))
-    loaded, _, _ = load_for_inference(None, folder, device="cpu", quantize="int8")
+    loaded = load_for_inference(None, folder, device="cpu", quantize="int8")[0]
     assert isinstance(loaded.h[0].attn.c_attn, Int8Linear)
     assert respond(loaded, entries, "alpaca", 10) == expected

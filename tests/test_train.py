@@ -22,7 +22,7 @@ import train
 from checkpoint import load_checkpoint, save_checkpoint
 from common import run_main, write_json
 from hf import from_pretrained
-from model import GPT, config_for
+from model import GPT, PRESETS, GPTConfig, config_for
 from export import config_json, hf_state_dict
 from checkpoint import load_for_inference
 from step import lr_at
@@ -124,7 +124,7 @@ def test_training_lowers_the_loss_and_writes_checkpoints_metrics_and_plot(data, 
     assert torch.load(out / "ckpt.pt", weights_only=True)["rng"]["torch"].dtype == torch.uint8
     # no optimizer state: about a third of ckpt.pt (weights + AdamW's two moments)
     assert os.path.getsize(out / "best.pt") < 0.36 * os.path.getsize(out / "ckpt.pt")
-    model, _, style = load_for_inference(str(out / "best.pt"))  # what generate.py and eval.py do
+    model, _, style, _ = load_for_inference(str(out / "best.pt"))  # what generate.py and eval.py do
     assert style == "alpaca" and model.config.context_length == 64
     if HAVE_MATPLOTLIB:  # an optional dependency: the plot where it is installed, else a note
         assert os.path.getsize(out / "loss.png") > 0
@@ -408,6 +408,9 @@ def test_a_checkpoint_written_before_the_restructure_is_the_same_and_resumes_exa
     assert written["args"].pop("plot") is False
     for ckpt in (written, ours):
         del ckpt["data"], ckpt["elapsed"], ckpt["args"]["data"], ckpt["args"]["out"]
+    # what came later: the tokenizer travels in the checkpoint, and the config has the families' fields
+    assert ours.pop("tokenizer") == {"kind": "gpt2"}
+    assert GPTConfig(**written.pop("config")) == GPTConfig(**ours.pop("config"))
     assert_same(written, ours)
     assert losses(old) == losses(tmp_path / "new")
 
@@ -649,9 +652,9 @@ def test_a_model_that_does_not_exist_is_refused_before_the_data_is_read(tmp_path
     out = tmp_path / "new" / "out"  # made to hold the lock, and removed again with its parent: nothing is left
     for model in (tmp_path / "out" / "nope.pt", "gpt3"):
         proc = script("train.py", "--model", model, "--data", tmp_path / "nope.json", "--out", out)
-        assert proc.communicate(timeout=60) == ("", f"error: --model {model} does not exist; give a preset (gpt2, "
-                                                    "gpt2-medium, gpt2-large, gpt2-xl, tiny), a local Hugging Face "
-                                                    "GPT-2 folder or a model file\n") and proc.returncode == 1
+        assert proc.communicate(timeout=60) == ("", f"error: --model {model} does not exist; give a preset "
+                                                    f"({', '.join(PRESETS)}), a local Hugging Face folder or a model "
+                                                    "file\n") and proc.returncode == 1
     proc = script("train.py", "--model", "tiny", "--data", tmp_path / "nope.json", "--out", out)
     assert proc.communicate(timeout=60)[1] == ("error: 'tiny' has no pretrained weights; start it from random ones "
                                                "with --init random\n")
@@ -798,7 +801,7 @@ def test_lora_trains_the_adapters_only_and_its_checkpoints_hold_just_them(data, 
 
     # generate.py and eval.py rebuild the base and merge: every frozen weight is the base's, bit for bit
     base = from_pretrained(base_folder, 64).state_dict()
-    merged, _, style = load_for_inference(str(out / "best.pt"))
+    merged, _, style, _ = load_for_inference(str(out / "best.pt"))
     changed = {name for name, w in merged.state_dict().items() if not torch.equal(w, base[name])}
     assert changed == {f"h.{i}.{path}.weight" for i in range(2) for path in ADAPTED}
     ev.main(["--ckpt", str(out / "best.pt"), "--limit", "2", "--max-new-tokens", "4", "--device", "cpu"])
