@@ -14,7 +14,22 @@ import time
 import urllib.error
 import urllib.request
 
-import torch
+
+def interrupted_while_starting(signum, frame):
+    """Ctrl-C before a script's main() runs (importing torch takes seconds): one line and 130,
+    the shell's status for an interrupt, instead of a traceback from deep inside an import.
+    Nothing has been read or written yet; run_main puts Python's own handler back."""
+    os.write(2, b"interrupted while starting: nothing was done\n")
+    os._exit(130)
+
+
+# Every script imports this file first, before torch. Only a script of this folder run as a
+# program gets the handler: a program that imports us (pytest, a notebook) keeps its own Ctrl-C.
+_main_file = getattr(sys.modules.get("__main__"), "__file__", None) or ""
+if os.path.dirname(os.path.abspath(_main_file)) == os.path.dirname(os.path.abspath(__file__)) and _main_file:
+    signal.signal(signal.SIGINT, interrupted_while_starting)
+
+import torch  # noqa: E402  (after the handler: this import is the slow one)
 
 IGNORE_INDEX = -100  # a target the loss leaves out (padding, masked prompts): cross_entropy's own default
 
@@ -348,6 +363,8 @@ class Progress(StatusLine):
 def run_main(main):
     """Run a script's main(); a user mistake ends it with one line and exit status 1 (under
     torchrun the line comes from the first process only, not once per process)."""
+    if signal.getsignal(signal.SIGINT) is interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C is the script's to handle
     try:
         main()
     except (ValueError, OSError) as e:

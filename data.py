@@ -11,6 +11,7 @@ conversation it has always been. Preference data (a "chosen" and a "rejected"
 response to each instruction, for DPO) is batched as pairs. A .txt file instead
 gives sliding windows of raw text, as in the chapter on pretraining (ch05).
 """
+import common  # noqa: F401  (first: Ctrl-C while torch loads is one line, see common.py)
 import argparse
 import functools
 import hashlib

@@ -14,6 +14,7 @@ interrupted run loses nothing, and the same command goes on where it stopped. Ea
 "made_by" what made it (tool, model, seed, ...). What a tool leaves out (an empty reply, a
 duplicate, a reply it cannot read) is counted and named, never dropped silently.
 """
+import common  # noqa: F401  (first: Ctrl-C while torch loads is one line, see common.py)
 import argparse
 import json
 import os

@@ -38,6 +38,7 @@ started from) their DPO loss, rewards, reward margin and reward accuracy.
 Scores from an LLM judge, as the chapter's second step, are judge.py's: it scores
 test-responses.json and adds its summary to eval.json, which a re-run of eval.py keeps.
 """
+import common  # noqa: F401  (first: Ctrl-C while torch loads is one line, see common.py)
 import argparse
 import dataclasses
 import math
@@ -535,10 +536,10 @@ def f1_score(prediction, reference):
     pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
     if not pred or not ref:
         return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
+    shared = sum((Counter(pred) & Counter(ref)).values())
+    if shared == 0:
         return 0.0
-    precision, recall = common / len(pred), common / len(ref)
+    precision, recall = shared / len(pred), shared / len(ref)
     return 2 * precision * recall / (precision + recall)
 
 

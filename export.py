@@ -19,6 +19,7 @@ Modelfile for `ollama create NAME -f Modelfile` (NAME.Modelfile when the folder'
 another GGUF file's). Every file gets the permissions of the user's umask; an export holds a
 lock beside what it writes, so two exports to one place cannot interleave.
 """
+import common  # noqa: F401  (first: Ctrl-C while torch loads is one line, see common.py)
 import argparse
 import contextlib
 import functools

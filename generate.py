@@ -4,6 +4,7 @@
     python generate.py --ckpt out/ckpt.pt --interactive [--system "Answer briefly."]   # a chat
     python generate.py --model gpt2 --prompt-style alpaca --prompt "..." --temperature 0.7 --top-k 50
 """
+import common  # noqa: F401  (first: Ctrl-C while torch loads is one line, see common.py)
 import argparse
 import itertools
 import signal

@@ -8,6 +8,7 @@ model built on the meta device: the peak memory is the model's and a few tens of
     python hf.py qwen3-0.6b       # fetch its files into the cache now (say, before going offline)
     python hf.py PATH             # check that a Hugging Face folder loads
 """
+import common  # noqa: F401  (first: Ctrl-C while torch loads is one line, see common.py)
 import argparse
 import json
 import math

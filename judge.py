@@ -19,6 +19,7 @@ with no request, as in the book. The summary (url, mean, scored, unparsed, secon
 eval.json beside FILE under "judge": {MODEL: ...}, beside the other judges' (a new eval.json if
 there is none); eval.py, run again, keeps it.
 """
+import common  # noqa: F401  (first: Ctrl-C while torch loads is one line, see common.py)
 import argparse
 import os
 import queue

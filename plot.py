@@ -3,6 +3,7 @@ after (say, for a run trained before matplotlib was installed). train.py draws i
 
     python plot.py out
 """
+import common  # noqa: F401  (first: Ctrl-C while torch loads is one line, see common.py)
 import argparse
 import os
 

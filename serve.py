@@ -11,6 +11,7 @@ step and leaves it when it is done, so a short reply never waits for a long one 
 replies are generate()'s. Nothing a request sends can fail or stall another: its settings are
 bounded (MAX_BODY, MAX_STOPS, MAX_STOP_CHARS, MIN_TEMPERATURE) and its failures are its own.
 """
+import common  # noqa: F401  (first: Ctrl-C while torch loads is one line, see common.py)
 import argparse
 import hmac
 import json

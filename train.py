@@ -13,6 +13,7 @@ resumable) every --save-every steps, at the end of each epoch and of the run, an
 OUT/best.pt (the weights of the lowest validation loss, for generate.py, eval.py and export.py)
 at the same times. One run at a time: a run holds OUT's lock until it ends.
 """
+import common  # noqa: F401  (first: Ctrl-C while torch loads is one line, see common.py)
 import argparse
 import contextlib
 import dataclasses

@@ -1,8 +1,12 @@
 """The shared plumbing (common.py); downloads are tested with the hub cache in test_model.py."""
 import gc
+import glob
 import io
 import os
 import signal
+import subprocess
+import sys
+import time
 import weakref
 
 import pytest
@@ -11,6 +15,10 @@ import torch
 import common
 from checkpoint import save_checkpoint
 from common import atomic_write, check_writable_folder, plural, remove_stale_temporaries, stop_on_interrupt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = sorted(os.path.basename(f) for f in glob.glob(os.path.join(ROOT, "*.py"))
+                 if '__name__ == "__main__"' in open(f, encoding="utf-8").read())
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -123,3 +131,20 @@ def test_check_writable_folder_refuses_a_read_only_folder(tmp_path):
             check_writable_folder(str(tmp_path))
     finally:
         os.chmod(tmp_path, 0o755)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc to see torch loading")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_ctrl_c_while_torch_loads_is_one_line_and_130(script):
+    """Ctrl-C in the second or so a script spends importing torch, before its main() runs."""
+    proc = subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while proc.poll() is None and time.time() < deadline:
+        with open(f"/proc/{proc.pid}/maps") as f:
+            if "libtorch" in f.read():  # torch's libraries are being loaded: the import is under way
+                break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    assert proc.communicate(timeout=60) == ("", "interrupted while starting: nothing was done\n")
+    assert proc.returncode == 130

@@ -483,7 +483,7 @@ def stop_with_ctrl_c(common, out, timeout=60):
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(data, tmp_path):
-    common = [*FAST, "--data", data, "--lr", "1e-3", "--eval-every", 1, "--epochs", 1000]
+    common = [*FAST, "--data", data, "--lr", "1e-3", "--eval-every", 1, "--save-every", 3, "--epochs", 1000]
     out = tmp_path / "stopped"
     stopped_at = stop_with_ctrl_c(common, out)
 
