@@ -2,7 +2,7 @@
 
     python tests/bench.py                    # everything (about 20 minutes on 2 cores)
     python tests/bench.py --only generation  # or training, eval, judge, lora, int8, llama, beams, dpo, serve, choices,
-                                             # dedup
+                                             # dedup, families
 
 On the gpt2 (124M) config with random weights (lora: gpt2-medium), on the CPU. Targets are
 ratios within one run, since absolute times on a shared machine are noisy; see README.md.
@@ -597,18 +597,188 @@ def bench_dedup(n=52002):
           f"(target < 60 s on 2 cores); {found} near-duplicate entries ({n // 100} planted), leaks: {leaks}")
 
 
+FAMILY_BATCH = (4, 256)  # sequences x tokens of a training step in bench_families
+
+
+def qwen3_random(context_length=512):
+    """A Qwen3-0.6B-shaped model with random weights (ours), float32."""
+    torch.manual_seed(0)
+    return GPT(config_for("qwen3-0.6b", context_length=context_length)).eval()
+
+
+def transformers_twin(model):
+    """transformers' model of the same architecture with the same weights (hf.py's names and layouts)."""
+    import transformers
+    from hf import config_json, hf_state_dict
+    transformers.logging.set_verbosity_error()
+    config = config_json(model.config, "float32")
+    twin = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
+    missing, unexpected = twin.load_state_dict(hf_state_dict(model), strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+    return twin.eval()
+
+
+def family_variant(variant):
+    """One side of bench_families' training step, in a process of its own so that its peak
+    resident memory is its own: a Qwen3-0.6B-shaped model with random weights, an optimizer
+    step (forward, backward, fused AdamW) on the same random batch for every line read, its
+    seconds printed; at the end of the input, its peak memory as JSON. variant: ours,
+    ours-bfloat16 (train.py --dtype bfloat16: autocast), ours-lora (rank 16 on q, k, v, o, gate,
+    up, down), transformers, peft (transformers with PEFT's LoRA of the same rank and targets)."""
+    import json
+    import resource
+
+    from lora import add_lora
+    from step import autocast_for, make_optimizer
+
+    model = qwen3_random(FAMILY_BATCH[1])
+    batch = torch.randint(0, model.config.vocab_size, (FAMILY_BATCH[0], FAMILY_BATCH[1] + 1),
+                          generator=torch.Generator().manual_seed(1))
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    autocast = autocast_for(torch.device("cpu"), "bfloat16" if variant == "ours-bfloat16" else "float32")
+    if variant in ("transformers", "peft"):
+        model = transformers_twin(model)
+        if variant == "peft":
+            import peft
+            model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=[
+                "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+
+        def loss():
+            logits = model(input_ids=inputs).logits
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    else:
+        if variant == "ours-lora":
+            add_lora(model, rank=16, alpha=32, targets="q,k,v,o,gate,up,down")
+
+        def loss():
+            with autocast():
+                return model(inputs, targets)
+    model.train()
+    optimizer = make_optimizer(model, 1e-5, 0.1)
+    for _ in sys.stdin:
+        start = time.perf_counter()
+        loss().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        print(time.perf_counter() - start, flush=True)
+    print(json.dumps({"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}), flush=True)
+
+
+def family_steps(variants, steps):
+    """{variant: (median step seconds, peak GiB)}, each variant's process in turn (one at a time:
+    two full fine-tunings of 0.6B parameters at once would not fit in 24 GiB)."""
+    import json
+    import statistics
+    import subprocess
+    results = {}
+    for variant in variants:
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--family-variant", variant],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        out, _ = proc.communicate("\n" * (steps + 1))  # the first step warms up
+        lines = out.splitlines()
+        if proc.returncode or len(lines) != steps + 2:
+            sys.exit(f"bench_families: the {variant} process failed (see above)")
+        results[variant] = (statistics.median(map(float, lines[1:-1])), json.loads(lines[-1])["peak_gib"])
+    return results
+
+
+def family_decoding(new_tokens, repeats):
+    """bench_families' greedy decoding at batch 1: ours (float32, int8) against transformers."""
+    model = qwen3_random()
+    twin = transformers_twin(model)
+    prompt = torch.randint(0, model.config.vocab_size, (45,), generator=torch.Generator().manual_seed(0)).tolist()
+    ours = {"float32": prepare_for_decoding(model), "int8": prepare_for_decoding(qwen3_random(), "int8")}
+    tokens = {}
+
+    def rate(name, decode):
+        start = time.perf_counter()
+        tokens[name] = decode()
+        return new_tokens / (time.perf_counter() - start)
+
+    def hf_greedy():
+        with torch.no_grad():
+            out = twin.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                do_sample=False, eos_token_id=None, pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+    runs = {name: (lambda n=name, m=m: rate(n, lambda: generate(m, [prompt], new_tokens, eos_id=None)[0]))
+            for name, m in ours.items()}
+    runs["transformers"] = lambda: rate("transformers", hf_greedy)
+    for run in runs.values():
+        run()  # warm-up
+    rates = median_in_turns(runs, repeats)
+    same = sum(a == b for a, b in zip(tokens["float32"], tokens["transformers"]))
+    print(f"families, qwen3-0.6b greedy decoding at batch 1 ({new_tokens} tokens): float32 {rates['float32']:.1f} vs "
+          f"transformers {rates['transformers']:.1f} tokens/s = {rates['float32'] / rates['transformers']:.2f}x "
+          f"(target >= 1.2; {same} of {new_tokens} tokens the same); --quantize int8 {rates['int8']:.1f} tokens/s "
+          f"= {rates['int8'] / rates['transformers']:.2f}x")
+
+
+def bench_families(steps=2, new_tokens=32, repeats=3):
+    """A Qwen3-0.6B-shaped model with random weights built from its config (no download): an
+    optimizer step on a batch of 4 x 256 tokens, ours against transformers (full) and against
+    PEFT (LoRA rank 16 on all seven linears), and ours in bfloat16 (autocast) against float32;
+    greedy decoding at batch 1 (a 45-token prompt, its prefill included), float32 and int8,
+    against transformers' generate on the same weights; loading the model from a bfloat16
+    Hugging Face folder: time and peak memory against the weights' size."""
+    import json
+    import subprocess
+
+    from hf import config_json, hf_state_dict
+    from safetensors.torch import save_file
+
+    if importlib.util.find_spec("transformers") is None:
+        print("families: skipped, it needs transformers (pip install transformers)")
+        return
+    variants = ["ours", "transformers", "ours-bfloat16", "ours-lora"]
+    variants += ["peft"] if importlib.util.find_spec("peft") else []
+    step = family_steps(variants, steps)
+    shape = f"{FAMILY_BATCH[0]} x {FAMILY_BATCH[1]} tokens, median of {steps} steps after a warm-up"
+    print(f"families, qwen3-0.6b training step ({shape}): ours {step['ours'][0]:.1f} s vs transformers "
+          f"{step['transformers'][0]:.1f} s = {step['ours'][0] / step['transformers'][0]:.2f}x the time (target <= 1); "
+          f"peak memory {step['ours'][1]:.1f} vs {step['transformers'][1]:.1f} GiB")
+    lora = f"LoRA rank 16: ours {step['ours-lora'][0]:.1f} s, peak {step['ours-lora'][1]:.1f} GiB"
+    if "peft" in step:
+        lora += (f" vs PEFT {step['peft'][0]:.1f} s = {step['ours-lora'][0] / step['peft'][0]:.2f}x the time "
+                 f"(target <= 1), peak {step['peft'][1]:.1f} GiB")
+    print(f"families, {lora}" + ("" if "peft" in step else " (PEFT not installed: pip install peft)"))
+    print(f"families, --dtype bfloat16 step {step['ours-bfloat16'][0]:.1f} s vs float32 {step['ours'][0]:.1f} s "
+          f"= {step['ours'][0] / step['ours-bfloat16'][0]:.2f}x the speed on this CPU")
+
+    family_decoding(new_tokens, repeats)
+    model = qwen3_random()
+
+    with tempfile.TemporaryDirectory() as folder:
+        weights = {k: v.to(torch.bfloat16) for k, v in hf_state_dict(model).items()}
+        size = sum(t.nbytes for t in weights.values())
+        save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        del weights, model
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config_json(qwen3_random(8).config, "bfloat16"), f)
+        code = ("import json, resource, sys, time; sys.path.insert(0, sys.argv[2]); import torch, hf\n"
+                "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+                "start = time.perf_counter(); hf.from_pretrained(sys.argv[1]); seconds = time.perf_counter() - start\n"
+                "print(json.dumps([seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024]))")
+        seconds, peak = json.loads(subprocess.run([sys.executable, "-c", code, folder, ROOT], check=True,
+                                                  capture_output=True, text=True).stdout)
+    print(f"families, loading a bfloat16 qwen3-0.6b folder ({size / 2**30:.2f} GiB of weights): {seconds:.1f} s, "
+          f"peak memory over torch's own {peak / 2**30:.2f} GiB = {peak / size:.2f}x the weights (target <= 1.2)")
+
+
 BENCHES = {"generation": bench_generation, "eval": bench_eval, "training": bench_training, "judge": bench_judge,
            "lora": bench_lora, "int8": bench_int8, "llama": bench_llama, "beams": bench_beams, "dpo": bench_dpo,
-           "serve": bench_serve, "choices": bench_choices, "dedup": bench_dedup}
+           "serve": bench_serve, "choices": bench_choices, "dedup": bench_dedup, "families": bench_families}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=list(BENCHES), action="append", help="run only these (repeatable)")
     p.add_argument("--lora-variant", choices=["full", "lora"], help=argparse.SUPPRESS)  # bench_lora's processes
+    p.add_argument("--family-variant", help=argparse.SUPPRESS)  # bench_families' processes
     args = p.parse_args()
     if args.lora_variant:
         return lora_variant(args.lora_variant)
+    if args.family_variant:
+        return family_variant(args.family_variant)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
     for name in args.only or BENCHES:
         BENCHES[name]()
