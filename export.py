@@ -1,23 +1,26 @@
 """Export a checkpoint to the Hugging Face format: a folder that transformers'
-AutoModelForCausalLM and AutoTokenizer load with no other files.
+AutoModelForCausalLM and AutoTokenizer load with no other files; and to llama.cpp and Ollama.
 
     python export.py --ckpt out/ckpt.pt --out out/hf
     python export.py --ckpt out/best.pt --out out/hf --force    # replace an earlier export
     python export.py --ckpt out/best.pt --out out/hf --base models/gpt2-medium    # a LoRA base that moved
-    python export.py --ckpt out/best.pt --gguf out/model.gguf [--gguf-type f32|f16|q8_0]    # llama.cpp, Ollama
+    python export.py --ckpt out/best.pt --gguf out/model.gguf [--gguf-type f32|f16|bf16|q8_0]    # llama.cpp, Ollama
 
-The model: config.json (a GPT-2 config), model.safetensors (Hugging Face's names and layouts,
-as save_pretrained writes them), generation_config.json (greedy, stopping at <|endoftext|>).
-The tokenizer: vocab.json and merges.txt rebuilt from tiktoken's gpt2 encoding, and
-tokenizer_config.json whose chat template is the checkpoint's prompt style, so that
-apply_chat_template gives the exact prompt the model was trained on. A LoRA checkpoint is
+GPT-2: config.json (a GPT-2 config), model.safetensors (Hugging Face's names and layouts, as
+save_pretrained writes them), generation_config.json (greedy, stopping at <|endoftext|>), vocab.json
+and merges.txt rebuilt from tiktoken's gpt2 encoding, and tokenizer_config.json whose chat template
+is the checkpoint's prompt style, so that apply_chat_template gives the exact prompt the model was
+trained on. The Llama family (Qwen3, Llama 3.2, SmolLM2, Qwen2.5): the family's own architecture
+(Qwen3ForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM), the checkpoint's own tokenizer.json, and
+as chat template the model's own (a checkpoint trained in the chat-template style) or the prompt
+style's; generation stops at the token that ends an answer in that style. A LoRA checkpoint is
 exported merged (model_from_checkpoint merges it).
 
-With --gguf: one GGUF file for llama.cpp (its gpt2 architecture, GPT-2's tokenizer, the chat
-template), written with llama.cpp's own gguf package (pip install gguf), and beside it a
-Modelfile for `ollama create NAME -f Modelfile` (NAME.Modelfile when the folder's Modelfile is
-another GGUF file's). Every file gets the permissions of the user's umask; an export holds a
-lock beside what it writes, so two exports to one place cannot interleave.
+With --gguf: one GGUF file for llama.cpp (its gpt2, llama, qwen2 or qwen3 architecture, the
+tokenizer, the chat template), written with llama.cpp's own gguf package (pip install gguf), and
+beside it a Modelfile for `ollama create NAME -f Modelfile` (NAME.Modelfile when the folder's
+Modelfile is another GGUF file's). Every file gets the permissions of the user's umask; an export
+holds a lock beside what it writes, so two exports to one place cannot interleave.
 """
 import common  # noqa: F401  (first: Ctrl-C while torch loads is one line, see common.py)
 import argparse
@@ -25,19 +28,23 @@ import contextlib
 import functools
 import glob
 import json
+import math
 import os
 import shutil
 import signal
 
+import torch
+
 from checkpoint import load_model_file
 from common import (atomic_write, check_interrupted, lock_file, run_main, stop_on_interrupt, writable_folder,
     write_json)
-from hf import config_json as hf_config_json, hf_state_dict
-from prompts import EOT, EOT_ID, check_vocab, get_prompt_style, get_tokenizer
+from hf import architecture, config_json as hf_config_json, hf_state_dict
+from prompts import (CHAT_TEMPLATE, EOT, EOT_ID, GPT2, TEMPLATE_SETTINGS, GPT2Tokenizer, check_vocab, get_prompt_style,
+    get_tokenizer, render_text, turn_end_id)
 
 # What an export folder holds: --force replaces a folder of these files and nothing else.
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "merges.txt",
-                "special_tokens_map.json", "tokenizer_config.json", "vocab.json")
+                "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.json")
 # The lock an export holds in the folder it writes in (beside --out's folder or the --gguf file, never in
 # --out's folder, whose files --force checks): two exports to one place cannot interleave.
 EXPORT_LOCK = ".export.lock"
@@ -130,10 +137,12 @@ THIRD_USER_MESSAGE = ("a user message may be followed by one more, its input (th
                       "and then by an assistant message")
 
 
-def chat_template(style):
+def chat_template(style, bos=""):
     """The prompt style as a Jinja chat template that renders a conversation as training does
-    (prompts.render_text): an optional system message first, user and assistant turns in
-    alternation, each assistant message as the response header, its content and <|endoftext|>.
+    (prompts.render_text): the tokenizer's start of text `bos` if it has one (Llama 3's
+    <|begin_of_text|>), an optional system message first, user and assistant turns in
+    alternation, each assistant message as the response header, its content and eos_token
+    (<|endoftext|>: the tokenizer's end of text).
     A user message right after another user message is the optional input of the first (the
     Alpaca input block; left out when empty, as in format_prompt), as serve.py takes it; a third
     in a row is an error (raise_exception). With add_generation_prompt
@@ -148,6 +157,7 @@ def chat_template(style):
     input_ = jinja_format(templates["input"], input=content)
     response = jinja_string(templates["response"])
     return (
+        (f"{{{{- {jinja_string(bos)} -}}}}\n" if bos else "") +
         "{%- set ns = namespace(system=none, previous=none) -%}\n"
         "{%- for message in messages -%}\n"
         "    {%- if message['role'] == 'system' -%}\n"
@@ -194,6 +204,81 @@ def tokenizer_config_json(cfg, style):
     }
 
 
+# ----------------------------------------------------------------------------- the Llama family's tokenizer
+
+
+def template_with_settings(template):
+    """A model's own chat template that renders as training rendered it: each of
+    prompts.TEMPLATE_SETTINGS (Qwen3's enable_thinking=False) set first unless the caller gives it
+    (transformers' apply_chat_template(..., enable_thinking=True) still may). An `if` makes no scope
+    in Jinja, so the set holds for the whole template; no whitespace is written."""
+    return "".join(f"{{%- if {name} is not defined %}}{{%- set {name} = {json.dumps(value)} %}}{{%- endif %}}"
+                   for name, value in TEMPLATE_SETTINGS.items()) + template
+
+
+def family_chat_template(style, tokenizer):
+    """The chat template of a Llama-family export: the model's own for the chat-template style,
+    else the prompt style's (chat_template) after the tokenizer's start of text, if any."""
+    if style == CHAT_TEMPLATE:
+        return template_with_settings(tokenizer.chat_template)
+    return chat_template(style, tokenizer.decode(tokenizer.bos_ids))
+
+
+def family_token_ids(style, tokenizer):
+    """(start id or None, end ids, pad id) of a Llama-family export. The end ids are the token that
+    ends an answer in `style` (the chat template's <|im_end|> or <|eot_id|>, else the tokenizer's
+    end of text, which training put after each answer), then its other end tokens: generation
+    stops at any of them, as generate.py does."""
+    end = turn_end_id(style, tokenizer)
+    bos = tokenizer.bos_ids[0] if tokenizer.bos_ids else tokenizer.token_id(tokenizer.special_tokens.get("bos_token"))
+    return bos, [end, *(i for i in tokenizer.stop_ids if i != end)], tokenizer.pad_id
+
+
+def family_special_tokens(style, tokenizer):
+    """The named special tokens of the export's tokenizer_config.json: the model's own (its chat
+    template was trained with them), the pad token, and in another prompt style, whose chat template
+    ends each answer with eos_token, the end of text as eos_token."""
+    named = {**tokenizer.special_tokens, "pad_token": tokenizer.decode([tokenizer.pad_id])}
+    return named if style == CHAT_TEMPLATE else {**named, "eos_token": tokenizer.eot}
+
+
+def family_tokenizer_config_json(cfg, style, tokenizer):
+    """tokenizer_config.json beside the checkpoint's tokenizer.json: PreTrainedTokenizerFast, which
+    reads tokenizer.json as it is, the named special tokens, the context length and the chat template."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast", **family_special_tokens(style, tokenizer),
+        "clean_up_tokenization_spaces": False, "split_special_tokens": False,
+        "model_max_length": cfg.context_length, "chat_template": family_chat_template(style, tokenizer),
+    }
+
+
+def family_generation_config_json(style, tokenizer):
+    """Greedy decoding, stopping at each end id of family_token_ids."""
+    bos, ends, pad = family_token_ids(style, tokenizer)
+    return {**({"bos_token_id": bos} if bos is not None else {}), "eos_token_id": ends, "pad_token_id": pad,
+            "do_sample": False}
+
+
+def check_export(model, style, tokenizer, what):
+    """ValueError, before anything is written, unless the checkpoint `what` can be exported: a
+    known prompt style (the chat-template style with a tokenizer that has a chat template), and a
+    model of the Llama family with its own tokenizer, which covers its vocabulary."""
+    cfg = model.config
+    if style == CHAT_TEMPLATE:
+        if tokenizer.chat_template is None:
+            raise ValueError(f"{what} was trained in the {CHAT_TEMPLATE} style, but its tokenizer has no chat template")
+    else:
+        get_prompt_style(style)
+    if cfg.family != "gpt2" and isinstance(tokenizer, GPT2Tokenizer):
+        raise ValueError(f"{what} holds a {architecture(cfg)} model but not its tokenizer (a checkpoint of an older "
+                         "train.py); train it again to export it")
+    if cfg.family == "gpt2" and not isinstance(tokenizer, GPT2Tokenizer):
+        raise ValueError(f"{what} holds a GPT-2 model with the tokenizer of {tokenizer.name}; export.py writes "
+                         "GPT-2 with GPT-2's tokenizer")
+    if cfg.family != "gpt2":
+        check_vocab(cfg.vocab_size, what, tokenizer)
+
+
 # ----------------------------------------------------------------------------- the folder
 
 
@@ -230,19 +315,20 @@ def export(ckpt_path, out, force=False, base=None):
     with export_lock(out):
         check_out(out, force)  # again, now that no other export can change it
         remove_stale_tmp(out)
-        # a train.py checkpoint, the book's .pth or nanoGPT's ckpt.pt
-        model, style, _ = load_model_file(ckpt_path, base=base)
+        # a train.py checkpoint (with its tokenizer), the book's .pth or nanoGPT's ckpt.pt (GPT-2's)
+        model, style, tokenizer = load_model_file(ckpt_path, base=base)
         cfg, style = model.config, style or "alpaca"
-        get_prompt_style(style)  # an unknown style fails before anything is written
-        try:
-            check_vocab(cfg.vocab_size, ckpt_path)
-            no_tokenizer = None
-        except ValueError as e:
-            no_tokenizer = str(e)
+        check_export(model, style, tokenizer, ckpt_path)  # fails before anything is written
+        no_tokenizer = None
+        if cfg.family == "gpt2":
+            try:
+                check_vocab(cfg.vocab_size, ckpt_path)
+            except ValueError as e:
+                no_tokenizer = str(e)
         tmp = f"{out}.tmp-{os.getpid()}"
         os.makedirs(tmp)
         try:
-            write_folder(model, style, tmp, with_tokenizer=no_tokenizer is None)
+            write_folder(model, style, tmp, with_tokenizer=no_tokenizer is None, tokenizer=tokenizer)
             check_out(out, force)  # again: out may have changed while the export was written
             move_into_place(tmp, out)
         finally:
@@ -253,17 +339,28 @@ def export(ckpt_path, out, force=False, base=None):
     return out
 
 
-def write_folder(model, style, folder, with_tokenizer=True):
-    """Write the Hugging Face files of model (prompt style `style`) in folder, each with the
-    permissions the user's umask gives."""
+def write_folder(model, style, folder, with_tokenizer=True, tokenizer=GPT2):
+    """Write the Hugging Face files of model (prompt style `style`, its tokenizer) in folder, each
+    with the permissions the user's umask gives."""
     from safetensors.torch import save_file
 
     state = hf_state_dict(model)
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    write_json(config_json(model.config, dtype), os.path.join(folder, "config.json"), indent=2)  # as transformers
-    write_json(generation_config_json(), os.path.join(folder, "generation_config.json"), indent=2)
-    if with_tokenizer:
+    if model.config.family == "gpt2":
+        config, generation = config_json(model.config, dtype), generation_config_json()
+    else:
+        bos, ends, _ = family_token_ids(style, tokenizer)
+        config, generation = hf_config_json(model.config, dtype, bos, ends[0]), family_generation_config_json(
+            style, tokenizer)
+    write_json(config, os.path.join(folder, "config.json"), indent=2)  # as transformers writes them
+    write_json(generation, os.path.join(folder, "generation_config.json"), indent=2)
+    if with_tokenizer and model.config.family != "gpt2":
+        with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
+            f.write(tokenizer.json)  # the checkpoint's own, as the base model's folder had it
+        write_json(family_tokenizer_config_json(model.config, style, tokenizer),
+                   os.path.join(folder, "tokenizer_config.json"), indent=2)
+    elif with_tokenizer:
         vocab, merges = gpt2_vocab_and_merges()
         with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
             json.dump(vocab, f)  # as GPT-2's own encoder.json, byte for byte
@@ -343,7 +440,7 @@ def move_into_place(tmp, out):
 
 # ----------------------------------------------------------------------------- GGUF (llama.cpp, Ollama)
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 MODELFILE_HEADER = "# Ollama Modelfile written by export.py"  # how --force knows a Modelfile of ours
 # our module names in a block -> llama.cpp's gpt2 tensor names (gguf's TENSOR_NAMES)
 GGUF_BLOCK_NAMES = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
@@ -379,14 +476,35 @@ def gguf_tensors(model):
 
 def gguf_tensor_type(gguf, name, shape, gguf_type):
     """The type a tensor is stored in, as convert_hf_to_gguf.py chooses it: 1-D tensors (norms,
-    biases) and the position embedding stay float32; the other weights are f16 or q8_0, and f16
-    where q8_0's blocks of 32 do not divide a row."""
+    biases, Llama 3's rope_freqs) and the position embedding stay float32; the other weights are
+    f16, bf16 or q8_0, and f16 where q8_0's blocks of 32 do not divide a row."""
     if gguf_type == "f32" or len(shape) == 1 or name == "position_embd.weight":
         return gguf.GGMLQuantizationType.F32
+    if gguf_type == "bf16":
+        return gguf.GGMLQuantizationType.BF16
     block_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
     if gguf_type == "q8_0" and shape[-1] % block_size == 0:
         return gguf.GGMLQuantizationType.Q8_0
     return gguf.GGMLQuantizationType.F16
+
+
+def add_file_type(gguf, writer, gguf_type):
+    """general.file_type and general.quantization_version of a file of gguf_type's tensors."""
+    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    writer.add_file_type(file_types[gguf_type])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def write_tensors(gguf, writer, tensors, gguf_type):
+    """Add (name, float32 tensor) pairs, each in its gguf_tensor_type, and write the file."""
+    for name, tensor in tensors:
+        qtype = gguf_tensor_type(gguf, name, tensor.shape, gguf_type)
+        writer.add_tensor(name, gguf.quants.quantize(tensor.contiguous().numpy(), qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def gguf_vocab(gguf, vocab_size):
@@ -412,10 +530,7 @@ def write_gguf(model, style, path, gguf_type, name):
     writer.add_block_count(cfg.n_layers)
     writer.add_head_count(cfg.n_heads)
     writer.add_layer_norm_eps(model.ln_f.eps)
-    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-    writer.add_file_type(file_types[gguf_type])
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_file_type(gguf, writer, gguf_type)
 
     tokens, types, merges = gguf_vocab(gguf, cfg.vocab_size)
     writer.add_tokenizer_model("gpt2")
@@ -427,14 +542,150 @@ def write_gguf(model, style, path, gguf_type, name):
         add_id(EOT_ID)
     writer.add_add_bos_token(False)  # prompts start with their text, as in training
     writer.add_chat_template(chat_template(style))
+    write_tensors(gguf, writer, gguf_tensors(model), gguf_type)
 
-    for name, tensor in gguf_tensors(model):
-        qtype = gguf_tensor_type(gguf, name, tensor.shape, gguf_type)
-        writer.add_tensor(name, gguf.quants.quantize(tensor.contiguous().numpy(), qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+
+# The Llama family in llama.cpp: our family -> its architecture (general.architecture); each block's
+# modules -> its tensor names (gguf's TENSOR_NAMES); the pre-tokenizers of tokenizer.json it knows, by
+# the name tokenizer.ggml.pre gives them (its regexes as tokenizer.json spells them, in llama-vocab.cpp)
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+GGUF_FAMILY_BLOCK_NAMES = {"ln_1": "attn_norm", "attn.q_proj": "attn_q", "attn.k_proj": "attn_k",
+                           "attn.v_proj": "attn_v", "attn.o_proj": "attn_output", "attn.q_norm": "attn_q_norm",
+                           "attn.k_norm": "attn_k_norm", "ln_2": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+                           "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+
+
+def gguf_pre_tokenizer(tokenizer):
+    """llama.cpp's name of the tokenizer's pre-tokenizer (tokenizer.ggml.pre): "qwen2" (Qwen2.5,
+    Qwen3), "llama-bpe" (Llama 3) or "smollm" (SmolLM2: digits apart, then GPT-2's regex), read from
+    tokenizer.json, where llama.cpp's converter tells them apart by hashing the ids of a test text;
+    ValueError for another one."""
+    pre = json.loads(tokenizer.json).get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        if regex in (QWEN2_SPLIT, LLAMA3_SPLIT):
+            return "qwen2" if regex == QWEN2_SPLIT else "llama-bpe"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    raise ValueError(f"the pre-tokenizer of {tokenizer.name} ({', '.join(map(str, kinds)) or 'none'}) is none of "
+                     "those of Qwen2.5, Qwen3, Llama 3 and SmolLM2, which export.py names for llama.cpp; export the "
+                     "Hugging Face folder (--out) and convert it with llama.cpp's convert_hf_to_gguf.py")
+
+
+def gguf_family_vocab(gguf, tokenizer, vocab_size):
+    """(tokens, token types, merges) of a tokenizer.json for a model of vocab_size tokens, as
+    convert_hf_to_gguf.py writes them: the BPE's tokens as tokenizer.json spells them (normal), its
+    added tokens as their text (control when special or shaped <|...|>, else user-defined, as
+    Qwen's <think>), ids no token has (a vocabulary padded to a round size) unused [PADn] tokens, and
+    the merges as "a b" lines."""
+    data = json.loads(tokenizer.json)
+    bpe = data.get("model") or {}
+    if bpe.get("type") != "BPE":
+        raise ValueError(f"the tokenizer of {tokenizer.name} is no byte-pair encoding, which llama.cpp's gpt2 "
+                         "tokenizer model needs")
+    tokens, types = [None] * vocab_size, [gguf.TokenType.NORMAL] * vocab_size
+    for token, i in bpe["vocab"].items():
+        tokens[i] = token
+    for added in data.get("added_tokens", []):
+        text = added["content"]
+        tokens[added["id"]] = text
+        special = added.get("special") or (text.startswith("<|") and text.endswith("|>"))
+        types[added["id"]] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
+    for i, token in enumerate(tokens):
+        if token is None:
+            tokens[i], types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
+    # a merge is "a b" or, since transformers 4.45, ["a", "b"]; a space inside a part is spelled as Ġ
+    merges = [merge if isinstance(merge, str) else " ".join(part.replace(" ", chr(ord(" ") + 256)) for part in merge)
+              for merge in bpe.get("merges", [])]
+    return tokens, types, merges
+
+
+def interleaved_rope_rows(weight, n_heads):
+    """The rows of q_proj or k_proj (n_heads heads) reordered for llama.cpp's llama architecture,
+    whose RoPE rotates pairs of consecutive values of a head (2i, 2i + 1) where Hugging Face's
+    rotates i and i + head_dim / 2: row i of each half of a head goes to 2i (first half) and 2i + 1
+    (second half). This is LlamaModel.permute of convert_hf_to_gguf.py; Qwen's architectures
+    rotate as Hugging Face does and keep their rows."""
+    return weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:]).transpose(1, 2) \
+        .reshape(weight.shape)
+
+
+def rope_factors(cfg):
+    """Llama 3's RoPE scaling as llama.cpp takes it, a rope_freqs tensor: the number each
+    frequency of a head is divided by (1 for the high ones, `factor` for the low ones, a blend in
+    between), as convert_hf_to_gguf.py computes it for the llama3 rope type."""
+    factor, low, high, context = (cfg.rope_scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                                  "original_context_length"))
+    inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (context / wavelen - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    return torch.where(wavelen < context / high, 1.0, torch.where(wavelen > context / low, factor, blended))
+
+
+def gguf_family_tensors(model):
+    """(name, float32 tensor) of every tensor llama.cpp's architecture of the model's family reads,
+    in the layouts convert_hf_to_gguf.py writes: token_embd [vocab, emb_dim], output (an untied
+    head only: llama.cpp ties it to token_embd when the file has none), nn.Linear's [out, in] with q
+    and k interleaved for the llama architecture, and Llama 3's rope_freqs."""
+    cfg = model.config
+    state = {key: tensor.detach().float() for key, tensor in model.state_dict().items()}
+    if cfg.rope_scaling is not None:
+        yield "rope_freqs.weight", rope_factors(cfg)
+    yield "token_embd.weight", state.pop("wte.weight").t()
+    if "wte.head" in state:
+        yield "output.weight", state.pop("wte.head").t()
+    yield "output_norm.weight", state.pop("ln_f.weight")
+    for key, tensor in state.items():  # h.N.module.weight or .bias
+        _, layer, rest = key.split(".", 2)
+        module, kind = rest.rsplit(".", 1)
+        if cfg.family == "llama" and module in ("attn.q_proj", "attn.k_proj"):
+            tensor = interleaved_rope_rows(tensor, cfg.n_heads if module == "attn.q_proj" else cfg.n_kv_heads)
+        yield f"blk.{layer}.{GGUF_FAMILY_BLOCK_NAMES[module]}.{kind}", tensor
+
+
+def write_family_gguf(model, style, tokenizer, path, gguf_type, name):
+    """Write the GGUF file of a Llama-family model (prompt style `style`, its tokenizer, called
+    `name`) to path, tensors in gguf_type: llama.cpp's keys for its architecture, as
+    convert_hf_to_gguf.py writes them, and the tokenizer with the ids that fit the style."""
+    gguf = import_gguf()
+    cfg = model.config
+    writer = gguf.GGUFWriter(path, GGUF_ARCHITECTURES[cfg.family])
+    writer.add_name(name)
+    writer.add_context_length(cfg.context_length)
+    writer.add_embedding_length(cfg.emb_dim)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_feed_forward_length(cfg.hidden_dim)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    writer.add_key_length(cfg.head_dim)  # Qwen3's head size is not emb_dim / n_heads
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_base)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    add_file_type(gguf, writer, gguf_type)
+
+    tokens, types, merges = gguf_family_vocab(gguf, tokenizer, cfg.vocab_size)
+    writer.add_tokenizer_model("gpt2")  # byte-level BPE
+    writer.add_tokenizer_pre(gguf_pre_tokenizer(tokenizer))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    bos, ends, pad = family_token_ids(style, tokenizer)
+    if bos is not None:
+        writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(ends[0])  # the end of an answer; llama.cpp also stops at the others by their names
+    writer.add_eot_token_id(ends[0])
+    writer.add_pad_token_id(pad)
+    writer.add_add_bos_token(bool(tokenizer.bos_ids))  # Llama 3 starts every text with <|begin_of_text|>
+    writer.add_chat_template(family_chat_template(style, tokenizer))
+    write_tensors(gguf, writer, gguf_family_tensors(model), gguf_type)
 
 
 def go_format(template, **values):
@@ -448,12 +699,13 @@ def go_format(template, **values):
                    f"{{{{ {json.dumps(piece, ensure_ascii=False)} }}}}" if piece else "" for i, piece in enumerate(pieces))
 
 
-def ollama_template(style):
+def ollama_template(style, eot=EOT):
     """The prompt style as an Ollama TEMPLATE (Go's text/template over .Messages), rendering what
     chat_template renders, and so what training renders (prompts.render_text): a system message
     first, a user message in the style's first-turn form (after a system message, its system
     form), a user message after an answer in the style's later-turn form, an assistant message
-    as the response header, its content and <|endoftext|>. It ends with the response header
+    as the response header, its content and the tokenizer's end of text `eot` (no start of text:
+    llama.cpp adds Llama 3's itself, as the file's add_bos_token says). It ends with the response header
     when the last message is not an answer. Ollama joins consecutive messages of one role with a
     blank line before its template sees them (template.collate), so two user messages in a row,
     an instruction and its input elsewhere, reach it as one instruction: no input block."""
@@ -463,7 +715,7 @@ def ollama_template(style):
         '{{- $previous := "" }}{{- $system := "" }}{{- $has_system := false }}',
         "{{- range .Messages }}",
         '{{- if eq .Role "system" }}{{ $system = .Content }}{{ $has_system = true }}',
-        f'{{{{- else if eq .Role "assistant" }}}}{response}{{{{ .Content }}}}{{{{ {json.dumps(EOT)} }}}}',
+        f'{{{{- else if eq .Role "assistant" }}}}{response}{{{{ .Content }}}}{{{{ {json.dumps(eot)} }}}}',
         f'{{{{- else if eq $previous "assistant" }}}}{go_format(templates["turn"], instruction=".Content")}',
         f'{{{{- else if $has_system }}}}{go_format(templates["system"], system="$system", instruction=".Content")}',
         f'{{{{- else }}}}{go_format(templates["instruction"], instruction=".Content")}',
@@ -483,14 +735,129 @@ def turn_markers(style):
     return [text.strip().splitlines()[-1] for text in openings if text.strip()]
 
 
-def modelfile_text(gguf_path, cfg, style, ckpt_path):
-    """The Modelfile of the GGUF file gguf_path: FROM the file beside it, the prompt style as its
-    TEMPLATE, stops at <|endoftext|> and the style's turn markers, and the model's context length
-    (Ollama's default is longer, past GPT-2's learned positions)."""
+# The chat-template style in Ollama: the text a model's own chat template writes around the messages'
+# contents, which an Ollama TEMPLATE writes around them in turn. A conversation with a system message
+# is system_open, its content, system_close, the first user message, then to_assistant, an answer,
+# to_user, a user message... and to_generation after the last user message (the generation prompt);
+# without one, plain_open begins it (a default system message: Qwen2.5's, SmolLM2's; Llama 3.2's date).
+# An answer that ends the conversation is to_last_assistant, its content and assistant_end (Qwen3's
+# last answer has its empty think block).
+CHAT_PIECES = ("system_open", "system_close", "plain_open", "to_assistant", "to_user", "to_generation",
+               "to_last_assistant", "assistant_end")
+# conversations on which the pieces must render exactly what the chat template renders
+CHECK_CONVERSATIONS = [
+    [{"role": "user", "content": "Name three primary colors."}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of France?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a color."},
+     {"role": "assistant", "content": "Blue.\n\nOr red."}, {"role": "user", "content": "And green?"}],
+    [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"},
+     {"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}],
+]
+
+
+def render_chat_pieces(pieces, messages):
+    """The text of a conversation as the Ollama template of the pieces renders it (ollama_chat_template,
+    line for line): where export checks the pieces against the chat template, and the tests too."""
+    text, previous, system = "", "", None
+    for k, message in enumerate(messages):
+        role, content = message["role"], message["content"]
+        if role == "system":
+            system = content
+        elif role == "user":
+            if previous == "assistant":
+                text += pieces["to_user"]
+            elif previous == "":
+                text += pieces["plain_open"] if system is None else pieces["system_open"] + system + pieces["system_close"]
+            text += content
+        elif role == "assistant":
+            last = k == len(messages) - 1
+            text += (pieces["to_last_assistant"] + content + pieces["assistant_end"] if last
+                     else pieces["to_assistant"] + content)
+        if role in ("user", "assistant"):
+            previous = role
+    return text + (pieces["to_generation"] if previous == "user" else "")
+
+
+def chat_pieces(tokenizer):
+    """The CHAT_PIECES of the tokenizer's chat template (as training renders it, prompts.render_text),
+    found by rendering conversations whose contents are private-use characters no template writes,
+    without the start of text (llama.cpp adds it, as the file's add_bos_token says); ValueError if
+    they do not render CHECK_CONVERSATIONS exactly as the template does (a template that renders a
+    turn by its content or its place otherwise)."""
+    def parts(roles):
+        messages = [{"role": role, "content": chr(0xE000 + n)} for n, role in enumerate(roles)]
+        text, found = render_text(messages, CHAT_TEMPLATE, tokenizer), []
+        for message in messages:
+            if text.count(message["content"]) != 1:
+                raise ValueError(f"the chat template of {tokenizer.name} does not write each message once, so no Ollama "
+                                 "template can be made of it")
+            before, _, text = text.partition(message["content"])
+            found.append(before)
+        return found + [text]
+    bos = tokenizer.decode(tokenizer.bos_ids)
+    system, plain, answered = (parts(["system", "user", "assistant", "user"]), parts(["user", "assistant", "user"]),
+                               parts(["user", "assistant"]))
+    pieces = dict(system_open=system[0].removeprefix(bos), system_close=system[1],
+                  plain_open=plain[0].removeprefix(bos), to_assistant=system[2], to_user=system[3],
+                  to_generation=system[4], to_last_assistant=answered[1], assistant_end=answered[2])
+    for messages in CHECK_CONVERSATIONS:
+        if bos + render_chat_pieces(pieces, messages) != render_text(messages, CHAT_TEMPLATE, tokenizer):
+            raise ValueError(f"the chat template of {tokenizer.name} renders some turns otherwise than others, so no "
+                             "Ollama template can be made of it; use llama.cpp's server, which runs the template itself")
+    return pieces
+
+
+def ollama_chat_template(pieces):
+    """An Ollama TEMPLATE (Go's text/template over .Messages) that writes the CHAT_PIECES around the
+    messages as render_chat_pieces does. Ollama joins consecutive messages of one role before its
+    template sees them (template.collate); a message of another role (a tool's) is left out."""
+    def text(name):
+        return f"{{{{ {json.dumps(pieces[name], ensure_ascii=False)} }}}}" if pieces[name] else ""
+    return "\n".join([
+        '{{- $previous := "" }}{{- $system := "" }}{{- $has_system := false }}',
+        "{{- range $i, $m := .Messages }}",
+        "{{- $last := eq (len (slice $.Messages $i)) 1 }}",
+        '{{- if eq .Role "system" }}{{ $system = .Content }}{{ $has_system = true }}',
+        '{{- else if eq .Role "user" }}',
+        f'{{{{- if eq $previous "assistant" }}}}{text("to_user")}',
+        f'{{{{- else if eq $previous "" }}}}{{{{ if $has_system }}}}{text("system_open")}{{{{ $system }}}}'
+        f'{text("system_close")}{{{{ else }}}}{text("plain_open")}{{{{ end }}}}',
+        "{{- end }}{{ .Content }}",
+        '{{- else if eq .Role "assistant" }}',
+        f'{{{{- if $last }}}}{text("to_last_assistant")}{{{{ .Content }}}}{text("assistant_end")}',
+        f'{{{{- else }}}}{text("to_assistant")}{{{{ .Content }}}}',
+        "{{- end }}",
+        "{{- end }}",
+        '{{- if or (eq .Role "user") (eq .Role "assistant") }}{{ $previous = .Role }}{{ end }}',
+        "{{- end }}",
+        f'{{{{- if eq $previous "user" }}}}{text("to_generation")}{{{{ end }}}}',
+    ])
+
+
+def ollama_settings(style, tokenizer=GPT2):
+    """(TEMPLATE, stops) of the Modelfile: the prompt style's template, or in the chat-template style
+    one made of the model's own; stops at the tokenizer's end tokens (the one that ends an answer
+    first) and at the tokens or lines that open the next turn (### Instruction:, <|im_start|>)."""
+    if isinstance(tokenizer, GPT2Tokenizer):
+        return ollama_template(style), [EOT, *turn_markers(style)]
+    ends = [tokenizer.decode([i]) for i in family_token_ids(style, tokenizer)[1]]
+    if style != CHAT_TEMPLATE:
+        return ollama_template(style, tokenizer.eot), ends + turn_markers(style)
+    pieces = chat_pieces(tokenizer)
+    openings = [tokenizer.decode([i]) for _, _, i in tokenizer.added_tokens(pieces["to_user"])]
+    return ollama_chat_template(pieces), list(dict.fromkeys(ends + openings))
+
+
+def modelfile_text(gguf_path, cfg, style, ckpt_path, tokenizer=GPT2):
+    """The Modelfile of the GGUF file gguf_path: FROM the file beside it, ollama_settings' TEMPLATE and
+    stops, and the model's context length (Ollama's default is longer than GPT-2's learned positions,
+    and than a fine-tuned model has seen)."""
+    template, stops = ollama_settings(style, tokenizer)
     lines = [f"{MODELFILE_HEADER} from {ckpt_path}: ollama create NAME -f Modelfile",
              f"FROM ./{os.path.basename(gguf_path)}",
-             f'TEMPLATE """{ollama_template(style)}"""',
-             *(f'PARAMETER stop "{stop}"' for stop in [EOT, *turn_markers(style)]),
+             f'TEMPLATE """{template}"""',
+             *(f'PARAMETER stop "{stop}"' for stop in stops),
              f"PARAMETER num_ctx {cfg.context_length}"]
     return "\n".join(lines) + "\n"
 
@@ -547,15 +914,23 @@ def export_gguf(ckpt_path, path, gguf_type="f16", force=False, base=None):
     check_gguf_out(path, force)
     with export_lock(path):  # two exports to one folder would choose the same Modelfile
         modelfile = check_gguf_out(path, force)  # again, now that no other export can change them
-        model, style, _ = load_model_file(ckpt_path, base=base)
+        model, style, tokenizer = load_model_file(ckpt_path, base=base)
         style = style or "alpaca"
-        get_prompt_style(style)
-        check_vocab(model.config.vocab_size, ckpt_path)  # llama.cpp needs the tokenizer in the file
+        check_export(model, style, tokenizer, ckpt_path)
+        name = os.path.basename(path)[:-len(".gguf")]
+        if model.config.family == "gpt2":
+            check_vocab(model.config.vocab_size, ckpt_path)  # llama.cpp needs the tokenizer in the file
+        else:
+            gguf_pre_tokenizer(tokenizer)  # one llama.cpp knows, before anything is written
+        text = modelfile_text(path, model.config, style, ckpt_path, tokenizer)
         with atomic_write(path) as tmp:
-            write_gguf(model, style, tmp, gguf_type, os.path.basename(path)[:-len(".gguf")])
+            if model.config.family == "gpt2":
+                write_gguf(model, style, tmp, gguf_type, name)
+            else:
+                write_family_gguf(model, style, tokenizer, tmp, gguf_type, name)
             with_umask_permissions(tmp)
         with atomic_write(modelfile) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.write(modelfile_text(path, model.config, style, ckpt_path))
+            f.write(text)
     return modelfile
 
 
