@@ -15,7 +15,7 @@ import torch
 from common import atomic_write
 from hf import HF_REPOS, build_model, default_cache_dir, hf_folder
 from lora import add_lora, base_fingerprint, load_lora_state_dict, lora_settings, lora_state_dict, merge_lora
-from model import GPT, PRESETS, GPTConfig, with_context_length
+from model import GPT, PRESETS, GPTConfig, config_for, with_context_length
 from prompts import GPT2, STYLE_NAMES, check_vocab, load_tokenizer, tokenizer_from_state
 from quantize import prepare_for_decoding
 
@@ -175,9 +175,11 @@ def weights(model, lora_base=None):
 
 
 def training_record(model, splits, settings, step, world_size):
-    """What both files of a run hold besides the weights: run_record, the run's settings (train.py's
-    arguments as a dict, which --resume takes back), its step and its number of processes."""
-    return {**run_record(model, splits, settings["prompt_style"], settings["mask_instructions"], settings["split"]),
+    """What both files of a run hold besides the weights: run_record (with the tokenizer of the
+    data), the run's settings (train.py's arguments as a dict, which --resume takes back), its step
+    and its number of processes."""
+    return {**run_record(model, splits, settings["prompt_style"], settings["mask_instructions"], settings["split"],
+                         splits.tokenizer),
             "args": settings, "step": step, "world_size": world_size}
 
 
@@ -201,9 +203,9 @@ def training_checkpoint(record, weights, optimizer, scaler, schedule, dpo_refere
 
 class SavedRun:
     """The run saved in OUT/ckpt.pt, as train.py --resume takes it back: its settings (train.py's
-    arguments when it was saved), its data (trained_with), its number of processes, its progress
-    (TRAINING_STATE), its model, optimizer and random state, and a DPO run's reference log-probs.
-    base: the folder a LoRA run's base moved to (checked against the recorded fingerprint)."""
+    arguments when it was saved), its data (trained_with), its tokenizer, its number of processes,
+    its progress (TRAINING_STATE), its model, optimizer and random state, and a DPO run's reference
+    log-probs. base: the folder a LoRA run's base moved to (checked against the recorded fingerprint)."""
 
     def __init__(self, path, base=None):
         ckpt = load_checkpoint(path)
@@ -214,6 +216,7 @@ class SavedRun:
         self.path, self.ckpt = path, ckpt
         self.settings = ckpt["args"]
         self.trained_with = trained_with(ckpt)
+        self.tokenizer = tokenizer_from_state(ckpt.get("tokenizer"))  # GPT-2's in a checkpoint from before
         self.world_size = ckpt.get("world_size", 1)
         self.state = {name: ckpt[name] for name in TRAINING_STATE}
 
@@ -261,6 +264,29 @@ def check_start_model(name_or_path, pretrained):
     if os.path.isfile(name_or_path) and not pretrained:
         raise ValueError(f"--init random would throw away the weights of the model file {name_or_path}; drop --init "
                          "random to start from them, or give a preset for random weights of its size")
+
+
+def start_tokenizer(name_or_path, pretrained=True):
+    """The tokenizer of the model a run starts from (check_start_model has accepted it): a train.py
+    checkpoint's own, GPT-2's for the book's and nanoGPT's files and the GPT-2 presets, a folder's
+    tokenizer files, and a preset's from its download (fetched now, with the weights, if missing).
+    Random weights of a Llama-family preset need its tokenizer in the download cache all the same."""
+    if os.path.isfile(name_or_path):
+        obj, kind = read_model_file(name_or_path)
+        return tokenizer_from_state(obj.get("tokenizer")) if kind == "train.py" else GPT2
+    if os.path.isdir(name_or_path):
+        return load_tokenizer(name_or_path)
+    if config_for(name_or_path).family == "gpt2":
+        return GPT2
+    if pretrained:
+        return load_tokenizer(hf_folder(name_or_path))
+    folder = os.path.join(default_cache_dir(), name_or_path)
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        raise FileNotFoundError(f"random weights of {name_or_path} still need its tokenizer, which is not in "
+                                f"{folder}: fetch it once with python hf.py {name_or_path} (the weights come "
+                                "too), or give a folder holding the model's config.json and tokenizer files as "
+                                "--model FOLDER --init random")
+    return load_tokenizer(folder)
 
 
 def model_file_holds(path):

@@ -11,6 +11,7 @@ conversation as transformers' apply_chat_template does with the model's own temp
 token, except that the text of a message is always text: a special token typed into a message is
 encoded as the characters it is made of, never as the token.
 """
+import contextlib
 import datetime
 import functools
 import json
@@ -257,6 +258,12 @@ CHAT_TEMPLATE = "chat-template"  # the style of a chat model's own template (see
 STYLE_NAMES = (*PROMPT_STYLES, CHAT_TEMPLATE)
 
 
+def default_prompt_style(tokenizer=GPT2) -> str:
+    """The style of a model when none is given: its own chat template if its tokenizer has one
+    (Qwen3, Llama 3.2, SmolLM2, Qwen2.5), else the chapter's alpaca (GPT-2)."""
+    return CHAT_TEMPLATE if tokenizer.chat_template is not None else "alpaca"
+
+
 def get_prompt_style(style: str) -> dict:
     """The templates of a style; ValueError listing the known styles otherwise. A style without
     the conversation templates gets a system message and later turns in its instruction template."""
@@ -300,6 +307,7 @@ def format_prompt(entry: dict, style: str = "alpaca") -> str:
 # (message_span), and a special token typed there is encoded as characters, where
 # apply_chat_template would make it the token (a user could then end the assistant's turn or
 # forge a system turn). Everything else the template wrote is tokenized as tokenizers does.
+# Llama 3.2's template writes today's date (strftime_now) unless given date_string: dated() gives it.
 
 TEMPLATE_SETTINGS = {"enable_thinking": False}
 
@@ -314,6 +322,25 @@ def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=Fa
 
 def strftime_now(format):
     return datetime.datetime.now().strftime(format)
+
+
+def today() -> str:
+    """Today's date as Llama 3's template writes it: "26 Jul 2024"."""
+    return strftime_now("%d %b %Y")
+
+
+@contextlib.contextmanager
+def dated(date_string: str):
+    """Within it, chat templates render as on date_string ("26 Jul 2024"): a template that writes
+    today's date (Llama 3.2's "Today Date: ...") writes this one. train.py renders its data with the
+    date its run started on, so that a run resumed another day trains on the same tokens."""
+    global TEMPLATE_SETTINGS
+    saved = TEMPLATE_SETTINGS
+    TEMPLATE_SETTINGS = {**saved, "date_string": date_string}
+    try:
+        yield
+    finally:
+        TEMPLATE_SETTINGS = saved
 
 
 @functools.lru_cache(maxsize=16)

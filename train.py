@@ -1,7 +1,9 @@
-"""Fine-tune GPT-2 to follow instructions (or go on training it on raw text), nanoGPT style: all
-its weights, LoRA adapters (--lora-rank) or preference tuning (--dpo), through one loop.
+"""Fine-tune GPT-2, or Qwen3, Llama 3.2, SmolLM2 and Qwen2.5 with their own tokenizer and chat
+template, to follow instructions (or go on training on raw text), nanoGPT style: all the weights,
+LoRA adapters (--lora-rank) or preference tuning (--dpo), through one loop.
 
     python train.py --data instruction-data.json                 # the chapter's run: gpt2, 2 epochs
+    python train.py --model qwen3-0.6b --mask-instructions --out out/qwen3   # in Qwen3's chat template
     python train.py --model tiny --init random --context-length 128 --max-steps 50 --out runs/smoke
     python train.py --resume --out out                           # continue a stopped run
     torchrun --nproc_per_node=2 train.py ...                     # DistributedDataParallel
@@ -30,17 +32,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from checkpoint import (SavedRun, best_checkpoint, build_base, build_start_model, check_start_model, model_file_holds,
-    model_file_settings, save_checkpoint, training_checkpoint, training_record, weights)
+    model_file_settings, save_checkpoint, start_tokenizer, training_checkpoint, training_record, weights)
 from common import (AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, StatusLine, check_writable_folder, checked,
     duration, hold_folder, plural, remove_stale_temporaries, run_main)
 from data import (TEST_FRAC, TRAIN_FRAC, batch_indices, check_batchable, check_same_data, count_unweighted_turns,
     preference_splits, prepare_data, split_fractions, summarize_data, summarize_pairs)
-from decoding import generate, respond
+from decoding import generate
 from dpo import DPO, LOGPROB_MODES, dpo_metrics, reference_logprobs
-from lora import LORA_TARGETS, add_lora, parameter_counts
+from lora import ALL_LORA_TARGETS, LLAMA_LORA_TARGETS, LORA_TARGETS, add_lora, lora_settings, parameter_counts
 from metrics import METRICS, PLOT, Clock, LossPlot, append_metrics, start_metrics
 from model import PRESETS, calc_loss_loader
-from prompts import PROMPT_STYLES, check_vocab, decode, prompt_ids
+from prompts import STYLE_NAMES, check_vocab, dated, default_prompt_style, prompt_ids, today
 from step import SFT, autocast_for, count_tokens, join_process_group, lr_at, make_optimizer, pick_device, train_step
 
 # What a resumed run may change (besides --out and --resume); everything else comes from the checkpoint's settings.
@@ -67,21 +69,24 @@ def main(argv=None):
     with hold_folder(args.out, "train.py") if first_process else contextlib.nullcontext():
         try:
             args, saved = open_run(args, given, world_size, first_process)  # before torchrun's processes meet
+            tokenizer = run_tokenizer(args, saved)
             device = pick_device(args.device)
             autocast = autocast_for(device, args.dtype)
-            splits = load_splits(args, saved, world_size)
-            rank, world_size = join_process_group(device)
-            run = Run(args, device, rank, world_size, splits, autocast=autocast)
-            run.log(summarize_data(splits, args.batch_size, args.context_length))
-            if args.dpo:
-                run.log(summarize_pairs(splits, args.context_length))
-            build_model(run, saved)
-            if not describe_run(run, saved):
-                return  # nothing to do
-            if args.dpo:
-                set_reference(run, saved)
-            start_outputs(run, saved)
-            finish(run, saved, interrupted=train_until_stopped(run))
+            # the run's chat template renders as on the day it started (Llama 3.2's writes the date)
+            with dated(args.template_date):
+                splits = load_splits(args, saved, world_size, tokenizer)
+                rank, world_size = join_process_group(device)
+                run = Run(args, device, rank, world_size, splits, autocast=autocast)
+                run.log(summarize_data(splits, args.batch_size, args.context_length))
+                if args.dpo:
+                    run.log(summarize_pairs(splits, args.context_length))
+                build_model(run, saved)
+                if not describe_run(run, saved):
+                    return  # nothing to do
+                if args.dpo:
+                    set_reference(run, saved)
+                start_outputs(run, saved)
+                finish(run, saved, interrupted=train_until_stopped(run))
         except KeyboardInterrupt:  # before the loop, or a second Ctrl-C: nothing (more) to save
             interrupted_unsaved(args.out, first_process)
         finally:
@@ -109,6 +114,7 @@ def parse_args(argv=None):
             p.error(f"{flag(stray[0])} goes with {what}")
     if args.base is not None and not args.resume:
         p.error("--base goes with --resume (the folder a LoRA run's base moved to); a new run's base is --model")
+    args.template_date = None  # no flag: the day the run started (open_run), kept in its settings for --resume
     if args.dpo:
         args.mask_instructions = True  # the log-probability of a response given its prompt
         for name, value in DPO_DEFAULTS.items():
@@ -125,15 +131,18 @@ def parser():
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     p.add_argument("--model", default="gpt2", help=f"{', '.join(PRESETS)}, a local Hugging Face folder, or "
-                   "a model file: a train.py checkpoint (with its prompt style and context length unless given), "
-                   "the book's GPTModel state dict (.pth) or nanoGPT's ckpt.pt")
+                   "a model file: a train.py checkpoint (with its tokenizer, and its prompt style and context length "
+                   "unless given), the book's GPTModel state dict (.pth) or nanoGPT's ckpt.pt")
     p.add_argument("--init", choices=["pretrained", "random"], default="pretrained",
-                   help="start from GPT-2's weights (a model file's own) or from random ones (of a preset or folder)")
+                   help="start from the pretrained weights (a model file's own) or from random ones (of a preset or "
+                   "folder; a Qwen or Llama preset still needs its tokenizer files in the download cache)")
     p.add_argument("--data", default=None, help="instruction data (.json or .jsonl): Alpaca entries, conversations "
                    "(OpenAI's 'messages' or ShareGPT's 'conversations'), or for --dpo preference pairs ('chosen' "
                    "and 'rejected'); or raw text (.txt); by default the chapter's data set (1,100 entries), "
                    "downloaded once into data/")
-    p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), default="alpaca", help="prompt template")
+    p.add_argument("--prompt-style", choices=list(STYLE_NAMES), default=None, help="prompt template: alpaca, phi3, "
+                   "none, or chat-template, the model's own (Qwen3, Llama 3.2, ...); by default chat-template for a "
+                   "model whose tokenizer has one, else alpaca (GPT-2); a model file: the style it was trained in")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--context-length", type=AT_LEAST_1, default=1024,
                    help="tokens per sequence; below the model's keeps its first position embeddings")
@@ -159,10 +168,12 @@ def parser():
                    help="LoRA: the adapters' update is scaled by alpha / rank (256 at rank 16: the book's exercise)")
     p.add_argument("--lora-dropout", type=FRACTION, default=0.0, help="LoRA: dropout on the adapters' input")
     p.add_argument("--lora-targets", default=",".join(LORA_TARGETS),
-                   type=checked(str, lambda v: set(v.split(",")) <= set(LORA_TARGETS),
-                                f"comma-separated names among {', '.join(LORA_TARGETS)}"),
+                   type=checked(str, lambda v: set(v.split(",")) <= set(ALL_LORA_TARGETS),
+                                f"comma-separated names among {', '.join(LORA_TARGETS)} (any model) or "
+                                f"{', '.join(LLAMA_LORA_TARGETS)} (the Llama family)"),
                    help="LoRA: the linears of each block to adapt (attention's qkv and output projections, the "
-                   "MLP's in and out)")
+                   "MLP's in and out; on Qwen and Llama qkv is q,k,v, attn_out o, mlp_in gate,up and mlp_out down, "
+                   "which may also be named one by one)")
     p.add_argument("--dpo", action="store_true", help="preference tuning (DPO) on data with 'chosen' and 'rejected' "
                    "responses, from --model (say, an SFT checkpoint) as the reference; the prompt is always masked")
     p.add_argument("--beta", type=POSITIVE, default=0.1, help="DPO: how far the policy may move from the reference "
@@ -178,7 +189,8 @@ def parser():
     p.add_argument("--out", default="out", help="folder for checkpoints, metrics and the loss plot; one run at a "
                    "time (a second run into it is refused while the first holds it)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="autocast to bfloat16 or float16 (float16: CUDA only, with a grad scaler)")
+                   help="the weights and AdamW's states are float32 (bfloat16 files are cast up); bfloat16 or float16 "
+                   "autocast the forward and backward passes (float16: CUDA only, with a grad scaler)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt, with its settings: "
                    f"only {', '.join(flag(name) for name in CHANGEABLE_ON_RESUME)} may change (it says which did), "
@@ -267,7 +279,17 @@ def open_run(args, given, world_size, first_process):
                              "pass its new path with --resume --data PATH")
     if first_process and (removed := remove_stale_temporaries(args.out, OUTPUTS)):
         print(removed)  # only now: OUT is this run's
+    args.template_date = args.template_date or today()  # a resumed run's own (today's for one saved before)
     return args, saved
+
+
+def run_tokenizer(args, saved):
+    """The run's tokenizer: the checkpoint's on --resume, else the start model's (checkpoint.start_tokenizer);
+    and the prompt style, when none was given or saved: the tokenizer's chat template if it has one."""
+    tokenizer = saved.tokenizer if saved is not None else start_tokenizer(args.model, args.init == "pretrained")
+    if args.prompt_style is None:
+        args.prompt_style = default_prompt_style(tokenizer)
+    return tokenizer
 
 
 def interrupted_unsaved(out, first_process):
@@ -283,9 +305,11 @@ def interrupted_unsaved(out, first_process):
 # ----------------------------------------------------------------------------- the data
 
 
-def load_splits(args, saved, world_size):
-    """The run's data; on resume it must be the data the run was trained on, wherever it lies now."""
-    splits = prepare_data(args.data, args.prompt_style, args.context_length, args.mask_instructions, *args.split)
+def load_splits(args, saved, world_size, tokenizer):
+    """The run's data, tokenized by the model's tokenizer; on resume it must be the data the run was
+    trained on, wherever it lies now."""
+    splits = prepare_data(args.data, args.prompt_style, args.context_length, args.mask_instructions, *args.split,
+                          tokenizer=tokenizer)
     if saved is not None:
         check_same_data(splits, saved.trained_with.data_fingerprint, saved.trained_with.data)
     if args.dpo:
@@ -366,7 +390,9 @@ def build_model(run, saved):
                                               drop_last=True, rank=run.rank, world_size=run.world_size))
     run.steps_per_epoch = math.ceil(run.batches_per_epoch / args.grad_accum)  # a short last step ends an epoch
     run.total_steps = min(run.steps_per_epoch * (args.epochs or math.inf), args.max_steps or math.inf)
-    run.raw_model.to(run.device)
+    # float32 weights, and so AdamW states, whatever the files hold (Qwen's and Llama's are bfloat16: an
+    # update of lr 5e-5 would mostly round away); --dtype bfloat16 autocasts the passes instead
+    run.raw_model.to(run.device, torch.float32)
     run.optimizer = make_optimizer(run.raw_model, args.lr, args.weight_decay)
     run.scaler = torch.amp.GradScaler("cuda", enabled=args.dtype == "float16")
     if saved is not None:
@@ -380,7 +406,7 @@ def build_model(run, saved):
         run.model = torch.compile(run.raw_model)
     if run.world_size > 1:
         run.model = DDP(run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    check_vocab(run.raw_model.config.vocab_size, args.model)
+    check_vocab(run.raw_model.config.vocab_size, args.model, run.splits.tokenizer)
     if args.dpo:
         run.dpo = DPO(args.beta, args.dpo_logprobs)
 
@@ -399,7 +425,9 @@ def describe_run(run, saved):
         holds = f"resumed at step {state['step']}"
     else:
         holds = model_file_holds(args.model) if os.path.isfile(args.model) else f"{args.init} weights"
-    lora = f", LoRA rank {args.lora_rank} on {args.lora_targets}" if args.lora_rank else ""
+    lora = ""
+    if args.lora_rank:  # the layers adapted: on the Llama family, qkv names q, k and v
+        lora = f", LoRA rank {args.lora_rank} on {','.join(lora_settings(run.raw_model)['targets'])}"
     run.log(f"model {args.model} ({holds}): {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable{lora}; "
             f"context {run.raw_model.config.context_length}, on {run.device} ({args.dtype})")
     run.log(f"global batch {args.batch_size * run.world_size * args.grad_accum} = batch size {args.batch_size} x "
@@ -631,18 +659,19 @@ def diverged(run, what, value, step):
 
 def sample_text(model, splits, prompt_style, max_new_tokens=50):
     """The model's response to the first validation entry (a continuation of the first validation
-    window's first tokens for raw text), greedy, as the chapter's code does at the end of each epoch."""
-    ctx = model.config.context_length
+    window's first tokens for raw text), greedy, as the chapter's code does at the end of each epoch,
+    in the data's tokenizer, up to its first end token."""
+    ctx, tokenizer = model.config.context_length, splits.tokenizer
+    prompt = splits.val[0][0][:16].tolist() if splits.kind == "text" else \
+        prompt_ids(splits.val_entries[0], prompt_style, tokenizer)
+    if len(prompt) > ctx:
+        return f"(no sample: the prompt of the first validation entry is longer than the context of {ctx})"
     was_training = model.training
     model.eval()
-    if splits.kind == "text":
-        text = decode(generate(model, [splits.val[0][0][:16].tolist()], max_new_tokens)[0])
-    elif len(prompt_ids(splits.val_entries[0], prompt_style)) > ctx:
-        text = f"(no sample: the prompt of the first validation entry is longer than the context of {ctx})"
-    else:
-        text = respond(model, splits.val_entries[:1], prompt_style, max_new_tokens)[0]
+    new = generate(model, [prompt], max_new_tokens)[0]  # to GPT-2's end-of-text; other end tokens are cut below
     model.train(was_training)
-    return text
+    new = new[:next((i for i, token in enumerate(new) if token in tokenizer.stop_ids), len(new))]
+    return tokenizer.decode(new) if splits.kind == "text" else tokenizer.decode(new).strip()
 
 
 # ----------------------------------------------------------------------------- the end

@@ -25,6 +25,7 @@ from hf import from_pretrained
 from model import GPT, PRESETS, GPTConfig, config_for
 from export import config_json, hf_state_dict
 from checkpoint import load_for_inference
+from prompts import today
 from step import lr_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,8 +34,8 @@ TINY = ["--model", "tiny", "--init", "random", "--context-length", "64", "--batc
 # model's cost, and masking spares it at most positions.
 FAST = [*TINY, "--mask-instructions"]
 # best.pt: the weights and what generate.py, eval.py and export.py need; ckpt.pt: all a resumed run needs
-BEST_KEYS = {"model", "config", "tokenizer", "prompt_style", "mask_instructions", "context_length", "data", "data_fingerprint",
-             "train_frac", "test_frac", "args", "step", "best_val_loss", "val_loss"}
+BEST_KEYS = {"model", "config", "tokenizer", "prompt_style", "mask_instructions", "context_length", "data",
+             "data_fingerprint", "train_frac", "test_frac", "args", "step", "best_val_loss", "val_loss"}
 CKPT_KEYS = BEST_KEYS | {"optimizer", "scheduler", "epoch", "batch_in_epoch", "rng", "tokens_seen", "elapsed"}
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 WORDS = "apple river stone cloud green quiet music window bread silver paper garden".split()
@@ -412,8 +413,10 @@ def test_a_checkpoint_written_before_the_restructure_is_the_same_and_resumes_exa
     assert written["args"].pop("plot") is False
     for ckpt in (written, ours):
         del ckpt["data"], ckpt["elapsed"], ckpt["args"]["data"], ckpt["args"]["out"]
-    # what came later: the tokenizer travels in the checkpoint, and the config has the families' fields
+    # what came later: the tokenizer travels in the checkpoint, the config has the families' fields, and the
+    # settings keep the date the run's chat template renders with (today's: the run started today)
     assert ours.pop("tokenizer") == {"kind": "gpt2"}
+    assert ours["args"].pop("template_date") == today()
     assert GPTConfig(**written.pop("config")) == GPTConfig(**ours.pop("config"))
     assert_same(written, ours)
     assert flat(losses(old)) == pytest.approx(flat(losses(tmp_path / "new")), rel=1e-5)
@@ -858,8 +861,8 @@ def test_lora_mistakes_are_one_sentence(data, base_folder, tmp_path, capsys):
     assert error(*LORA, "--lora-rank", 65) == \
         "error: LoRA rank 65 must be an integer from 1 to 64, the smallest dimension of the adapted layers"
     assert error(*LORA, "--lora-targets", "qkv,ffn") == 2  # before any download
-    assert ("argument --lora-targets: must be comma-separated names among qkv, attn_out, mlp_in, mlp_out, got "
-            "qkv,ffn") in capsys.readouterr().err
+    assert ("argument --lora-targets: must be comma-separated names among qkv, attn_out, mlp_in, mlp_out (any model) "
+            "or q, k, v, o, gate, up, down (the Llama family), got qkv,ffn") in capsys.readouterr().err
     assert error("--lora-alpha", 0) == 2
     assert "argument --lora-alpha: must be a positive number, got 0" in capsys.readouterr().err
     assert error("--lora-alpha", 16) == 2  # without a rank the flag would do nothing
