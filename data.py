@@ -10,6 +10,9 @@ or ShareGPT "conversations") are read too: an Alpaca entry is the one-turn
 conversation it has always been. Preference data (a "chosen" and a "rejected"
 response to each instruction, for DPO) is batched as pairs. A .txt file instead
 gives sliding windows of raw text, as in the chapter on pretraining (ch05).
+The tokenizer is GPT-2's unless a model's own is given (tokenizer=, prompts.py's
+tokenizers): then the end and padding token is the one that ends an assistant turn
+in the prompt style (turn_end_id: <|im_end|> in Qwen's chat template).
 """
 import argparse
 import functools
@@ -25,7 +28,8 @@ from torch.utils.data import Dataset
 
 from common import AT_LEAST_1, IGNORE_INDEX, download, plural, run_main
 from dedup import leak_summary
-from prompts import EOT_ID, PROMPT_STYLES, ROLES, encode, encode_conversation, entry_messages, get_prompt_style
+from prompts import (CHAT_TEMPLATE, EOT_ID, GPT2, PROMPT_STYLES, ROLES, encode_conversation, entry_messages,
+                     get_prompt_style, turn_end_id)
 
 TRAIN_FRAC, TEST_FRAC = 0.85, 0.10  # the chapter's split: the rest (0.05) is validation
 DEFAULT_DATA_URL = (
@@ -248,25 +252,28 @@ def split_fractions(text: str) -> tuple:
 # Datasets and batching
 
 class InstructionDataset(Dataset):
-    """Entries tokenized once: prompt tokens followed by response tokens.
+    """Entries tokenized once (by `tokenizer`, GPT-2's by default): prompt tokens followed
+    by response tokens.
 
     Prompt and response are tokenized separately and concatenated, so the number of
     prompt tokens is exact and a generation prompt tokenizes to the same ids.
-    Items are token lists (the collate appends <|endoftext|>), or (tokens,
-    n_prompt_tokens) pairs with mask_instructions, so the loss skips the prompt.
+    Items are token lists (the collate appends the end token: <|endoftext|>, or the
+    style's turn_end_id), or (tokens, n_prompt_tokens) pairs with mask_instructions, so
+    the loss skips the prompt.
     A conversation is rendered by encode_conversation: its prompt is everything before
     its last assistant turn, and with mask_instructions and several assistant turns
     its item is (tokens, learned), so the loss counts every assistant turn but those
     of "weight" 0 (OpenAI's fine-tuning format), which are context only.
     """
 
-    def __init__(self, entries: list[dict], prompt_style: str = "alpaca", mask_instructions: bool = False):
+    def __init__(self, entries: list[dict], prompt_style: str = "alpaca", mask_instructions: bool = False,
+                 tokenizer=GPT2):
         self.entries = entries
         self.mask_instructions = mask_instructions
         self.token_ids, self.prompt_lengths, self.learned = [], [], []
         for entry in entries:
             messages = entry_messages(entry)
-            ids, learned = encode_conversation(messages, prompt_style)
+            ids, learned = encode_conversation(messages, prompt_style, tokenizer)
             learned = unweighted_turns_left_out(learned, messages)
             prompt_length = len(ids)  # up to the last assistant turn, the run of learned tokens at the end
             while prompt_length and learned[prompt_length - 1]:
@@ -309,7 +316,8 @@ def collate(batch, pad_token_id: int = EOT_ID, ignore_index: int = IGNORE_INDEX,
             allowed_max_length: Optional[int] = None):
     """(inputs, targets) LongTensors of a batch of token lists, as the chapter's custom collate.
 
-    Each item gets one <|endoftext|> and is padded to the longest item plus one;
+    Each item gets one pad_token_id, the end token (GPT-2's <|endoftext|>; prepare_data
+    gives the style's turn_end_id), and is padded with it to the longest item plus one;
     inputs drop the last token and targets the first. Items may be
     (tokens, n_prompt_tokens) pairs: then targets predicting a prompt token are
     ignored too, and the loss covers only the response and its end-of-text token.
@@ -445,17 +453,29 @@ class DataSplits:
     collate_fn: Optional[Callable] = None  # None: torch's default collate
     prompt_style: Optional[str] = None
     mask_instructions: bool = False
+    tokenizer: object = GPT2  # what tokenized the data (prompts.py's GPT2 or an HFTokenizer)
+
+
+def check_prompt_style(style: str, tokenizer=GPT2) -> None:
+    """ValueError unless the style is known and, for the chat-template style, the tokenizer has a template."""
+    if style != CHAT_TEMPLATE:
+        get_prompt_style(style)  # an unknown style: the known ones are listed
+    elif tokenizer.chat_template is None:
+        raise ValueError(f"prompt style {CHAT_TEMPLATE} renders the model's own chat template, and "
+                         f"{tokenizer.name}'s tokenizer has none; use --prompt-style alpaca, phi3 or none")
 
 
 def prepare_data(path: Optional[str], prompt_style: str = "alpaca", context_length: int = 1024,
                  mask_instructions: bool = False, train_frac: float = TRAIN_FRAC,
-                 test_frac: float = TEST_FRAC) -> DataSplits:
-    """Datasets for `path`: instruction JSON/JSONL (default: the chapter's data set) or a .txt file."""
-    get_prompt_style(prompt_style)  # fail early on an unknown style
+                 test_frac: float = TEST_FRAC, tokenizer=GPT2) -> DataSplits:
+    """Datasets for `path`: instruction JSON/JSONL (default: the chapter's data set) or a .txt file,
+    tokenized by `tokenizer` (GPT-2's by default, else a model's own from prompts.load_tokenizer).
+    A special token typed in the data ("<|im_end|>") is text, never the token (prompts.py)."""
+    check_prompt_style(prompt_style, tokenizer)  # fail early on an unknown style
     if path is None:
         path = default_data_path()
     if is_raw_text(path):
-        return _prepare_text(path, context_length)
+        return _prepare_text(path, context_length, tokenizer)
     entries = load_instruction_data(path)
     train, test, val = split_data(entries, train_frac, test_frac)
     # The validation split is the rest, so never empty; the other two can be.
@@ -467,22 +487,23 @@ def prepare_data(path: Optional[str], prompt_style: str = "alpaca", context_leng
             )
     return DataSplits(
         kind="instruction", path=path, fingerprint=data_fingerprint(path, len(entries)),
-        train=InstructionDataset(train, prompt_style, mask_instructions),
-        val=InstructionDataset(val, prompt_style, mask_instructions),
-        test=InstructionDataset(test, prompt_style, mask_instructions),
+        train=InstructionDataset(train, prompt_style, mask_instructions, tokenizer),
+        val=InstructionDataset(val, prompt_style, mask_instructions, tokenizer),
+        test=InstructionDataset(test, prompt_style, mask_instructions, tokenizer),
         train_entries=train, val_entries=val, test_entries=test,
-        collate_fn=functools.partial(collate, allowed_max_length=context_length),
-        prompt_style=prompt_style, mask_instructions=mask_instructions,
+        collate_fn=functools.partial(collate, pad_token_id=turn_end_id(prompt_style, tokenizer),
+                                     allowed_max_length=context_length),
+        prompt_style=prompt_style, mask_instructions=mask_instructions, tokenizer=tokenizer,
     )
 
 
-def _prepare_text(path: str, context_length: int) -> DataSplits:
+def _prepare_text(path: str, context_length: int, tokenizer=GPT2) -> DataSplits:
     """Non-overlapping windows of context_length tokens on a 90/10 split by characters."""
     text = read_text(path)
     split_idx = int(0.9 * len(text))
     datasets = {}
     for name, part in (("train", text[:split_idx]), ("validation", text[split_idx:])):
-        token_ids = encode(part)
+        token_ids = tokenizer.encode(part)
         datasets[name] = TextWindowDataset(token_ids, max_length=context_length, stride=context_length)
         if not datasets[name]:
             raise ValueError(
@@ -490,7 +511,7 @@ def _prepare_text(path: str, context_length: int) -> DataSplits:
                 f"{context_length} tokens plus a target; use a longer text or a smaller context length"
             )
     return DataSplits(kind="text", path=path, fingerprint=data_fingerprint(path, None),
-                      train=datasets["train"], val=datasets["validation"], test=None)
+                      train=datasets["train"], val=datasets["validation"], test=None, tokenizer=tokenizer)
 
 
 def check_batchable(splits: DataSplits, batch_size: int) -> None:
@@ -527,16 +548,16 @@ def check_preference_entries(path, entries):
 
 
 class PreferenceDataset(Dataset):
-    """Pairs tokenized once, as two InstructionDatasets whose outputs are the chosen and the
-    rejected responses, with the prompt masked (a response's log-probability is given its
-    prompt). An item is (chosen item, rejected item, reference log-probs of the pair: NaN until
-    the reference pass has set `reference`, an (N, 2) tensor)."""
+    """Pairs tokenized once (by `tokenizer`), as two InstructionDatasets whose outputs are the
+    chosen and the rejected responses, with the prompt masked (a response's log-probability is
+    given its prompt). An item is (chosen item, rejected item, reference log-probs of the pair:
+    NaN until the reference pass has set `reference`, an (N, 2) tensor)."""
 
-    def __init__(self, entries, prompt_style="alpaca"):
+    def __init__(self, entries, prompt_style="alpaca", tokenizer=GPT2):
         self.entries = entries
         self.chosen, self.rejected = (
             InstructionDataset([{**entry, "output": entry[key]} for entry in entries], prompt_style,
-                               mask_instructions=True) for key in PAIR_KEYS)
+                               mask_instructions=True, tokenizer=tokenizer) for key in PAIR_KEYS)
         self.lengths = [max(a, b) for a, b in zip(self.chosen.lengths, self.rejected.lengths)]
         self.prompt_lengths, self.learned = self.chosen.prompt_lengths, self.chosen.learned  # for summarize_data
         self.reference = None
@@ -549,12 +570,12 @@ class PreferenceDataset(Dataset):
         return self.chosen[index], self.rejected[index], reference
 
 
-def collate_pairs(batch, allowed_max_length=None):
+def collate_pairs(batch, allowed_max_length=None, pad_token_id=EOT_ID):
     """(inputs, targets, reference) of a batch of B pairs: the chapter's collate on the B chosen
-    then the B rejected sequences (one batch of 2B rows, padded alike), and the pairs' reference
-    log-probs (B, 2)."""
+    then the B rejected sequences (one batch of 2B rows, padded alike with pad_token_id, the end
+    token), and the pairs' reference log-probs (B, 2)."""
     inputs, targets = collate([chosen for chosen, _, _ in batch] + [rejected for _, rejected, _ in batch],
-                              allowed_max_length=allowed_max_length)
+                              pad_token_id=pad_token_id, allowed_max_length=allowed_max_length)
     return inputs, targets, torch.stack([reference for _, _, reference in batch])
 
 
@@ -564,11 +585,13 @@ def preference_splits(splits, context_length):
         raise ValueError(f"{splits.path} is raw text; --dpo needs preference data (.json/.jsonl entries with "
                          "'chosen' and 'rejected' responses)")
     check_preference_entries(splits.path, splits.train_entries + splits.test_entries + splits.val_entries)
+    style, tokenizer = splits.prompt_style, splits.tokenizer
     return replace(
-        splits, train=PreferenceDataset(splits.train_entries, splits.prompt_style),
-        val=PreferenceDataset(splits.val_entries, splits.prompt_style),
-        test=PreferenceDataset(splits.test_entries, splits.prompt_style),
-        collate_fn=functools.partial(collate_pairs, allowed_max_length=context_length), mask_instructions=True)
+        splits, train=PreferenceDataset(splits.train_entries, style, tokenizer),
+        val=PreferenceDataset(splits.val_entries, style, tokenizer),
+        test=PreferenceDataset(splits.test_entries, style, tokenizer),
+        collate_fn=functools.partial(collate_pairs, allowed_max_length=context_length,
+                                     pad_token_id=turn_end_id(style, tokenizer)), mask_instructions=True)
 
 
 def summarize_pairs(splits, context_length):

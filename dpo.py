@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from common import IGNORE_INDEX, Progress
 from data import PreferenceDataset, collate_pairs
+from prompts import GPT2, turn_end_id
 
 LOGPROB_MODES = ("sum", "mean")  # the paper's and TRL's; the book's notebook takes the mean
 
@@ -124,11 +125,13 @@ def reference_logprobs(model, dataset, collate_fn, batch_size, device, mode="sum
 
 
 def pair_report(model, entries, prompt_style, context_length, batch_size, device, reference_model=None,
-                     beta=0.1, mode="sum"):
-    """eval.py on preference entries: with the reference model, pair_metrics of the pairs; without,
-    the share of pairs whose chosen response gets the higher log-probability."""
-    dataset = PreferenceDataset(entries, prompt_style)
-    collate_fn = functools.partial(collate_pairs, allowed_max_length=context_length)
+                beta=0.1, mode="sum", tokenizer=GPT2):
+    """eval.py on preference entries (tokenized by the model's tokenizer): with the reference model,
+    pair_metrics of the pairs; without, the share of pairs whose chosen response gets the higher
+    log-probability."""
+    dataset = PreferenceDataset(entries, prompt_style, tokenizer)
+    collate_fn = functools.partial(collate_pairs, allowed_max_length=context_length,
+                                   pad_token_id=turn_end_id(prompt_style, tokenizer))
     policy = reference_logprobs(model, dataset, collate_fn, batch_size, device, mode)
     report = {"pairs": len(dataset), "logprobs": mode,
               "chosen_more_likely": (policy[:, 0] > policy[:, 1]).float().mean().item()}

@@ -257,6 +257,12 @@ CHAT_TEMPLATE = "chat-template"  # the style of a chat model's own template (see
 STYLE_NAMES = (*PROMPT_STYLES, CHAT_TEMPLATE)
 
 
+def default_prompt_style(tokenizer=GPT2) -> str:
+    """The style of a model when none is given: its own chat template if its tokenizer has one
+    (Qwen3, Llama 3.2, SmolLM2, Qwen2.5), else the chapter's alpaca (GPT-2)."""
+    return CHAT_TEMPLATE if tokenizer.chat_template is not None else "alpaca"
+
+
 def get_prompt_style(style: str) -> dict:
     """The templates of a style; ValueError listing the known styles otherwise. A style without
     the conversation templates gets a system message and later turns in its instruction template."""
