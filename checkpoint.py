@@ -16,7 +16,8 @@ from common import atomic_write
 from hf import HF_REPOS, build_model, default_cache_dir, hf_folder
 from lora import add_lora, base_fingerprint, load_lora_state_dict, lora_settings, lora_state_dict, merge_lora
 from model import GPT, PRESETS, GPTConfig, config_for, with_context_length
-from prompts import GPT2, STYLE_NAMES, check_vocab, load_tokenizer, tokenizer_from_state
+from prompts import (CHAT_TEMPLATE, GPT2, STYLE_NAMES, check_vocab, default_prompt_style, load_tokenizer,
+                     tokenizer_from_state)
 from quantize import prepare_for_decoding
 
 
@@ -456,7 +457,8 @@ def add_model_args(p):
                    "or a model file (the book's .pth state dict, nanoGPT's ckpt.pt)")
     p.add_argument("--base", metavar="FOLDER", help="a LoRA --ckpt: the folder its base model moved to "
                    "(checked against the checkpoint's fingerprint)")
-    p.add_argument("--prompt-style", choices=list(STYLE_NAMES), help="default: the checkpoint's, else alpaca")
+    p.add_argument("--prompt-style", choices=list(STYLE_NAMES), help="default: the checkpoint's, else the model's "
+                   "chat template if it has one, else alpaca")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--quantize", choices=["int8"], help="int8 weights for the block linears and the output head: "
                    "faster decoding on the CPU")
@@ -479,7 +481,8 @@ def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, devic
     """(model in eval mode on device, its TrainedWith, prompt style, tokenizer): a fine-tuned
     checkpoint from train.py (its prompt style unless overridden, and its tokenizer; a LoRA
     checkpoint's base looked for in the folder `base` if given), a preset or a Hugging Face
-    folder (its tokenizer files), or a model file (load_model_file: as --model, its TrainedWith
+    folder (its tokenizer files; its own chat template unless a style is given, if it has one:
+    default_prompt_style), or a model file (load_model_file: as --model, its TrainedWith
     is empty), its weights prepared for decoding (quantize.prepare_for_decoding;
     quantize="int8": int8 weights)."""
     check_model_args(ckpt_path, model_name, base)
@@ -491,11 +494,14 @@ def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, devic
         tokenizer = tokenizer_from_state(ckpt.get("tokenizer"))
     elif os.path.isfile(model_name):
         model, file_style, tokenizer = load_model_file(model_name)
-        ckpt, style = None, prompt_style or file_style or "alpaca"
+        ckpt, style = None, prompt_style or file_style or default_prompt_style(tokenizer)
     else:
-        ckpt, model, style = None, build_model(model_name), prompt_style or "alpaca"
-        tokenizer = load_tokenizer(hf_folder(model_name))
+        ckpt, model, tokenizer = None, build_model(model_name), load_tokenizer(hf_folder(model_name))
+        style = prompt_style or default_prompt_style(tokenizer)
     if style not in STYLE_NAMES:
         raise ValueError(f"unknown prompt style '{style}'; choose one of {', '.join(STYLE_NAMES)}")
+    if style == CHAT_TEMPLATE and tokenizer.chat_template is None:
+        raise ValueError(f"{ckpt_path or model_name} has no chat template for prompt style {CHAT_TEMPLATE}; use "
+                         "--prompt-style alpaca, phi3 or none")
     check_vocab(model.config.vocab_size, ckpt_path or model_name, tokenizer)
     return prepare_for_decoding(model.to(device), quantize), trained_with(ckpt), style, tokenizer

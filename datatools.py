@@ -31,7 +31,7 @@ from data import TEST_FRAC, TRAIN_FRAC, is_raw_text, load_instruction_data, spli
 from decoding import add_decoding_args, decoding_settings, generate
 from dedup import THRESHOLD, default_fields, duplicate_entries, field_texts, keep_first, near_pairs, tfidf
 from llm import DEFAULT_TIMEOUT, DEFAULT_URL, OPTIONS, ask, check_server, check_url, judge_prompt, parse_score
-from prompts import decode, format_input, prompt_ids
+from prompts import GPT2, format_input, prompt_ids
 
 # Llama 3's pre-query template (the Magpie paper, the book's 05): the model writes a user's instruction
 LLAMA3_PRE_QUERY = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>"
@@ -492,8 +492,8 @@ def pairs(args):
     model_name = os.path.abspath(args.ckpt) if args.ckpt else args.model
     out = Output(args.out, "pairs", {"tool": "pairs", "model": model_name, "judge": args.judge})
     indices = todo(entries, out, args.entries)
-    model, _, style, _ = load_for_inference(args.ckpt, args.model, args.prompt_style, resolve_device(args.device),
-                                         args.quantize, args.base)
+    model, _, style, tokenizer = load_for_inference(args.ckpt, args.model, args.prompt_style,
+                                                    resolve_device(args.device), args.quantize, args.base)
     sampled = {k: settings[k] for k in ("temperature", "top_k", "top_p", "seed")}
     made_by = {"tool": "pairs", "model": model_name, "judge": args.judge, "samples": args.samples, **sampled,
                "max_new_tokens": args.max_new_tokens}
@@ -503,11 +503,11 @@ def pairs(args):
     def loop():
         for start in range(0, len(indices), args.batch_size):
             batch = [i for i in indices[start:start + args.batch_size]
-                     if not too_long(entries[i], style, model, left_out, i)]
-            rows = [prompt_ids(entries[i], style) for i in batch for _ in range(args.samples)]
-            outputs = generate(model, rows, args.max_new_tokens, **sampled) if rows else []
+                     if not too_long(entries[i], style, model, left_out, i, tokenizer)]
+            rows = [prompt_ids(entries[i], style, tokenizer) for i in batch for _ in range(args.samples)]
+            outputs = generate(model, rows, args.max_new_tokens, stop_ids=tokenizer.stop_ids, **sampled) if rows else []
             for k, i in enumerate(batch):
-                samples = [decode(ids).strip() for ids in outputs[k * args.samples:(k + 1) * args.samples]]
+                samples = [tokenizer.decode(ids).strip() for ids in outputs[k * args.samples:(k + 1) * args.samples]]
                 pair = judged_pair(args, judge_url, entries[i], samples, set_aside, left_out, f"entry {i}")
                 if pair is not None:
                     out.write({**entries[i], **pair, "made_by": {**made_by, "entry": i}})
@@ -520,9 +520,9 @@ def pairs(args):
           f"those); samples set aside: {aside}")
 
 
-def too_long(entry, style, model, left_out, i):
+def too_long(entry, style, model, left_out, i, tokenizer=GPT2):
     """True (and noted) when an entry's prompt leaves no room in the context for a response."""
-    n = len(prompt_ids(entry, style))
+    n = len(prompt_ids(entry, style, tokenizer))
     if n < model.config.context_length:
         return False
     left_out.add("too long", f"entry {i}", f"{n} tokens, the context holds {model.config.context_length}")

@@ -9,7 +9,7 @@ import torch
 
 from common import AT_LEAST_1, NON_NEGATIVE, SEED, checked
 from model import KVCache
-from prompts import EOT_ID, decode, prompt_ids
+from prompts import EOT_ID, GPT2, prompt_ids
 
 PAD_ID = 0  # left padding of a batch: any token every vocabulary has (padding is masked out of attention)
 
@@ -71,11 +71,12 @@ def row_generators(prompts, seed, device):
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-             eos_id=EOT_ID, seed=None, num_beams=1, length_penalty=1.0):
+             stop_ids=(EOT_ID,), seed=None, num_beams=1, length_penalty=1.0):
     """Continue each prompt (a list of token ids) by up to max_new_tokens, stopping a row at
-    eos_id (None: never) or when the context is full. Returns the new ids of each row,
-    without the eos. Prompts are left-padded into one batch; a row's result is the same as
-    generating it alone, and finished rows leave the batch so they cost nothing more.
+    the first of stop_ids it makes (the tokenizer's end tokens; () never stops) or when the
+    context is full. Returns the new ids of each row, without the stop token. Prompts are
+    left-padded into one batch; a row's result is the same as generating it alone, and
+    finished rows leave the batch so they cost nothing more.
     Sampling (temperature > 0) with a seed draws each row from its own generator
     (row_generators), so a sampled row too is the same in any batch; without a seed all rows
     draw from torch's global generator. num_beams > 1 is beam search (see beam_search), which
@@ -88,23 +89,25 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     if max_new_tokens < 1:
         return [[] for _ in prompts]
     if num_beams > 1:
-        return beam_search(model, prompts, max_new_tokens, num_beams, length_penalty, eos_id)
+        return beam_search(model, prompts, max_new_tokens, num_beams, length_penalty, stop_ids)
     outputs = [[] for _ in prompts]
-    for new in stream(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed):
+    for new in stream(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, seed):
         for row, token in new.items():
             outputs[row].append(token)
     return outputs
 
 
 @torch.inference_mode()
-def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_id=EOT_ID, seed=None):
+def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(EOT_ID,),
+           seed=None):
     """generate()'s decoding loop, as a generator: after each step it yields {row: new token}
-    for the rows of `prompts` that made one (a row's eos is not yielded; a finished row yields
+    for the rows of `prompts` that made one (a row's stop token is not yielded; a finished row yields
     nothing more). The next step runs only when the caller asks for it, so a caller prints each
     token as soon as it is made, and stops generation by stopping to iterate. Collected, the
     tokens are generate()'s (greedy or sampled, same cache, same early stop)."""
     if max_new_tokens < 1:
         return
+    stops = frozenset(stop_ids)
     logits, cache, budgets = prefill(model, prompts, max_new_tokens)
     generators = row_generators(prompts, seed, logits.device) if temperature > 0 and seed is not None else None
     counts = [0] * len(prompts)
@@ -117,7 +120,7 @@ def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=No
                                   for row, i in enumerate(active)])
         new, keep = {}, []
         for row, token in enumerate(next_ids.tolist()):
-            if token != eos_id:
+            if token not in stops:
                 new[active[row]] = token
                 counts[active[row]] += 1
                 if counts[active[row]] < budgets[active[row]]:
@@ -132,15 +135,16 @@ def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=No
             logits = model.forward_cached(next_ids[:, None], cache)
 
 
-def beam_search(model, prompts, max_new_tokens, num_beams, length_penalty=1.0, eos_id=EOT_ID):
-    """Beam search: the new ids of each prompt (without the eos), as generate() returns them.
+def beam_search(model, prompts, max_new_tokens, num_beams, length_penalty=1.0, stop_ids=(EOT_ID,)):
+    """Beam search: the new ids of each prompt (without the stop token), as generate() returns them.
 
     Every prompt keeps num_beams open beams, ranked by their sum of token log-probabilities;
     all prompts' beams run as one batch through the KV cache, whose rows are reordered (never
-    recomputed) as beams are chosen. Each step takes the 2 * num_beams best continuations of a
-    prompt's beams: a continuation that is eos_id and among the first num_beams of them is a
-    finished hypothesis, scored sum / length ** length_penalty (length counts the new tokens
-    and the eos), and the num_beams best finished ones are kept; the best others are the next
+    recomputed) as beams are chosen. Each step takes the (1 + len(stop_ids)) * num_beams best
+    continuations of a prompt's beams (enough that num_beams of them are not stop tokens): a
+    continuation that is a stop token and among the first num_beams of them is a finished
+    hypothesis, scored sum / length ** length_penalty (length counts the new tokens and the
+    stop token), and the num_beams best finished ones are kept; the best others are the next
     open beams. A prompt is done once it has num_beams finished hypotheses and no open beam
     can beat the worst of them, or at its budget of new tokens (max_new_tokens or a full
     context). "Can beat" uses a bound that is exact because log-probabilities are <= 0: an
@@ -150,7 +154,8 @@ def beam_search(model, prompts, max_new_tokens, num_beams, length_penalty=1.0, e
     none its best open beam. Done prompts leave the batch."""
     logits, cache, budgets = prefill(model, prompts, max_new_tokens)
     vocab = logits.size(-1)
-    n_candidates = 2 * num_beams if eos_id is not None else num_beams
+    stops = frozenset(stop_ids)
+    n_candidates = (1 + len(stops)) * num_beams
     active = list(range(len(prompts)))  # the prompt of each group of beams in the batch
     beams = [[(0.0, [])] for _ in prompts]  # each prompt's open beams (log-prob sum, tokens), a batch row each
     finished = [[] for _ in prompts]  # each prompt's best finished hypotheses (score, tokens), best first
@@ -166,7 +171,7 @@ def beam_search(model, prompts, max_new_tokens, num_beams, length_penalty=1.0, e
             kept = []  # (parent beam, token, sum) of the next open beams, best first
             for rank, (flat, total) in enumerate(zip(top_ids[i].tolist(), top_sums[i].tolist())):
                 parent, token = divmod(flat, vocab)
-                if token == eos_id:
+                if token in stops:
                     if rank < num_beams:
                         add_finished(finished[prompt], num_beams, total / length ** length_penalty,
                                      beams[prompt][parent][1])
@@ -211,41 +216,75 @@ def add_finished(hyps, num_beams, score, tokens):
 
 
 @torch.inference_mode()
-def choice_logprobs(model, prompts, choices, eos_id=EOT_ID):
-    """The log-probability of each choice (a list of token ids) followed by eos_id after each
-    prompt: a list of floats per prompt, exactly what one forward pass over prompt + choice +
-    eos gives. The prompts go through the model once (prefill); every choice then continues all
-    of them from the KV cache, each written over the one before (the cache's position goes back
-    to the prompts' end), so nothing is copied and no choice is padded."""
+def choice_logprobs(model, prompts, choices, stop_ids=(EOT_ID,)):
+    """The log-probability of each choice (a list of token ids) followed by a stop token after
+    each prompt: a list of floats per prompt, exactly what one forward pass over prompt + choice
+    gives for the choice's tokens, plus the log of the probability that a stop token follows
+    (any of stop_ids: theirs add up; () scores the choice alone). The prompts go through the
+    model once (prefill); every choice then continues all of them from the KV cache, each
+    written over the one before (the cache's position goes back to the prompts' end), so
+    nothing is copied and no choice is padded."""
     if not choices or min(map(len, choices)) == 0:
         raise ValueError("every choice needs at least one token")
-    width = max(map(len, choices))  # tokens fed after the prompt: the last one's logits score the eos
+    width = max(map(len, choices))  # tokens fed after the prompt: the last one's logits score the stop
     ctx = model.config.context_length
     if max(map(len, prompts)) + width > ctx:
         raise ValueError(f"a prompt of {max(map(len, prompts))} tokens and a choice of {width} exceed the context "
                          f"length {ctx}; truncate the prompt first")
     logits, cache, _ = prefill(model, prompts, width + 1)
     first, prompts_end, totals = torch.log_softmax(logits.float(), dim=-1)[:, None], cache.pos, []
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=logits.device)
     for choice in choices:
         cache.pos = prompts_end
         ids = torch.tensor([choice] * len(prompts), device=logits.device)
         later = torch.log_softmax(model.forward_cached(ids, cache, all_positions=True).float(), dim=-1)
         logprobs = torch.cat([first, later], dim=1)  # (prompts, len(choice) + 1, vocab): each predicts the next
-        targets = torch.tensor(choice + [eos_id], device=logits.device)
-        totals.append(logprobs[:, torch.arange(len(targets)), targets].sum(dim=1))
+        n = len(choice)
+        total = logprobs[:, torch.arange(n), ids[0]].sum(dim=1)
+        if len(stops):
+            total = total + logprobs[:, n, stops].logsumexp(dim=-1)
+        totals.append(total)
     return torch.stack(totals, dim=1).tolist()
 
 
 def hit_limit(prompt, new_ids, max_new_tokens, context_length):
-    """True when generation stopped at max_new_tokens or the end of the context, not at end-of-text."""
+    """True when generation stopped at max_new_tokens or the end of the context, not at a stop token."""
     return len(new_ids) == min(max_new_tokens, context_length - len(prompt) + 1)
 
 
-def respond(model, entries, prompt_style, max_new_tokens, **sampling):
+def respond(model, entries, prompt_style, max_new_tokens, tokenizer=GPT2, **sampling):
     """The model's response text to each entry (an instruction, or a conversation: its next
-    assistant turn), prompted in prompt_style."""
-    prompts = [prompt_ids(entry, prompt_style) for entry in entries]
-    return [decode(ids).strip() for ids in generate(model, prompts, max_new_tokens, **sampling)]
+    assistant turn), prompted in prompt_style with the model's tokenizer, stopping at its stop ids."""
+    prompts = [prompt_ids(entry, prompt_style, tokenizer) for entry in entries]
+    sampling = {"stop_ids": tokenizer.stop_ids, **sampling}
+    return [tokenizer.decode(ids).strip() for ids in generate(model, prompts, max_new_tokens, **sampling)]
+
+
+class TextStream:
+    """The text of tokens that arrive one at a time, as pieces: add(token) returns the text the
+    token completes. Only the tokens since the last whole character are decoded again (the cost
+    of a token does not grow with the text), and the bytes of a character split across tokens
+    wait for the rest: while they are incomplete the decoded tail ends with U+FFFD. finish()
+    returns what is left, an incomplete character as U+FFFD."""
+
+    def __init__(self, tokenizer=GPT2):
+        self.tokenizer = tokenizer
+        self.tail, self.used = [], 0  # the tokens since a character boundary; the characters of theirs given out
+
+    def add(self, token):
+        self.tail.append(token)
+        return self.take(last=False)
+
+    def finish(self):
+        return self.take(last=True)
+
+    def take(self, last):
+        text = self.tokenizer.decode(self.tail)
+        complete = text if last else text.rstrip("\ufffd")  # the first bytes of a character still to come
+        new, self.used = complete[self.used:], len(complete)
+        if len(complete) == len(text):  # the tokens end on a character: decode from the next one on
+            self.tail, self.used = [], 0
+        return new
 
 
 def add_decoding_args(p):

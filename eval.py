@@ -8,6 +8,8 @@
     python eval.py --ckpt out/ckpt.pt --choices World,Sports,Business,Sci/Tech   # classify: the likeliest answer
     python judge.py out/test-responses.json --judge llama3   # then: Llama 3 (Ollama) scores the responses
 
+The model's own tokenizer (GPT-2's, a model folder's, or the one a checkpoint was trained with)
+tokenizes the data and decodes the responses, and generation stops at any of its end tokens.
 Rebuilds the split, prompt style, context length and loss masking the checkpoint was trained
 with (--data, --split, --prompt-style and --mask-instructions override theirs), reports the
 test and validation loss over all their batches, then writes to OUT (the checkpoint's folder
@@ -62,7 +64,7 @@ from data import DataSplits, batch_indices, check_preference_entries, check_same
 from decoding import add_decoding_args, choice_logprobs, decoding_settings, generate, hit_limit
 from dpo import pair_report
 from model import GPT, calc_loss_loader, weights_fingerprint
-from prompts import decode, encode, entry_output, get_prompt_style
+from prompts import CHAT_TEMPLATE, GPT2, entry_output, get_prompt_style
 from results import RESPONSES, SUMMARY, load_responses, read_summary
 
 MAX_LABELS, MAX_LABEL_WORDS = 20, 3  # outputs with fewer distinct values, this short, are labels
@@ -189,6 +191,7 @@ class Evaluation:
     device: object
     trained: TrainedWith
     style: str
+    tokenizer: object  # the model's (prompts.py's GPT2 or an HFTokenizer), from load_for_inference
     context_length: int
     splits: DataSplits
     out_dir: str
@@ -209,15 +212,15 @@ class Evaluation:
 def load(args, device, out_dir):
     """The Evaluation of args: the model, its data cut as in training, the test entries and
     answers evaluated, and what decides the results."""
-    model, trained, style, _ = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize,
-                                               args.base)
+    model, trained, style, tokenizer = load_for_inference(args.ckpt, args.model, args.prompt_style, device,
+                                                          args.quantize, args.base)
     context_length = trained.context_length or model.config.context_length
     mask = trained.mask_instructions if args.mask_instructions is None else args.mask_instructions
-    splits = load_data(args.data, trained, style, context_length, mask, args.split)
+    splits = load_data(args.data, trained, style, context_length, mask, args.split, tokenizer)
     if args.reference is not None and splits.kind != "text":  # bad data, or a reference that does not fit, before work
         check_preference_entries(splits.path, splits.train_entries + splits.test_entries + splits.val_entries)
         check_reference(args.reference, context_length)
-    run = Evaluation(args, model, device, trained, style, context_length, splits, out_dir,
+    run = Evaluation(args, model, device, trained, style, tokenizer, context_length, splits, out_dir,
                      source={"checkpoint": args.ckpt} if args.ckpt else {"model": args.model},
                      identity={"weights_sha256": weights_fingerprint(model.state_dict().items()),
                                "data_sha256": splits.fingerprint["sha256"], "context_length": context_length})
@@ -238,18 +241,19 @@ def load(args, device, out_dir):
     return run
 
 
-def load_data(path, trained, style, context_length, mask_instructions, split=None):
-    """The splits of `path` (default: the checkpoint's data) cut as the checkpoint's were, or at
-    the (train, test) fractions `split`. The checkpoint's own data is recognised by its content,
-    wherever it lies now; other data given with --data is evaluated on its own test split, with
-    a note. trained: the checkpoint's TrainedWith."""
+def load_data(path, trained, style, context_length, mask_instructions, split=None, tokenizer=GPT2):
+    """The splits of `path` (default: the checkpoint's data), tokenized by the model's tokenizer,
+    cut as the checkpoint's were, or at the (train, test) fractions `split`. The checkpoint's
+    own data is recognised by its content, wherever it lies now; other data given with --data
+    is evaluated on its own test split, with a note. trained: the checkpoint's TrainedWith."""
     given = path is not None
     if not given and trained.data is not None:
         path = trained.data
         if not os.path.isfile(path):
             raise FileNotFoundError(f"the checkpoint was trained on {path}, which does not exist here; "
                                     "pass the data with --data PATH")
-    splits = prepare_data(path, style, context_length, mask_instructions, *(split or trained.split or ()))
+    splits = prepare_data(path, style, context_length, mask_instructions, *(split or trained.split or ()),
+                          tokenizer=tokenizer)
     if given and trained.data_fingerprint not in (None, splits.fingerprint):
         print(f"note: {splits.path} is not the data the checkpoint was trained on ({trained.data}); "
               "evaluating on its test split")
@@ -319,7 +323,7 @@ def preference_report(run):
         reference = load_model_file(args.reference, run.context_length)[0].to(run.device).eval()
     dpo = run.trained.dpo or {"beta": 0.1, "logprobs": "sum"}
     report = pair_report(run.model, run.entries, run.style, run.context_length, args.batch_size, run.device,
-                         reference, dpo["beta"], dpo["logprobs"])
+                         reference, dpo["beta"], dpo["logprobs"], tokenizer=run.tokenizer)
     line = f"test pairs: chosen response more likely in {report['chosen_more_likely']:.1%}"
     if reference is not None:
         line += (f"; against {args.reference}: DPO loss {report['loss']:.4f}, reward margin "
@@ -388,7 +392,7 @@ def test_prompts(run):
     keep = max_prompt_tokens(ctx, run.args.max_new_tokens)
     room = f"--max-new-tokens {run.args.max_new_tokens}"
     if run.choices:  # room for the longest choice, whose last token's logits score the end-of-text
-        width = max(len(encode(choice)) for choice in run.choices)
+        width = max(len(run.tokenizer.encode(choice)) for choice in run.choices)
         keep, room = ctx - width, f"the longest choice has {plural(width, 'token')}"
     n_truncated = sum(len(ids) > keep for ids in prompts)
     if n_truncated:
@@ -404,14 +408,15 @@ def respond(run, prompts, records, earlier, decoding, n_truncated):
 
     def on_batch(rows, new_ids, cut):
         for i, ids, no_eot in zip(rows, new_ids, cut):
-            raw = decode(ids)
+            raw = run.tokenizer.decode(ids)
             records[i].update(model_response=clean_response(raw, run.style), raw_response=raw, no_end_of_text=no_eot)
         write_json(records, run.responses_path)
 
     todo = unanswered(records, prompts, args.batch_size)
     start = time.perf_counter()
     try:
-        n_tokens = generate_responses(run.model, prompts, todo, args.max_new_tokens, on_batch, **decoding)
+        n_tokens = generate_responses(run.model, prompts, todo, args.max_new_tokens, on_batch, **decoding,
+                                      stop_ids=run.tokenizer.stop_ids)
     except KeyboardInterrupt:
         raise Interrupted(kept_responses(records, run.responses_path)) from None
     seconds = time.perf_counter() - start
@@ -490,9 +495,12 @@ def template_markers(template):
 def clean_response(text, style):
     """The response proper: stripped, without a response header the model repeated at its
     start, and cut where the model begins a new turn (any template line of the style, such as
-    "### Instruction:" or "<|user|>")."""
-    templates = get_prompt_style(style)
+    "### Instruction:" or "<|user|>"). A chat template's turns end with a stop token, which
+    ends generation: its responses are only stripped."""
     text = text.strip()
+    if style == CHAT_TEMPLATE:
+        return text
+    templates = get_prompt_style(style)
     for header in template_markers(templates["response"]):
         text = text.removeprefix(header).strip()
     markers = [m for template in templates.values() for m in template_markers(template)]
@@ -615,14 +623,15 @@ def best_choice(logprobs, choices, norm):
     return max(choices, key=lambda choice: logprobs[choice] / (len(choice) if norm else 1))
 
 
-def score_choices(model, prompts, batches, choices, on_batch):
+def score_choices(model, prompts, batches, choices, on_batch, tokenizer=GPT2):
     """Hand each batch of `batches` (lists of prompt indices) to on_batch(indices, log-probabilities),
-    a list per prompt of the log-probability of each choice followed by end-of-text."""
-    choice_ids = [encode(choice) for choice in choices]
+    a list per prompt of the log-probability of each choice (in the tokenizer's ids) followed by a
+    stop token (end-of-text, or the end of a chat template's turn)."""
+    choice_ids = [tokenizer.encode(choice) for choice in choices]
     done = 0
     with Progress("choices", sum(map(len, batches))) as progress:
         for rows in batches:
-            on_batch(rows, choice_logprobs(model, [prompts[i] for i in rows], choice_ids))
+            on_batch(rows, choice_logprobs(model, [prompts[i] for i in rows], choice_ids, tokenizer.stop_ids))
             done += len(rows)
             progress.update(done)
 
@@ -664,7 +673,7 @@ def choose(run, prompts, records, earlier):
     todo = unanswered(records, prompts, run.args.batch_size)
     start = time.perf_counter()
     try:
-        score_choices(run.model, prompts, todo, choices, on_batch)
+        score_choices(run.model, prompts, todo, choices, on_batch, run.tokenizer)
     except KeyboardInterrupt:
         raise Interrupted(kept_responses(records, run.responses_path)) from None
     n_scored, seconds = sum(map(len, todo)), time.perf_counter() - start

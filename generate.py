@@ -3,6 +3,10 @@
     python generate.py --ckpt out/ckpt.pt --prompt "Name three primary colors."
     python generate.py --ckpt out/ckpt.pt --interactive [--system "Answer briefly."]   # a chat
     python generate.py --model gpt2 --prompt-style alpaca --prompt "..." --temperature 0.7 --top-k 50
+    python generate.py --model qwen3-0.6b --interactive   # a chat model, in its own chat template
+
+Each model speaks through its own tokenizer (GPT-2's, or a model folder's tokenizer.json) and
+stops at its end tokens (GPT-2's <|endoftext|>; <|im_end|>, <|eot_id|>, ... for the Llama family).
 """
 import common  # noqa: F401  (first: Ctrl-C while torch loads is one line, see common.py)
 import argparse
@@ -12,8 +16,8 @@ import sys
 
 from checkpoint import add_model_args, load_for_inference
 from common import plural, resolve_device, run_main, stop_on_interrupt
-from decoding import add_decoding_args, decoding_settings, generate, hit_limit, stream
-from prompts import decode, encode, encode_conversation, format_prompt
+from decoding import TextStream, add_decoding_args, decoding_settings, generate, hit_limit, stream
+from prompts import GPT2, encode_conversation, prompt_ids
 
 
 def emptiness(ids):
@@ -50,15 +54,17 @@ def answer_all(args):
     """Print the answers to the --prompt instructions, then those of the interactive loop."""
     device = resolve_device(args.device)
     sampling = decoding_settings(args)
-    model, _, style, _ = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize, args.base)
+    model, _, style, tokenizer = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize,
+                                                    args.base)
+    sampling["stop_ids"] = tokenizer.stop_ids
 
     def answer(instructions, seed):
         """Print the response to each instruction (marked when there are several), with a note on
         stderr when it is empty or was cut."""
-        prompts = [encode(format_prompt({"instruction": text, "input": args.input}, style)) for text in instructions]
+        prompts = [prompt_ids({"instruction": text, "input": args.input}, style, tokenizer) for text in instructions]
         results = generate(model, prompts, args.max_new_tokens, **{**sampling, "seed": seed})
         for i, (instruction, prompt, ids) in enumerate(zip(instructions, prompts, results)):
-            text = decode(ids).strip()
+            text = tokenizer.decode(ids).strip()
             if len(instructions) > 1:
                 print(("\n" if i else "") + f"==> {i + 1}/{len(instructions)}: {headline(instruction)} <==")
             print(text, flush=True)
@@ -71,13 +77,13 @@ def answer_all(args):
     if args.prompt:
         answer(args.prompt, args.seed)
     if args.interactive:
-        chat(model, style, args, sampling)
+        chat(model, style, tokenizer, args, sampling)
 
 
 # ----------------------------------------------------------------------------- the interactive chat
 
 
-def fit_context(messages, style, context_length, reserve):
+def fit_context(messages, style, context_length, reserve, tokenizer=GPT2):
     """(messages, prompt ids, exchanges dropped): the conversation and the prompt of its next
     assistant turn, its oldest exchanges dropped (a system message stays) until the prompt
     leaves `reserve` tokens of the context for the reply. The last user turn alone may leave
@@ -85,7 +91,7 @@ def fit_context(messages, style, context_length, reserve):
     system = messages[:1] if messages[0]["role"] == "system" else []
     turns, dropped = messages[len(system):], 0
     while True:
-        ids = encode_conversation(system + turns, style)[0]
+        ids = encode_conversation(system + turns, style, tokenizer)[0]
         if len(ids) + reserve <= context_length or len(turns) == 1:
             break
         turns, dropped = turns[2:], dropped + 1  # a user turn and the assistant's reply
@@ -95,33 +101,41 @@ def fit_context(messages, style, context_length, reserve):
     return system + turns, ids, dropped
 
 
-def stream_reply(model, prompt, max_new_tokens, sampling):
-    """Print the reply to `prompt` as it is made (a token at a time; beam search, which has no
-    order of tokens until it ends, prints it whole). Ctrl-C stops the reply and keeps what was
-    made. Returns (reply ids, whether Ctrl-C stopped it)."""
-    stopped, ids, shown = [], [], ""
+def stream_reply(model, prompt, max_new_tokens, sampling, tokenizer=GPT2):
+    """Print the reply to `prompt` as it is made (a token at a time, a character split across
+    tokens once it is whole; beam search, which has no order of tokens until it ends, prints it
+    whole). Ctrl-C stops the reply and keeps what was made. Returns (reply ids, whether Ctrl-C
+    stopped it)."""
+    stopped, ids, text, shown = [], [], "", ""
+    pieces = TextStream(tokenizer)
+
+    def show(new):
+        nonlocal text, shown
+        text += new
+        visible = text.lstrip()
+        print(visible[len(shown):], end="", flush=True)
+        shown = visible
+
     previous = signal.signal(signal.SIGINT, lambda signum, frame: stopped.append(True))
     try:
         if sampling["num_beams"] > 1:
             steps = ({0: token} for token in generate(model, [prompt], max_new_tokens, **sampling)[0])
         else:
             steps = stream(model, [prompt], max_new_tokens, sampling["temperature"], sampling["top_k"],
-                           sampling["top_p"], seed=sampling["seed"])
+                           sampling["top_p"], sampling["stop_ids"], seed=sampling["seed"])
         for new in steps:
             ids.append(new[0])
-            text = decode(ids).lstrip()
-            if not text.endswith("\ufffd"):  # else a character's bytes are split across tokens: wait for the rest
-                print(text[len(shown):], end="", flush=True)
-                shown = text
+            show(pieces.add(new[0]))
             if stopped:
                 break
+        show(pieces.finish())
     finally:
         signal.signal(signal.SIGINT, previous)
     print(flush=True)
     return ids, bool(stopped)
 
 
-def chat(model, style, args, sampling):
+def chat(model, style, tokenizer, args, sampling):
     """The interactive chat: each line is a user turn, the reply streams as it is made, and the
     conversation is kept (its oldest exchanges dropped, with a note, when the context fills).
     /reset starts over; Ctrl-C stops a reply and the chat goes on; a reply that is empty once
@@ -147,7 +161,7 @@ def chat(model, style, args, sampling):
             continue
         user = {"role": "user", "content": line, **({"input": args.input} if args.input else {})}
         try:
-            messages, prompt, dropped = fit_context(messages + [user], style, ctx, reserve)
+            messages, prompt, dropped = fit_context(messages + [user], style, ctx, reserve, tokenizer)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             continue
@@ -155,13 +169,14 @@ def chat(model, style, args, sampling):
             print(f"({plural(dropped, 'earlier exchange')} dropped from the conversation to fit the context of "
                   f"{ctx} tokens)", file=sys.stderr)
         # the n-th message samples with seed + n: asked again, it gets another sample
-        ids, stopped = stream_reply(model, prompt, args.max_new_tokens, {**sampling, "seed": args.seed + turn})
+        ids, stopped = stream_reply(model, prompt, args.max_new_tokens, {**sampling, "seed": args.seed + turn},
+                                    tokenizer)
         if stopped:
             print("(reply stopped)", file=sys.stderr)
         elif hit_limit(prompt, ids, args.max_new_tokens, ctx):
             print(f"(cut at {len(ids)} tokens: --max-new-tokens {args.max_new_tokens} or the end of the "
                   f"context of {ctx})", file=sys.stderr)
-        reply = decode(ids).strip()
+        reply = tokenizer.decode(ids).strip()
         if not reply:  # kept, an empty turn would stand in the prompt of every later reply
             why = "stopped before any text" if stopped else emptiness(ids)
             print(f"(empty reply: {why}; this exchange is left out of the conversation)", file=sys.stderr)

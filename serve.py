@@ -3,13 +3,18 @@
     python serve.py --ckpt out/best.pt                       # then open http://127.0.0.1:8000/
     python serve.py --model gpt2 --quantize int8 --port 8080 --api-key secret --cors https://app.example
 
-POST /v1/chat/completions (messages in the model's prompt style), POST /v1/completions (raw
-prompts, or with "echo" and "logprobs" the log-probabilities of a prompt's tokens, as
-lm-evaluation-harness asks them), POST /tokenize, GET /v1/models, GET /health, GET / (chat.html). One engine
-thread owns the model and the KV cache: a request joins the running batch at the next decoding
-step and leaves it when it is done, so a short reply never waits for a long one and greedy
-replies are generate()'s. Nothing a request sends can fail or stall another: its settings are
-bounded (MAX_BODY, MAX_STOPS, MAX_STOP_CHARS, MIN_TEMPERATURE) and its failures are its own.
+POST /v1/chat/completions (messages in the model's prompt style: by default a model's own chat
+template if it has one), POST /v1/completions (raw prompts, or with "echo"
+and "logprobs" the log-probabilities of a prompt's tokens, as lm-evaluation-harness asks them),
+POST /tokenize, GET /v1/models, GET /health, GET / (chat.html). One engine thread owns the
+model and the KV cache: a request joins the running batch at the next decoding step and leaves
+it when it is done, so a short reply never waits for a long one and greedy replies are
+generate()'s. Nothing a request sends can fail or stall another: its settings are bounded
+(MAX_BODY, MAX_STOPS, MAX_STOP_CHARS, MIN_TEMPERATURE) and its failures are its own.
+Text goes in and out through the model's own tokenizer, and a reply ends at any of its stop
+tokens (GPT-2's <|endoftext|>; <|im_end|>, <|eot_id|>, ... in the Llama family). A special
+token typed in a message or a prompt is text, never the token: a user cannot end the assistant's
+turn or write a system turn of their own.
 """
 import common  # noqa: F401  (first: Ctrl-C while torch loads is one line, see common.py)
 import argparse
@@ -32,9 +37,9 @@ import torch
 
 from checkpoint import add_model_args, load_for_inference
 from common import AT_LEAST_1, POSITIVE, checked, plural, resolve_device, run_main
-from decoding import prefill, row_generators, sample_next
+from decoding import TextStream, prefill, row_generators, sample_next
 from model import KVCache
-from prompts import EOT_ID, ROLES, decode, encode, encode_conversation
+from prompts import GPT2, ROLES, encode_conversation
 
 DEFAULT_SEED = 123  # a request without "seed" samples as generate.py does by default: the same reply every time
 MAX_BODY = 1 << 20  # bytes of a request body; more is refused with 413
@@ -112,16 +117,18 @@ class StopStrings:
 class Request:
     """One generation: its prompt and settings, the tokens made so far, and the events the
     engine sends its HTTP handler: ("text", new text) and at the end ("done", finish reason)
-    or ("error", APIError). An echo request is scored instead of decoded (Engine.score)."""
+    or ("error", APIError). It decodes with the model's tokenizer and ends at any of its stop
+    ids. An echo request is scored instead of decoded (Engine.score)."""
 
     def __init__(self, prompt, max_tokens=None, temperature=0.0, top_p=None, seed=DEFAULT_SEED, stop=(),
-                 device="cpu", echo=False, logprobs=None):
+                 device="cpu", echo=False, logprobs=None, tokenizer=GPT2):
         self.prompt, self.max_tokens, self.temperature, self.top_p = prompt, max_tokens, temperature, top_p
-        self.echo, self.logprobs = echo, logprobs
+        self.echo, self.logprobs, self.tokenizer = echo, logprobs, tokenizer
+        self.stop_ids = frozenset(tokenizer.stop_ids)
         self.stops = StopStrings(stop)
         self.generator = row_generators([prompt], seed, device)[0]  # as generate() samples this prompt
         self.tokens, self.budget = [], None
-        self.fresh, self.used = 0, 0  # tokens[fresh:] may still end inside a character; used: its characters taken
+        self.text = TextStream(tokenizer)  # the reply's text, a whole character at a time
         self.unsent, self.sent = "", 0  # text taken but held back (a stop string may begin there); characters sent
         self.scores = None  # an echo request's (token log-probabilities, top tokens) once scored
         self.events = queue.SimpleQueue()
@@ -131,20 +138,20 @@ class Request:
         """Take the next token: returns the finish reason once the request is done, else None.
         Text goes out as soon as it can no longer turn into a stop string or a longer character.
         Only the new tokens are decoded and searched: the cost of a token does not grow with the reply."""
-        last = token == EOT_ID or len(self.tokens) + 1 >= self.budget
-        if token != EOT_ID:
+        stopped = token in self.stop_ids
+        last = stopped or len(self.tokens) + 1 >= self.budget
+        new = ""
+        if not stopped:
             self.tokens.append(token)
-        tail = decode(self.tokens[self.fresh:])
-        complete = tail if last else tail.rstrip("\ufffd")  # the first bytes of a character still to come
-        new, self.used = complete[self.used:], len(complete)
-        if len(complete) == len(tail):  # the tokens end on a character: decode from here on next time
-            self.fresh, self.used = len(self.tokens), 0
+            new = self.text.add(token)
+        if last:  # an incomplete character at the very end is U+FFFD
+            new += self.text.finish()
         self.unsent += new
         start = self.stops.feed(new)
         if start is not None:
             return self.finish("stop", self.unsent[:start - self.sent])
         if last:
-            return self.finish("stop" if token == EOT_ID else "length", self.unsent)
+            return self.finish("stop" if stopped else "length", self.unsent)
         self.send_text(self.unsent[:len(self.unsent) - self.stops.held()])
         return None
 
@@ -312,7 +319,8 @@ class Engine:
         top = torch.topk(scored, request.logprobs or 0, dim=-1)
         request.tokens = tokens[len(request.prompt):]
         request.scores = (tokens, [None] + chosen, [None] + list(zip(top.indices.tolist(), top.values.tolist())))
-        request.events.put(("done", "stop" if request.tokens == [EOT_ID] else "length"))
+        stopped = bool(request.tokens) and request.tokens[0] in request.stop_ids
+        request.events.put(("done", "stop" if stopped else "length"))
 
 
 # ----------------------------------------------------------------------------- requests
@@ -369,10 +377,10 @@ def is_token_ids(value):
                                                            for t in value)
 
 
-def completion_prompts(body, vocab_size, most):
-    """The token ids of each prompt of a /v1/completions request: "prompt" is a string, a list of
-    token ids, or a list of up to `most` strings or lists of token ids (as lm-evaluation-harness
-    sends them). APIError 400 otherwise."""
+def completion_prompts(body, vocab_size, most, tokenizer=GPT2):
+    """The token ids of each prompt of a /v1/completions request: "prompt" is a string (encoded
+    by text_ids), a list of token ids, or a list of up to `most` strings or lists of token ids (as
+    lm-evaluation-harness sends them). APIError 400 otherwise."""
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) or is_token_ids(prompt) else prompt
     if not (isinstance(prompts, list) and 0 < len(prompts) <= most
@@ -382,32 +390,40 @@ def completion_prompts(body, vocab_size, most):
     ids = []
     for p in prompts:
         if isinstance(p, str):
-            p = encode(p)
-        elif min(p) < 0 or max(p) >= vocab_size or not decodable(p):
+            p = text_ids(p, tokenizer)
+        elif min(p) < 0 or max(p) >= min(vocab_size, tokenizer.vocab_size):
+            # a vocabulary padded to a round size has more ids than the tokenizer
+            theirs = f", its tokenizer's 0 to {tokenizer.vocab_size - 1}" if tokenizer.vocab_size < vocab_size else ""
             raise APIError(400, f"'prompt' holds a token id the model or its tokenizer does not have (the model's "
-                           f"are 0 to {vocab_size - 1})", "prompt")
+                           f"are 0 to {vocab_size - 1}{theirs})", "prompt")
         ids.append(p)
     return ids
 
 
-def decodable(ids):
-    """Whether the tokenizer knows every id (a vocabulary padded to a round size has more)."""
+def text_ids(text, tokenizer=GPT2):
+    """The ids of a raw text prompt: what the tokenizer puts before a text (Llama 3's
+    <|begin_of_text|>; nothing for GPT-2), then the text, always as text."""
+    return list(tokenizer.bos_ids) + tokenizer.encode(text)
+
+
+def conversation_ids(messages, style, tokenizer=GPT2):
+    """The prompt ids of a chat request's messages (check_messages), rendered in the style (a chat
+    model's own template) with typed special tokens as text; APIError 400 if they cannot be."""
     try:
-        decode(ids)
-        return True
-    except KeyError:  # tiktoken's error for an id it does not have
-        return False
+        return encode_conversation(check_messages(messages), style, tokenizer)[0]
+    except ValueError as e:  # the template refused these messages (its raise_exception)
+        raise APIError(400, str(e), "messages") from None
 
 
-def parse_request(body, chat, style, config, device, most_prompts=1):
+def parse_request(body, chat, style, config, device, most_prompts=1, tokenizer=GPT2):
     """The Requests of a request body (one for chat, one per prompt for completions), and whether
     to stream the reply; APIError 400 for what is wrong."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     if chat:
-        prompts = [encode_conversation(check_messages(body.get("messages")), style)[0]]
+        prompts = [conversation_ids(body.get("messages"), style, tokenizer)]
     else:
-        prompts = completion_prompts(body, config.vocab_size, most_prompts)
+        prompts = completion_prompts(body, config.vocab_size, most_prompts, tokenizer)
     for prompt in prompts:
         if len(prompt) > config.context_length:
             raise APIError(400, f"the prompt is {len(prompt)} tokens, over the model's context length of "
@@ -437,8 +453,8 @@ def parse_request(body, chat, style, config, device, most_prompts=1):
         raise APIError(400, "'stream' takes one prompt, without 'echo'", "stream")
     stop = [stop] if isinstance(stop, str) else stop
     temperature = 0.0 if temperature < MIN_TEMPERATURE else temperature
-    return [Request(p, max_tokens or (0 if echo else None), temperature, top_p, seed, stop, device, echo, logprobs)
-            for p in prompts], stream
+    return [Request(p, max_tokens or (0 if echo else None), temperature, top_p, seed, stop, device, echo, logprobs,
+                    tokenizer) for p in prompts], stream
 
 
 def echo_logprobs(request):
@@ -446,6 +462,7 @@ def echo_logprobs(request):
     (none for the first token, which follows nothing) and the request's number of most likely
     tokens at its place, with the token itself, and where each token's text starts in the echoed text."""
     tokens, chosen, tops = request.scores
+    decode = request.tokenizer.decode
     texts = [decode([t]) for t in tokens]
     offsets, top_logprobs = [], []
     for k, (token, logprob, top) in enumerate(zip(tokens, chosen, tops)):
@@ -549,8 +566,9 @@ class Handler(BaseHTTPRequestHandler):
         request renders them, and the context length (the chat page fits its conversation with it)."""
         if not isinstance(body, dict) or not (isinstance(body.get("prompt"), str) or "messages" in body):
             raise APIError(400, "the request body must be a JSON object with a 'prompt' string or 'messages'")
-        ids = encode(body["prompt"]) if "messages" not in body else \
-            encode_conversation(check_messages(body["messages"]), self.server.style)[0]
+        tokenizer = self.server.tokenizer
+        ids = text_ids(body["prompt"], tokenizer) if "messages" not in body else \
+            conversation_ids(body["messages"], self.server.style, tokenizer)
         self.send_json(200, {"count": len(ids), "max_model_len": self.server.engine.model.config.context_length,
                              "tokens": ids})
 
@@ -563,7 +581,7 @@ class Handler(BaseHTTPRequestHandler):
     def generate(self, body, chat):
         engine = self.server.engine
         requests, stream = parse_request(body, chat, self.server.style, engine.model.config, engine.device,
-                                         engine.max_queue)
+                                         engine.max_queue, self.server.tokenizer)
         engine.submit(requests)
         try:
             head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
@@ -585,7 +603,8 @@ class Handler(BaseHTTPRequestHandler):
                         raise value
                     text, reason = (text + value, None) if name == "text" else (text, value)
                 if request.echo:  # the prompt and any token chosen after it
-                    text = decode(request.prompt + [t for t in request.tokens if t != EOT_ID])
+                    text = request.tokenizer.decode(request.prompt + [t for t in request.tokens
+                                                                      if t not in request.stop_ids])
                 choices.append({**choice(text, reason, chat), "index": index})
                 if request.logprobs is not None:
                     choices[-1]["logprobs"] = echo_logprobs(request)
@@ -702,13 +721,15 @@ class Server(ThreadingHTTPServer):
 
 
 def make_server(engine, style, model_name, host="127.0.0.1", port=8000, api_key=None, timeout=60.0, quiet=False,
-                cors=None):
+                cors=None, tokenizer=GPT2):
     """An HTTP server (not yet serving; a thread per connection) in front of an engine; port 0
-    picks a free one; cors: the origin (or *) whose pages may call the API from a browser."""
+    picks a free one; cors: the origin (or *) whose pages may call the API from a browser;
+    tokenizer: the model's (load_for_inference's)."""
     # the socket timeout: a client silent (or not reading) for this long is dropped
     server = Server((host, port), type("TimedHandler", (Handler,), {"timeout": timeout}))
     server.engine, server.style, server.model_name, server.api_key, server.quiet, server.cors = \
         engine, style, model_name, api_key, quiet, cors
+    server.tokenizer = tokenizer
     server.created = int(time.time())
     with open(CHAT_PAGE, "rb") as f:
         server.page = f.read()
@@ -737,11 +758,13 @@ def main():
     args = p.parse_args()
 
     device = resolve_device(args.device)
-    model, _, style, _ = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize, args.base)
+    model, _, style, tokenizer = load_for_inference(args.ckpt, args.model, args.prompt_style, device, args.quantize,
+                                                    args.base)
     name = os.path.basename(os.path.normpath(args.ckpt or args.model))
     engine = Engine(model, args.max_batch, args.max_queue)
     try:
-        server = make_server(engine, style, name, args.host, args.port, args.api_key, args.timeout, cors=args.cors)
+        server = make_server(engine, style, name, args.host, args.port, args.api_key, args.timeout, cors=args.cors,
+                             tokenizer=tokenizer)
     except OSError as e:
         raise OSError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
     engine.start()

@@ -49,7 +49,7 @@ def default_data_path():
 def timed_generate(model, prompts, new_tokens, **decoding):
     """Aggregate new tokens per second, end-of-text ignored so every row makes new_tokens."""
     start = time.perf_counter()
-    out = generate(model, prompts, new_tokens, eos_id=None, **decoding)
+    out = generate(model, prompts, new_tokens, stop_ids=(), **decoding)
     elapsed = time.perf_counter() - start
     assert all(len(o) == new_tokens for o in out)
     return len(prompts) * new_tokens / elapsed
@@ -104,7 +104,7 @@ def bench_eval(batch_size=16, one_at_a_time=12):
     start = time.perf_counter()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # as eval.py batches them
     for i in range(0, len(order), batch_size):
-        generate(model, [prompts[j] for j in order[i:i + batch_size]], 64, eos_id=None)
+        generate(model, [prompts[j] for j in order[i:i + batch_size]], 64, stop_ids=())
     batched = len(prompts) * 64 / (time.perf_counter() - start)
     print(f"eval responses, {len(prompts)} test prompts x 64 tokens, one at a time "
           f"(first {one_at_a_time}): {single:.1f} tokens/s")
@@ -453,7 +453,7 @@ def bench_llama(repeats=5, new_tokens=64):
             runs[f"llama.cpp {gguf_type}"] = lambda n=f"llama.cpp {gguf_type}", llm=llm: rate(
                 n, lambda: llama_greedy(llm, prompt, new_tokens, eos_id=None))
             runs[ours_name] = lambda n=ours_name, m=ours[ours_name]: rate(
-                n, lambda: generate(m, [prompt], new_tokens, eos_id=None)[0])
+                n, lambda: generate(m, [prompt], new_tokens, stop_ids=())[0])
         for run in runs.values():
             run()  # warm-up
         rates = median_in_turns(runs, repeats)
@@ -534,8 +534,8 @@ def bench_choices(batch_size=16, repeats=3):
 
     choice_logprobs(model, prompts[:2], labels)  # warm-up
     seconds = median_in_turns({"choices": lambda: timed(lambda batch: choice_logprobs(model, batch, labels)),
-                               "greedy 2": lambda: timed(lambda batch: generate(model, batch, 2, eos_id=None)),
-                               "greedy 4": lambda: timed(lambda batch: generate(model, batch, 4, eos_id=None))},
+                               "greedy 2": lambda: timed(lambda batch: generate(model, batch, 2, stop_ids=())),
+                               "greedy 4": lambda: timed(lambda batch: generate(model, batch, 4, stop_ids=()))},
                               repeats)
     print(f"choices, {len(prompts)} test prompts x 4 labels, batches of {batch_size}: {seconds['choices']:.2f} s "
           f"= {seconds['choices'] / seconds['greedy 2']:.2f}x greedy generation of a 1-token label and end-of-text "

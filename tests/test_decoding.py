@@ -39,26 +39,26 @@ def test_one_beam_is_greedy():
     prompts = [encode(t) for t in PROMPTS]
     greedy = generate(model, prompts, 10)
     eos = greedy[0][3]  # a row that stops early
-    assert generate(model, prompts, 10, eos_id=eos, num_beams=1) == generate(model, prompts, 10, eos_id=eos)
+    assert generate(model, prompts, 10, stop_ids=(eos,), num_beams=1) == generate(model, prompts, 10, stop_ids=(eos,))
     assert generate(model, prompts, 10, num_beams=1, length_penalty=2.0) == greedy
 
 
 def test_beam_search_without_end_of_text_equals_the_plain_reference():
     model = tiny_gpt2_vocab(seed=1)
     prompts = [encode(t) for t in PROMPTS[:2]]
-    beams = generate(model, prompts, 6, eos_id=None, num_beams=3)
+    beams = generate(model, prompts, 6, stop_ids=(), num_beams=3)
     assert beams == [beam_search_without_cache(model, p, 6, 3) for p in prompts]
-    assert beams != generate(model, prompts, 6, eos_id=None)  # beam search found other sequences than greedy
+    assert beams != generate(model, prompts, 6, stop_ids=())  # beam search found other sequences than greedy
     # a full context stops it, as greedy generation: 128 - 124 + 1 new tokens
-    assert [len(o) for o in generate(model, [list(range(124))] * 2, 20, eos_id=None, num_beams=2)] == [5, 5]
+    assert [len(o) for o in generate(model, [list(range(124))] * 2, 20, stop_ids=(), num_beams=2)] == [5, 5]
 
 
 def test_ragged_batch_of_beam_searches_equals_each_prompt_alone():
     model = tiny_gpt2_vocab(seed=1)
     prompts = [encode(t) for t in PROMPTS]
-    eos = generate(model, prompts[1:2], 12, eos_id=None, num_beams=3)[0][1]  # prompt 1's beams say it early
-    batched = generate(model, prompts, 12, eos_id=eos, num_beams=3)
-    assert batched == [generate(model, [p], 12, eos_id=eos, num_beams=3)[0] for p in prompts]
+    eos = generate(model, prompts[1:2], 12, stop_ids=(), num_beams=3)[0][1]  # prompt 1's beams say it early
+    batched = generate(model, prompts, 12, stop_ids=(eos,), num_beams=3)
+    assert batched == [generate(model, [p], 12, stop_ids=(eos,), num_beams=3)[0] for p in prompts]
     assert len(batched[1]) < 12 and 12 in [len(b) for b in batched]  # prompts finished at different steps
 
 
@@ -86,7 +86,7 @@ class BigramModel(nn.Module):
 #   length_penalty 1: A -0.69, B -0.75. A bound at the current length (-1.70 / 2 = -0.85) would
 #   stop here and return A, but [1, 3] may end as late as the budget of 6 tokens (-1.70 / 6 >
 #   -0.75), so the search goes on and finds C (-0.58), which wins.
-BIGRAMS = [[0.1, 0.2, 0.3, 0.15, 0.25],  # after 0 (fed only with eos_id=None)
+BIGRAMS = [[0.1, 0.2, 0.3, 0.15, 0.25],  # after 0 (fed only with stop_ids=())
            [0.496, 0.01, 0.084, 0.406, 0.004],  # after 1
            [0.005, 0.003, 0.0015, 0.99, 0.0005],  # after 2
            [0.95, 0.012, 0.008, 0.02, 0.01],  # after 3
@@ -95,10 +95,10 @@ BIGRAMS = [[0.1, 0.2, 0.3, 0.15, 0.25],  # after 0 (fed only with eos_id=None)
 
 def test_length_penalty_favours_longer_hypotheses_and_the_bound_is_exact():
     model = BigramModel(BIGRAMS)
-    winners = {lp: generate(model, [[4]], 6, eos_id=0, num_beams=2, length_penalty=lp)[0] for lp in (-1.0, 0.0, 1.0)}
+    winners = {lp: generate(model, [[4]], 6, stop_ids=(0,), num_beams=2, length_penalty=lp)[0] for lp in (-1.0, 0.0, 1.0)}
     assert winners == {-1.0: [], 0.0: [], 1.0: [1, 3]}
     # prompt [2] goes on after [4] is done: [3] (log-prob sum -0.06) beats [] (-5.30) and [3, 3] (-3.97)
-    assert generate(model, [[4], [2]], 6, eos_id=0, num_beams=2, length_penalty=0.0) == [[], [3]]
+    assert generate(model, [[4], [2]], 6, stop_ids=(0,), num_beams=2, length_penalty=0.0) == [[], [3]]
 
 
 def test_sampling_settings_with_beams_are_refused():

@@ -110,7 +110,7 @@ def model_stopping_on(token, seed):
 def test_batched_responses_equal_one_at_a_time_and_json_keeps_the_chapters_layout(tmp_path):
     entries = make_entries()
     prompts = [encode(format_prompt(e)) for e in entries[10:16]]
-    second_words = [ids[1] for ids in generate(tiny_model(seed=2), prompts, 2, eos_id=None)]
+    second_words = [ids[1] for ids in generate(tiny_model(seed=2), prompts, 2, stop_ids=())]
     model = model_stopping_on(second_words[1], seed=2)  # row 1 stops after one token; rows that never say it run on
     ckpt = save_ckpt(tmp_path / "ckpt.pt", model, data=write_data(tmp_path, entries))
     report, records = run_eval("--ckpt", ckpt, "--batch-size", 4, "--max-new-tokens", 12, "--out", tmp_path / "o")

@@ -115,7 +115,7 @@ def test_logits_and_greedy_decoding_equal_transformers(family, reference, folder
         torch.testing.assert_close(model(idx), expected, atol=1e-4, rtol=0)
     for prompt in prompts():
         greedy = greedy_without_cache(reference[family], prompt, 16)
-        assert generate(model, [prompt], 16, eos_id=None) == [greedy]  # through the KV cache
+        assert generate(model, [prompt], 16, stop_ids=()) == [greedy]  # through the KV cache
         assert len(set(greedy)) > 3  # a continuation that goes somewhere, not one token repeated
 
 
@@ -157,8 +157,8 @@ def test_kv_cache_decoding_equals_a_full_forward(family, folders):
 def test_a_batch_of_ragged_prompts_decodes_as_each_alone(family, folders):
     model = ours(folders, family)
     rows = prompts(seed=4)
-    batched = generate(model, rows, 12, eos_id=None)
-    assert batched == [generate(model, [row], 12, eos_id=None)[0] for row in rows]
+    batched = generate(model, rows, 12, stop_ids=())
+    assert batched == [generate(model, [row], 12, stop_ids=())[0] for row in rows]
     # the logits too: a left-padded row's positions count from its first real token
     pad_lens = [11 - len(row) for row in rows]
     with torch.no_grad():
@@ -182,16 +182,16 @@ def test_a_batch_of_ragged_prompts_decodes_as_each_alone(family, folders):
 def test_beam_search_and_streaming(family, folders):
     model = ours(folders, family)
     rows = prompts(seed=5)
-    beams = generate(model, rows, 6, eos_id=None, num_beams=3)
+    beams = generate(model, rows, 6, stop_ids=(), num_beams=3)
     assert beams == [beam_search_without_cache(model, row, 6, 3) for row in rows]
-    assert beams == [generate(model, [row], 6, eos_id=None, num_beams=3)[0] for row in rows]
+    assert beams == [generate(model, [row], 6, stop_ids=(), num_beams=3)[0] for row in rows]
     streamed = [[] for _ in rows]
-    for new in stream(model, rows, 10, eos_id=None):
+    for new in stream(model, rows, 10, stop_ids=()):
         for row, token in new.items():
             streamed[row].append(token)
-    assert streamed == generate(model, rows, 10, eos_id=None)
+    assert streamed == generate(model, rows, 10, stop_ids=())
     eos = streamed[1][4]  # a row stops at its end token, the others go on
-    stopped = generate(model, rows, 10, eos_id=eos)
+    stopped = generate(model, rows, 10, stop_ids=(eos,))
     assert stopped[1] == streamed[1][:streamed[1].index(eos)]
 
 
@@ -206,11 +206,11 @@ def test_the_embedding_trains_vocab_major_and_decodes_emb_major(family, folders)
     model(idx, torch.roll(idx, -1, 1)).backward()
     assert all(m.grad.stride() == m.stride() for m in matrices)
     rows = prompts(seed=11)
-    expected = generate(model, rows, 10, eos_id=None)
+    expected = generate(model, rows, 10, stop_ids=())
     prepared = prepare_for_decoding(copy.deepcopy(model))
     for before, after in zip(matrices, [m for m in (prepared.wte.weight, prepared.wte.head) if m is not None]):
         assert after.is_contiguous() and torch.equal(after, before)
-    assert generate(prepared, rows, 10, eos_id=None) == expected
+    assert generate(prepared, rows, 10, stop_ids=()) == expected
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -243,12 +243,12 @@ def test_int8_weights_decode_close_to_float(family, folders):
     # layer would move them by some 100%
     assert error.mean() < 0.1
     rows = prompts(seed=6)
-    int8 = generate(quantized, rows, 12, eos_id=None)
-    assert int8 == [generate(quantized, [row], 12, eos_id=None)[0] for row in rows]  # batch-invariant
+    int8 = generate(quantized, rows, 12, stop_ids=())
+    assert int8 == [generate(quantized, [row], 12, stop_ids=())[0] for row in rows]  # batch-invariant
     # the int8 head recomputes its best logits exactly: greedy decoding as with the float head
-    assert int8 == generate(quantize_int8(copy.deepcopy(model), head=False), rows, 12, eos_id=None)
-    assert generate(quantized, rows, 6, eos_id=None, num_beams=2) == \
-        [generate(quantized, [row], 6, eos_id=None, num_beams=2)[0] for row in rows]
+    assert int8 == generate(quantize_int8(copy.deepcopy(model), head=False), rows, 12, stop_ids=())
+    assert generate(quantized, rows, 6, stop_ids=(), num_beams=2) == \
+        [generate(quantized, [row], 6, stop_ids=(), num_beams=2)[0] for row in rows]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -42,14 +42,14 @@ def generate_without_cache(model, prompt, max_new_tokens, eos_id=None):
 def test_greedy_generation_matches_transformers_and_plain_path():
     model = from_pretrained(os.path.join(FIXTURE, "prefixed")).eval()
     prompt = REFERENCE["input_ids"][0]
-    assert generate(model, [prompt], 20, eos_id=None) == [REFERENCE["greedy_20"]]
+    assert generate(model, [prompt], 20, stop_ids=()) == [REFERENCE["greedy_20"]]
     assert generate_without_cache(model, prompt, 20) == REFERENCE["greedy_20"]
 
 
 def test_generation_stops_at_eos():
     model = from_pretrained(os.path.join(FIXTURE, "bare")).eval()
     # transformers' greedy continuation is 129, 582, 582, ...: with 582 as eos we keep [129]
-    assert generate(model, [REFERENCE["input_ids"][0]], 20, eos_id=582) == [[129]]
+    assert generate(model, [REFERENCE["input_ids"][0]], 20, stop_ids=(582,)) == [[129]]
 
 
 def test_batched_generation_equals_one_at_a_time():
@@ -57,10 +57,10 @@ def test_batched_generation_equals_one_at_a_time():
     prompts = [encode(t) for t in ("Hello there", "A much longer prompt, with several more tokens in it.",
                                    "x", "Name three primary colors.")]
     # random weights: pick an eos that some rows hit early, so rows also leave the batch
-    alone = [generate(model, [p], 24, eos_id=None)[0] for p in prompts]
+    alone = [generate(model, [p], 24, stop_ids=())[0] for p in prompts]
     eos = alone[0][5]
-    alone = [generate(model, [p], 24, eos_id=eos)[0] for p in prompts]
-    assert generate(model, prompts, 24, eos_id=eos) == alone
+    alone = [generate(model, [p], 24, stop_ids=(eos,))[0] for p in prompts]
+    assert generate(model, prompts, 24, stop_ids=(eos,)) == alone
     assert alone[0] == generate_without_cache(model, prompts[0], 24, eos_id=eos)
     assert len({len(a) for a in alone}) > 1  # rows really did finish at different steps
 
@@ -68,13 +68,13 @@ def test_batched_generation_equals_one_at_a_time():
 def test_generation_stops_when_context_is_full():
     model = tiny_gpt2_vocab()
     prompt = list(range(120))
-    out = generate(model, [prompt], 50, eos_id=None)[0]
+    out = generate(model, [prompt], 50, stop_ids=())[0]
     assert len(out) == 128 - 120 + 1  # the last token is sampled from a full context
     # batched with a longer prompt, a shorter row still fills its own context, not the longest's
     prompts = [list(range(120)), list(range(7, 107))]
-    batched = generate(model, prompts, 50, eos_id=None)
+    batched = generate(model, prompts, 50, stop_ids=())
     assert [len(o) for o in batched] == [9, 29]
-    assert batched == [generate(model, [p], 50, eos_id=None)[0] for p in prompts]
+    assert batched == [generate(model, [p], 50, stop_ids=())[0] for p in prompts]
     with pytest.raises(ValueError, match="a prompt of 129 tokens exceeds the context length 128"):
         generate(model, [list(range(129))], 5)
 
@@ -115,17 +115,17 @@ def test_a_sampled_row_does_not_depend_on_the_rest_of_its_batch(settings):
     the same call gets another sample."""
     model = tiny_gpt2_vocab(seed=1)
     prompts = [encode(t) for t in PROMPTS]
-    alone = [generate(model, [p], 12, eos_id=None, seed=7, **settings)[0] for p in prompts]
+    alone = [generate(model, [p], 12, stop_ids=(), seed=7, **settings)[0] for p in prompts]
     assert len({tuple(a) for a in alone}) == len(prompts)  # real, different samples
-    assert generate(model, prompts, 12, eos_id=None, seed=7, **settings) == alone
-    assert generate(model, prompts[::-1], 12, eos_id=None, seed=7, **settings) == alone[::-1]
-    assert generate(model, prompts[1:3], 12, eos_id=None, seed=7, **settings) == alone[1:3]
-    twice = generate(model, [prompts[0], prompts[2], prompts[0]], 12, eos_id=None, seed=7, **settings)
+    assert generate(model, prompts, 12, stop_ids=(), seed=7, **settings) == alone
+    assert generate(model, prompts[::-1], 12, stop_ids=(), seed=7, **settings) == alone[::-1]
+    assert generate(model, prompts[1:3], 12, stop_ids=(), seed=7, **settings) == alone[1:3]
+    twice = generate(model, [prompts[0], prompts[2], prompts[0]], 12, stop_ids=(), seed=7, **settings)
     assert twice[:2] == [alone[0], alone[2]] and twice[2] != alone[0]
     # rows that stop at end-of-text leave the batch; the others go on drawing the same numbers
     eos = alone[0][3]
-    stopped = [generate(model, [p], 12, eos_id=eos, seed=7, **settings)[0] for p in prompts]
-    assert generate(model, prompts, 12, eos_id=eos, seed=7, **settings) == stopped
+    stopped = [generate(model, [p], 12, stop_ids=(eos,), seed=7, **settings)[0] for p in prompts]
+    assert generate(model, prompts, 12, stop_ids=(eos,), seed=7, **settings) == stopped
     assert len({len(s) for s in stopped}) > 1
 
 
@@ -140,7 +140,7 @@ def test_ragged_prompts_pad_with_a_token_every_model_has(monkeypatch):
     # the fixture's vocabulary of 1,024 has no token 50256 (<|endoftext|>), which padded before
     small = from_pretrained(os.path.join(FIXTURE, "bare")).eval()
     prompts = [[5, 900, 17, 3], [1000], [42, 7]]
-    assert generate(small, prompts, 8, eos_id=None) == [generate(small, [p], 8, eos_id=None)[0] for p in prompts]
+    assert generate(small, prompts, 8, stop_ids=()) == [generate(small, [p], 8, stop_ids=())[0] for p in prompts]
     # padding is masked out of attention: padding with <|endoftext|> gives the very same logits
     model = tiny_gpt2_vocab(seed=1)
     prompts = [encode(t) for t in PROMPTS]
@@ -346,11 +346,11 @@ def test_input_flag_errors(tmp_path):
 def test_streamed_tokens_are_generates_batched_and_alone(sampling):
     model = tiny_gpt2_vocab(seed=2)
     prompts = [encode(text) for text in ("Hello there", "A longer prompt with more tokens in it.", "x")]
-    steps = list(stream(model, prompts, 12, eos_id=encode(" the")[0], **sampling))
+    steps = list(stream(model, prompts, 12, stop_ids=(encode(" the")[0],), **sampling))
     collected = [[step[row] for step in steps if row in step] for row in range(len(prompts))]
-    assert collected == generate(model, prompts, 12, eos_id=encode(" the")[0], **sampling)
+    assert collected == generate(model, prompts, 12, stop_ids=(encode(" the")[0],), **sampling)
     for prompt, tokens in zip(prompts, collected):
-        assert [step[0] for step in stream(model, [prompt], 12, eos_id=encode(" the")[0], **sampling)] == tokens
+        assert [step[0] for step in stream(model, [prompt], 12, stop_ids=(encode(" the")[0],), **sampling)] == tokens
     # a step yields the rows that made a token: every row at the first step, fewer once some stop
     assert set(steps[0]) == {0, 1, 2} and all(len(step) <= len(prompts) for step in steps)
     assert list(stream(model, prompts, 0)) == []
@@ -426,7 +426,7 @@ def whitespace_then_end(model, prompt):
     """The model with its second greedy token after `prompt` renamed end-of-text (the two swap
     embeddings, which the output head is tied to): a random tiny model often says a newline
     first, and then its reply is whitespace only. All else it does is the same under the new names."""
-    first, second = generate(model, [prompt], 2, eos_id=None)[0]
+    first, second = generate(model, [prompt], 2, stop_ids=())[0]
     assert not decode([first]).strip() and second not in prompt + [EOT_ID]
     with torch.no_grad():
         model.wte.weight[:, [second, EOT_ID]] = model.wte.weight[:, [EOT_ID, second]]

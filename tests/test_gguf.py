@@ -443,7 +443,7 @@ def test_llama_cpp_tokenizes_as_tiktoken_and_decodes_as_generate(tmp_path):
     llm = load_llama(str(tmp_path / "f32" / "model.gguf"))
     for text in SAMPLES + PROMPTS:
         assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == encode(text), text
-    expected = [generate(model, [encode(p)], 24, eos_id=EOT_ID)[0] for p in PROMPTS]
+    expected = [generate(model, [encode(p)], 24, stop_ids=(EOT_ID,))[0] for p in PROMPTS]
     assert all(expected)  # real continuations to compare
     assert [llama_greedy(llm, encode(p), 24) for p in PROMPTS] == expected
 

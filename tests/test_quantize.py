@@ -56,12 +56,12 @@ def test_quantized_model_logits_memory_and_greedy_generation():
     assert int8_bytes <= 0.3 * float_bytes
     # greedy generation end to end; rows come out as alone because Int8Linear treats rows independently
     prompts = [encode(t) for t in PROMPTS]
-    batched = generate(quantized, prompts, 12, eos_id=None)
-    assert batched == [generate(quantized, [p], 12, eos_id=None)[0] for p in prompts]
-    assert sum(a == b for a, b in zip(batched, generate(model, prompts, 12, eos_id=None))) >= 2
+    batched = generate(quantized, prompts, 12, stop_ids=())
+    assert batched == [generate(quantized, [p], 12, stop_ids=())[0] for p in prompts]
+    assert sum(a == b for a, b in zip(batched, generate(model, prompts, 12, stop_ids=()))) >= 2
     # and beam search
-    assert generate(quantized, prompts, 6, eos_id=None, num_beams=2) == \
-        [generate(quantized, [p], 6, eos_id=None, num_beams=2)[0] for p in prompts]
+    assert generate(quantized, prompts, 6, stop_ids=(), num_beams=2) == \
+        [generate(quantized, [p], 6, stop_ids=(), num_beams=2)[0] for p in prompts]
 
 
 def test_dequantize_kernel_for_other_devices(monkeypatch):
@@ -96,9 +96,9 @@ def test_the_int8_heads_best_logits_are_the_float_heads_so_greedy_decoding_is_to
     assert not torch.equal(approximate.argmax(-1), exact.argmax(-1))  # int8 alone would pick other tokens
     assert torch.equal(logits.argmax(-1), exact.argmax(-1))
     prompts = [encode(t) for t in PROMPTS]
-    greedy = generate(int8_head, prompts, 12, eos_id=None)
-    assert greedy == generate(int8_blocks, prompts, 12, eos_id=None)
-    assert greedy == [generate(int8_head, [p], 12, eos_id=None)[0] for p in prompts]  # batch-invariant
+    greedy = generate(int8_head, prompts, 12, stop_ids=())
+    assert greedy == generate(int8_blocks, prompts, 12, stop_ids=())
+    assert greedy == [generate(int8_head, [p], 12, stop_ids=())[0] for p in prompts]  # batch-invariant
 
 
 def test_prepared_float_weights_are_laid_out_in_out_and_generate_the_same():

@@ -18,12 +18,11 @@ import jinja2
 import pytest
 import torch
 
-import judge
 import llm
 import serve
 from checkpoint import save_checkpoint
 from export import chat_template
-from prompts import PROMPT_STYLES, decode, encode, encode_conversation, format_prompt
+from prompts import GPT2, PROMPT_STYLES, decode, encode, encode_conversation, format_prompt
 from test_export import render
 from decoding import generate
 from model import GPT, config_for
@@ -327,7 +326,7 @@ def test_a_request_that_fails_in_the_engine_fails_alone(server, model, monkeypat
     """Whatever goes wrong in one request's own sampling or decoding (here: made to fail for a
     marked request, and for a token only that request makes) ends that request with a 500;
     the others decoding with it are unhurt."""
-    sample_next, decode_ = serve.sample_next, serve.decode
+    sample_next, decode_ = serve.sample_next, GPT2.decode
 
     def failing_sample(logits, temperature, top_k, top_p, generator):
         if top_p == 0.5:
@@ -342,7 +341,7 @@ def test_a_request_that_fails_in_the_engine_fails_alone(server, model, monkeypat
             raise KeyError("Invalid token for decoding")
         return decode_(ids)
     monkeypatch.setattr(serve, "sample_next", failing_sample)
-    monkeypatch.setattr(serve, "decode", failing_decode)
+    monkeypatch.setattr(GPT2, "decode", failing_decode)  # the server's tokenizer
     with ThreadPoolExecutor(3) as pool:
         beside = pool.submit(call, server, "POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 40})
         time.sleep(0.05)
