@@ -65,6 +65,7 @@ class TrainedWith:
     data_fingerprint: Optional[dict] = None  # data.data_fingerprint of it
     split: Optional[tuple] = None  # (train, test) fractions
     dpo: Optional[dict] = None  # a DPO run's {"beta", "logprobs"}
+    template_date: Optional[str] = None  # the date its chat template rendered the data with (Llama 3.2's)
 
 
 def trained_with(ckpt):
@@ -77,7 +78,7 @@ def trained_with(ckpt):
                        mask_instructions=ckpt.get("mask_instructions", False), data=ckpt.get("data"),
                        data_fingerprint=ckpt.get("data_fingerprint"), split=split,
                        dpo={"beta": args.get("beta", 0.1), "logprobs": args.get("dpo_logprobs", "sum")}
-                       if args.get("dpo") else None)
+                       if args.get("dpo") else None, template_date=args.get("template_date"))
 
 
 def model_from_checkpoint(ckpt, path="checkpoint"):

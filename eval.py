@@ -64,7 +64,7 @@ from data import DataSplits, batch_indices, check_preference_entries, check_same
 from decoding import add_decoding_args, choice_logprobs, decoding_settings, generate, hit_limit
 from dpo import pair_report
 from model import GPT, calc_loss_loader, weights_fingerprint
-from prompts import CHAT_TEMPLATE, GPT2, entry_output, get_prompt_style
+from prompts import CHAT_TEMPLATE, GPT2, dated, entry_output, get_prompt_style
 from results import RESPONSES, SUMMARY, load_responses, read_summary
 
 MAX_LABELS, MAX_LABEL_WORDS = 20, 3  # outputs with fewer distinct values, this short, are labels
@@ -252,8 +252,9 @@ def load_data(path, trained, style, context_length, mask_instructions, split=Non
         if not os.path.isfile(path):
             raise FileNotFoundError(f"the checkpoint was trained on {path}, which does not exist here; "
                                     "pass the data with --data PATH")
-    splits = prepare_data(path, style, context_length, mask_instructions, *(split or trained.split or ()),
-                          tokenizer=tokenizer)
+    with dated(trained.template_date):  # the test split as training rendered it (Llama 3.2's date)
+        splits = prepare_data(path, style, context_length, mask_instructions, *(split or trained.split or ()),
+                              tokenizer=tokenizer)
     if given and trained.data_fingerprint not in (None, splits.fingerprint):
         print(f"note: {splits.path} is not the data the checkpoint was trained on ({trained.data}); "
               "evaluating on its test split")

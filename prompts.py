@@ -333,10 +333,11 @@ def today() -> str:
 def dated(date_string: str):
     """Within it, chat templates render as on date_string ("26 Jul 2024"): a template that writes
     today's date (Llama 3.2's "Today Date: ...") writes this one. train.py renders its data with the
-    date its run started on, so that a run resumed another day trains on the same tokens."""
+    date its run started on, so that a run resumed another day trains on the same tokens. None:
+    no date of its own (today's, unless an enclosing dated gives one)."""
     global TEMPLATE_SETTINGS
     saved = TEMPLATE_SETTINGS
-    TEMPLATE_SETTINGS = {**saved, "date_string": date_string}
+    TEMPLATE_SETTINGS = saved if date_string is None else {**saved, "date_string": date_string}
     try:
         yield
     finally:

@@ -668,9 +668,8 @@ def sample_text(model, splits, prompt_style, max_new_tokens=50):
         return f"(no sample: the prompt of the first validation entry is longer than the context of {ctx})"
     was_training = model.training
     model.eval()
-    new = generate(model, [prompt], max_new_tokens)[0]  # to GPT-2's end-of-text; other end tokens are cut below
+    new = generate(model, [prompt], max_new_tokens, stop_ids=tokenizer.stop_ids)[0]
     model.train(was_training)
-    new = new[:next((i for i, token in enumerate(new) if token in tokenizer.stop_ids), len(new))]
     return tokenizer.decode(new) if splits.kind == "text" else tokenizer.decode(new).strip()
 
 

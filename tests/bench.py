@@ -700,7 +700,7 @@ def family_decoding(new_tokens, repeats):
             out = twin.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                 do_sample=False, eos_token_id=None, pad_token_id=0)
         return out[0, len(prompt):].tolist()
-    runs = {name: (lambda n=name, m=m: rate(n, lambda: generate(m, [prompt], new_tokens, eos_id=None)[0]))
+    runs = {name: (lambda n=name, m=m: rate(n, lambda: generate(m, [prompt], new_tokens, stop_ids=())[0]))
             for name, m in ours.items()}
     runs["transformers"] = lambda: rate("transformers", hf_greedy)
     for run in runs.values():
