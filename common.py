@@ -26,7 +26,7 @@ def interrupted_while_starting(signum, frame):
 # Every script imports this file first, before torch. Only a script of this folder run as a
 # program gets the handler: a program that imports us (pytest, a notebook) keeps its own Ctrl-C.
 _main_file = getattr(sys.modules.get("__main__"), "__file__", None) or ""
-if os.path.dirname(os.path.abspath(_main_file)) == os.path.dirname(os.path.abspath(__file__)) and _main_file:
+if _main_file and os.path.dirname(os.path.abspath(_main_file)) == os.path.dirname(os.path.abspath(__file__)):
     signal.signal(signal.SIGINT, interrupted_while_starting)
 
 import torch  # noqa: E402  (after the handler: this import is the slow one)

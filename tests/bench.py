@@ -370,6 +370,22 @@ def median_in_turns(runs, repeats):
     return {name: sorted(values)[repeats // 2] for name, values in results.items()}
 
 
+def decoding_rates(decoders, new_tokens, repeats):
+    """({name: median tokens/s}, {name: the ids of its last run}) of decoders {name: a function
+    returning new_tokens token ids}: a warm-up run each, then `repeats` runs taking turns."""
+    tokens = {}
+
+    def rate(name):
+        start = time.perf_counter()
+        tokens[name] = decoders[name]()
+        elapsed = time.perf_counter() - start
+        assert len(tokens[name]) == new_tokens, name
+        return new_tokens / elapsed
+    for name in decoders:
+        rate(name)  # warm-up
+    return median_in_turns({name: (lambda n=name: rate(n)) for name in decoders}, repeats), tokens
+
+
 def bench_int8(repeats=5):
     """The linear kernels of decoding (quantize.linear_kernel's candidates), summed over the 48
     block linears of one step; greedy decoding at batch 1 and 16 with float32 weights as trained
@@ -436,27 +452,15 @@ def bench_llama(repeats=5, new_tokens=64):
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 50257, (45,), generator=g).tolist()
     ours = {"float32": gpt2_for_decoding(), "int8": gpt2_for_decoding("int8")}
-    tokens = {}
-
-    def rate(name, decode):
-        start = time.perf_counter()
-        tokens[name] = decode()
-        elapsed = time.perf_counter() - start
-        assert len(tokens[name]) == new_tokens
-        return new_tokens / elapsed
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {}
+        decoders = {}
         for ours_name, gguf_type in (("float32", "f32"), ("int8", "q8_0")):
             path = os.path.join(tmp, f"{gguf_type}.gguf")
             write_gguf(gpt2_random(), "alpaca", path, gguf_type)
             llm = load_llama(path, n_ctx=len(prompt) + new_tokens)
-            runs[f"llama.cpp {gguf_type}"] = lambda n=f"llama.cpp {gguf_type}", llm=llm: rate(
-                n, lambda: llama_greedy(llm, prompt, new_tokens, eos_id=None))
-            runs[ours_name] = lambda n=ours_name, m=ours[ours_name]: rate(
-                n, lambda: generate(m, [prompt], new_tokens, stop_ids=())[0])
-        for run in runs.values():
-            run()  # warm-up
-        rates = median_in_turns(runs, repeats)
+            decoders[f"llama.cpp {gguf_type}"] = lambda llm=llm: llama_greedy(llm, prompt, new_tokens, eos_id=None)
+            decoders[ours_name] = lambda m=ours[ours_name]: generate(m, [prompt], new_tokens, stop_ids=())[0]
+        rates, tokens = decoding_rates(decoders, new_tokens, repeats)
     same = sum(a == b for a, b in zip(tokens["float32"], tokens["llama.cpp f32"]))
     print(f"llama.cpp comparison, batch 1, 45-token prompt, {new_tokens} greedy tokens: float32 {rates['float32']:.1f} "
           f"vs llama.cpp f32 {rates['llama.cpp f32']:.1f} tokens/s = {rates['float32'] / rates['llama.cpp f32']:.2f}x "
@@ -688,24 +692,14 @@ def family_decoding(new_tokens, repeats):
     twin = transformers_twin(model)
     prompt = torch.randint(0, model.config.vocab_size, (45,), generator=torch.Generator().manual_seed(0)).tolist()
     ours = {"float32": prepare_for_decoding(model), "int8": prepare_for_decoding(qwen3_random(), "int8")}
-    tokens = {}
-
-    def rate(name, decode):
-        start = time.perf_counter()
-        tokens[name] = decode()
-        return new_tokens / (time.perf_counter() - start)
 
     def hf_greedy():
         with torch.no_grad():
             out = twin.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                 do_sample=False, eos_token_id=None, pad_token_id=0)
         return out[0, len(prompt):].tolist()
-    runs = {name: (lambda n=name, m=m: rate(n, lambda: generate(m, [prompt], new_tokens, stop_ids=())[0]))
-            for name, m in ours.items()}
-    runs["transformers"] = lambda: rate("transformers", hf_greedy)
-    for run in runs.values():
-        run()  # warm-up
-    rates = median_in_turns(runs, repeats)
+    decoders = {name: (lambda m=m: generate(m, [prompt], new_tokens, stop_ids=())[0]) for name, m in ours.items()}
+    rates, tokens = decoding_rates({**decoders, "transformers": hf_greedy}, new_tokens, repeats)
     same = sum(a == b for a, b in zip(tokens["float32"], tokens["transformers"]))
     print(f"families, qwen3-0.6b greedy decoding at batch 1 ({new_tokens} tokens): float32 {rates['float32']:.1f} vs "
           f"transformers {rates['transformers']:.1f} tokens/s = {rates['float32'] / rates['transformers']:.2f}x "
