@@ -2,7 +2,6 @@
 import hashlib
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -14,6 +13,7 @@ import data
 import prompts
 from prompts import EOT_ID
 from common import IGNORE_INDEX
+import scripts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALPACA_HEAD = ("Below is an instruction that describes a task. "
@@ -159,7 +159,7 @@ def test_counts_in_messages_are_singular_for_one(tmp_path):
 
 
 def test_help_describes_every_flag_with_its_default():
-    proc = subprocess.run([sys.executable, "data.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = scripts.run([sys.executable, "data.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     text = " ".join(proc.stdout.split())
     assert proc.returncode == 0
     for flag, said in (("--data DATA", "instruction data (a JSON array or JSON Lines, whatever the name)"),
@@ -637,7 +637,7 @@ def test_bad_weights_and_parts_name_the_entry_and_the_turn(tmp_path, messages, m
 # ---------------------------------------------------------------------------- the command line
 
 def data_py(*argv):
-    proc = subprocess.run([sys.executable, "data.py", *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
+    proc = scripts.run([sys.executable, "data.py", *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     return proc.returncode, proc.stdout, proc.stderr
 

@@ -18,17 +18,18 @@ from data import load_instruction_data, prepare_data
 from data import check_preference_entries, preference_splits
 from judge_server import closed_port_url, echo, judge_server
 from test_train import base_folder, run  # noqa: F401 (base_folder: a fixture)
+import scripts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def datatools_cli(*argv, **kwargs):
-    return subprocess.run([sys.executable, "datatools.py", *map(str, argv)], cwd=ROOT, capture_output=True,
+    return scripts.run([sys.executable, "datatools.py", *map(str, argv)], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, **kwargs)
 
 
 def start(*argv):
-    return subprocess.Popen([sys.executable, "datatools.py", *map(str, argv)], cwd=ROOT, text=True,
+    return scripts.Popen([sys.executable, "datatools.py", *map(str, argv)], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 

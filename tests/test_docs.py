@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import scripts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
@@ -76,7 +77,7 @@ def runnable():
 def run_help(commands):
     """{command: its --help text}, the commands run side by side: each imports torch."""
     env = {**os.environ, "COLUMNS": "200"}
-    procs = {command: subprocess.Popen([sys.executable, *command.split(), "--help"], cwd=ROOT, env=env, text=True,
+    procs = {command: scripts.Popen([sys.executable, *command.split(), "--help"], cwd=ROOT, env=env, text=True,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE) for command in commands}
     texts = {}
     for command, proc in procs.items():

@@ -20,6 +20,7 @@ from common import IGNORE_INDEX
 from hf import HF_REPOS
 from model import config_for, GPT
 from decoding import generate, respond
+import scripts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRACTIONS = dict(train_frac=0.5, test_frac=0.3)  # 20 entries -> 10 train, 6 test (entries 10-15), 4 val
@@ -316,7 +317,7 @@ def test_other_data_is_evaluated_on_its_own_test_split(tmp_path):
     ckpt = save_ckpt(tmp_path / "run" / "ckpt.pt", model, data=data, data_fingerprint=prepare_data(data).fingerprint)
     other_entries = [{**e, "output": f"Other answer {i}."} for i, e in enumerate(make_entries(30))]
     other = write_data(tmp_path, other_entries, "other.json")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--ckpt", ckpt, "--data", other, "--out",
+    result = scripts.run([sys.executable, os.path.join(ROOT, "eval.py"), "--ckpt", ckpt, "--data", other, "--out",
                              str(tmp_path / "other"), "--max-new-tokens", "2", "--device", "cpu"],
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -344,7 +345,7 @@ def test_an_unwritable_out_fails_before_any_work(tmp_path, monkeypatch):
 
 def eval_py(*argv, timeout=300):
     """eval.py run to its end in a process of its own, as a user runs it."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *map(str, argv)], capture_output=True,
+    return scripts.run([sys.executable, os.path.join(ROOT, "eval.py"), *map(str, argv)], capture_output=True,
                           text=True, cwd=ROOT, timeout=timeout)
 
 
@@ -434,7 +435,7 @@ def read_json(path):
 
 def script(*argv):
     """eval.py in a process of its own, its output unbuffered, as a user runs it."""
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "eval.py"), *map(str, argv)], cwd=ROOT, text=True,
+    return scripts.Popen([sys.executable, os.path.join(ROOT, "eval.py"), *map(str, argv)], cwd=ROOT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
 
@@ -535,6 +536,7 @@ def test_one_run_at_a_time_in_a_folder(tmp_path):
     try:
         wait_for(first, lambda: lines[-1].startswith("test loss: batch 1/40,") or lines.append(first.stderr.readline()),
                  "a progress line of the test loss")
+        os.kill(first.pid, signal.SIGSTOP)  # a stopped process keeps its lock: the first cannot end meanwhile
         second = eval_py(*command, "--limit", 2)
         assert second.returncode == 1 and second.stdout == ""
         assert second.stderr == (f"error: {tmp_path / 'run'} is in use by eval.py (process {first.pid}); wait for it "

@@ -28,6 +28,7 @@ from model import GPT, config_for
 from export import chat_template, export
 from decoding import respond
 from test_model import FIXTURE
+import scripts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_FILES = ["merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
@@ -52,7 +53,7 @@ def exported(tmp_path_factory):
 
 
 def run_export(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), *args], capture_output=True,
+    return scripts.run([sys.executable, os.path.join(ROOT, "export.py"), *args], capture_output=True,
                           text=True, cwd=ROOT, env=os.environ.copy(), timeout=120)
 
 
@@ -73,7 +74,7 @@ def test_generate_cli_answers_from_the_export(exported):
     model, folder = exported
     expected = respond(model, [{"instruction": "Name a color.", "input": ""}], "phi3", 12)[0]
     assert expected  # a real response to compare, not an empty string
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model", folder,
+    result = scripts.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model", folder,
                              "--prompt-style", "phi3", "--prompt", "Name a color.", "--max-new-tokens", "12",
                              "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -428,7 +429,7 @@ def test_ctrl_c_leaves_the_earlier_export_as_it_was(tmp_path):
     out = tmp_path / "hf"
     export(ckpt, str(out))
     old = {name: (out / name).read_bytes() for name in os.listdir(out)}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", ckpt, "--out", str(out),
+    proc = scripts.Popen([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", ckpt, "--out", str(out),
                              "--force"], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 60  # the new export is being written under a temporary name

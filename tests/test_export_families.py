@@ -36,6 +36,7 @@ from test_lora import train_adapters
 import test_tokenizers
 from test_tokenizers import VOCAB, fixed_date  # noqa: F401 (a fixture)
 from tiny_family import FAMILIES, write_tiny_model
+import scripts
 
 needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="llama.cpp's gguf package is not "
                                 "installed (pip install gguf)")
@@ -147,9 +148,10 @@ def test_the_folder_reloads_with_the_checkpoints_logits_and_tokenizer(runs, expo
         assert render_text(messages, CHAT_TEMPLATE, reread) == render_text(messages, style, tokenizer)
 
 
+@needs_gguf
 def test_the_command_line_writes_both_formats(runs, tmp_path):
     _, _, ckpt = runs("smollm2", CHAT_TEMPLATE)
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", ckpt, "--out",
+    result = scripts.run([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", ckpt, "--out",
                              str(tmp_path / "hf"), "--gguf", str(tmp_path / "smol.gguf"), "--gguf-type", "bf16"],
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -17,6 +17,7 @@ from model import GPT, config_for
 from checkpoint import load_for_inference
 from decoding import choice_logprobs, generate, prefill, respond, sample_next, stream
 from test_model import FIXTURE, REFERENCE
+import scripts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -166,7 +167,7 @@ def save_tiny_checkpoint(path, style="alpaca", seed=0):
 
 
 def run_script(*args, stdin=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], input=stdin,
+    return scripts.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], input=stdin,
                           capture_output=True, text=True, cwd=ROOT, env=os.environ.copy(), timeout=120)
 
 
@@ -294,7 +295,7 @@ def test_cli_interactive_uses_input_for_every_instruction(tmp_path):
 def test_ctrl_c_in_the_interactive_loop_ends_with_one_line_and_130(tmp_path, sig):
     ckpt = str(tmp_path / "ckpt.pt")
     save_tiny_checkpoint(ckpt)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "generate.py"), "--ckpt", ckpt, "--interactive",
+    proc = scripts.Popen([sys.executable, os.path.join(ROOT, "generate.py"), "--ckpt", ckpt, "--interactive",
                              "--max-new-tokens", "4", "--device", "cpu"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -458,7 +459,7 @@ def test_cli_chat_ends_its_line_on_ctrl_d_at_a_terminal(tmp_path):
     ckpt = str(tmp_path / "ckpt.pt")
     save_tiny_checkpoint(ckpt)
     controller, terminal = pty.openpty()  # input() writes its prompt to stderr on a terminal
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "generate.py"), "--ckpt", ckpt, "--interactive",
+    proc = scripts.Popen([sys.executable, os.path.join(ROOT, "generate.py"), "--ckpt", ckpt, "--interactive",
                              "--max-new-tokens", "4", "--device", "cpu"], stdin=terminal, stdout=terminal,
                             stderr=terminal, cwd=ROOT)
     os.close(terminal)

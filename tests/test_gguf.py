@@ -24,6 +24,7 @@ from model import GPT, config_for
 from test_export import (ENTRIES, ROOT, SAMPLES, bpe_tokenizer, file_modes, holding_the_lock, render,
     save_tiny_checkpoint, umask)
 from test_lora import hf_base, lora_run  # noqa: F401 (hf_base is a fixture)
+import scripts
 
 HAVE_GGUF = importlib.util.find_spec("gguf") is not None
 needs_gguf = pytest.mark.skipif(not HAVE_GGUF, reason="llama.cpp's gguf package is not installed (pip install gguf)")
@@ -76,7 +77,7 @@ def test_the_file_reads_back_with_the_models_metadata_names_shapes_and_values(tm
     model, ckpt = phi3_checkpoint
     path = str(tmp_path / "model.gguf")
     if gguf_type == "f16":  # the command line (f16 is its default) once, the function for the others
-        result = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", ckpt, "--gguf", path],
+        result = scripts.run([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", ckpt, "--gguf", path],
                                 capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith(f"exported {ckpt} to {path} (f16, ")
@@ -179,11 +180,11 @@ def test_a_missing_gguf_package_is_one_line(tmp_path):
 
 
 def test_neither_out_nor_gguf_is_a_usage_error(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", "x.pt"],
+    result = scripts.run([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", "x.pt"],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2
     assert result.stderr.endswith("error: give --out FOLDER (Hugging Face), --gguf FILE (llama.cpp, Ollama) or both\n")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", "x.pt", "--out",
+    result = scripts.run([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", "x.pt", "--out",
                              str(tmp_path / "hf"), "--gguf-type", "q8_0"], capture_output=True, text=True, cwd=ROOT,
                             timeout=120)
     assert result.returncode == 2 and result.stderr.endswith("error: --gguf-type goes with --gguf FILE\n")
@@ -255,7 +256,7 @@ def test_a_second_type_in_one_folder_gets_its_own_modelfile(tmp_path):
     first, second = tmp_path / "out" / "model-f16.gguf", tmp_path / "out" / "model-q8_0.gguf"
     assert export_gguf(ckpt, str(first), "f16") == str(tmp_path / "out" / "Modelfile")
     shared = (tmp_path / "out" / "Modelfile").read_text()
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", ckpt, "--gguf", str(second),
+    result = scripts.run([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", ckpt, "--gguf", str(second),
                              "--gguf-type", "q8_0"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     own = tmp_path / "out" / "model-q8_0.Modelfile"

@@ -16,6 +16,7 @@ import llm
 from checkpoint import save_checkpoint
 from model import GPT, config_for
 from judge_server import closed_port_url, echo as judge_server_echo, judge_server
+import scripts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
@@ -244,7 +245,7 @@ def test_workers_run_that_many_requests_at_once(tmp_path, workers):
 
 def judge_py(*argv, timeout=120):
     """judge.py in a process of its own, as a user runs it."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, "judge.py"), *map(str, argv)], capture_output=True,
+    return scripts.run([sys.executable, os.path.join(ROOT, "judge.py"), *map(str, argv)], capture_output=True,
                           text=True, cwd=ROOT, timeout=timeout)
 
 
@@ -479,7 +480,7 @@ def test_ctrl_c_while_judging_with_workers_keeps_the_scores_and_exits_130(tmp_pa
     with judge_server(delay=0.3) as server:
         command = [sys.executable, os.path.join(ROOT, "judge.py"), path, "--judge", "llama3", "--url", server.url,
                    "--workers", "4"]
-        proc = subprocess.Popen(command, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = scripts.Popen(command, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         def scored_so_far():
             return [i for i, r in enumerate(read(path)) if "llama3" in r.get("judge_scores", {})]
@@ -495,6 +496,6 @@ def test_ctrl_c_while_judging_with_workers_keeps_the_scores_and_exits_130(tmp_pa
                                            "the same command asks only for the rest")
         assert 4 <= len(scored) < 40
         asked = len(server.requests)
-        subprocess.run(command, check=True, capture_output=True, timeout=120)
+        scripts.run(command, check=True, capture_output=True, timeout=120)
     assert len(server.requests) - asked == 40 - len(scored)
     assert [r["judge_scores"] for r in read(path)] == [{"llama3": i} for i in range(40)]

@@ -2,7 +2,6 @@ import copy
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -19,6 +18,7 @@ from lora import (LORA_TARGETS, LoRALinear, add_lora, base_fingerprint, lora_mod
     parameter_counts)
 from hf import build_model, from_pretrained
 from model import GPT, config_for
+import scripts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -307,7 +307,7 @@ def test_a_moved_base_folder_is_refused_in_one_line_and_found_with_base(tmp_path
     os.rename(folder, elsewhere)
 
     def generate_cli(*args):
-        return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--ckpt", path, "--prompt", "Hi",
+        return scripts.run([sys.executable, os.path.join(ROOT, "generate.py"), "--ckpt", path, "--prompt", "Hi",
                                "--max-new-tokens", "5", "--device", "cpu", *args], capture_output=True, text=True,
                               cwd=tmp_path)
     result = generate_cli()

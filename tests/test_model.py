@@ -1,7 +1,6 @@
 import http.server
 import json
 import os
-import subprocess
 import sys
 import threading
 
@@ -13,6 +12,7 @@ from common import download
 from hf import build_model, from_pretrained, hf_folder
 from hf import main as hf_main
 from model import GPT, KVCache, PRESETS, config_for
+import scripts
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf-tiny-gpt2")
 REFERENCE = json.load(open(os.path.join(FIXTURE, "reference.json")))
@@ -277,7 +277,7 @@ def test_download_sends_its_headers_to_the_server_alone_and_names_refusals(tmp_p
 
 def test_command_line_lists_presets_and_loads_a_name_or_folder(tmp_path, monkeypatch, capsys):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "hf.py"], cwd=root, capture_output=True, text=True, timeout=60)
+    proc = scripts.run([sys.executable, "hf.py"], cwd=root, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stderr == ""
     assert proc.stdout.splitlines() == [
         "gpt2          gpt2  12 layers, 12 heads        width  768, context   1024:   124.4M parameters "

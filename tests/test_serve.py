@@ -26,6 +26,7 @@ from prompts import GPT2, PROMPT_STYLES, decode, encode, encode_conversation, fo
 from test_export import render
 from decoding import generate
 from model import GPT, config_for
+import scripts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -519,7 +520,7 @@ def test_the_log_has_no_traceback_for_what_clients_do(tmp_path):
     model = lively_tiny()
     ckpt = str(tmp_path / "ckpt.pt")
     save_checkpoint({"model": model.state_dict(), "config": vars(model.config), "prompt_style": "alpaca"}, ckpt)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--ckpt", ckpt, "--port", "0",
+    proc = scripts.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--ckpt", ckpt, "--port", "0",
                              "--device", "cpu", "--timeout", "0.5", "--max-batch", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -664,7 +665,7 @@ def test_cli_serves_a_checkpoint_and_stops_on_sigterm(tmp_path):
     model = lively_tiny(seed=2)
     ckpt = str(tmp_path / "ckpt.pt")
     save_checkpoint({"model": model.state_dict(), "config": vars(model.config), "prompt_style": "phi3"}, ckpt)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--ckpt", ckpt, "--port", "0",
+    proc = scripts.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--ckpt", ckpt, "--port", "0",
                              "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         line = proc.stdout.readline()
@@ -684,7 +685,7 @@ def test_cli_serves_a_checkpoint_and_stops_on_sigterm(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    run = lambda *args: subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), *args],  # noqa: E731
+    run = lambda *args: scripts.run([sys.executable, os.path.join(ROOT, "serve.py"), *args],  # noqa: E731
                                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     result = run("--ckpt", str(tmp_path / "missing.pt"))
     assert result.returncode == 1 and result.stderr == f"error: checkpoint {tmp_path / 'missing.pt'} does not exist\n"

@@ -27,6 +27,7 @@ from export import config_json, hf_state_dict
 from checkpoint import load_for_inference
 from prompts import today
 from step import lr_at
+import scripts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--init", "random", "--context-length", "64", "--batch-size", "2", "--eval-batches", "2"]
@@ -96,7 +97,7 @@ def assert_same_weights(out_a, out_b, exact=True):
 
 def script(*argv, **kwargs):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, *[str(a) for a in argv]], cwd=ROOT, env=env, text=True,
+    return scripts.Popen([sys.executable, *[str(a) for a in argv]], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
 
 
@@ -670,7 +671,7 @@ def test_a_model_that_does_not_exist_is_refused_before_the_data_is_read(tmp_path
 
 
 def test_help_describes_the_data_train_py_reads():
-    proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+    proc = scripts.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "COLUMNS": "1000"})  # no line broken at a flag's hyphen
     text = " ".join(proc.stdout.split())
     assert proc.returncode == 0 and ("--data DATA instruction data (.json or .jsonl): Alpaca entries, conversations "
