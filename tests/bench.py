@@ -739,6 +739,7 @@ def bench_families(steps=2, new_tokens=32, repeats=3):
           f"= {step['ours'][0] / step['ours-bfloat16'][0]:.2f}x the speed on this CPU")
 
     family_decoding(new_tokens, repeats)
+    family_llama_cpp(new_tokens, repeats)
     family_loading()
 
 
@@ -773,6 +774,52 @@ def family_loading():
     print(f"families, loading a bfloat16 qwen3-0.6b folder ({size / 2**30:.2f} GiB of weights): {seconds:.1f} s, "
           f"loaded as {', '.join(dtypes)}; peak memory over torch's own "
           f"{peak / 2**30:.2f} GiB = {peak / size:.2f}x the weights (target <= 1.2)")
+
+
+def family_llama_cpp(new_tokens=32, repeats=3):
+    """bench_families against llama.cpp, where llama-cpp-python is installed: the Qwen3-0.6B-shaped
+    random weights as GGUF files from export.py (f32, q8_0, with Qwen2's real vocabulary from
+    ../shared/vocab as the tokenizer) against generate() on the same weights (float32, --quantize
+    int8), batch 1, a 45-token prompt, its prefill included, the four taking turns."""
+    import json
+
+    from export import write_family_gguf
+    from prompts import load_tokenizer
+    from test_gguf import llama_greedy, load_llama
+    from test_tokenizers import gguf_tokenizer_json
+    import pytest
+
+    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None:
+        print("families, llama.cpp comparison skipped: it needs llama-cpp-python and gguf")
+        return
+    model = qwen3_random()
+    prompt = torch.randint(0, model.config.vocab_size, (45,), generator=torch.Generator().manual_seed(0)).tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            spec = gguf_tokenizer_json("qwen2", family="qwen3")
+        except pytest.skip.Exception as e:
+            print(f"families, llama.cpp comparison skipped: {e}")
+            return
+        with open(os.path.join(tmp, "tokenizer.json"), "w") as f:
+            f.write(spec)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({"model_type": "qwen3", "eos_token_id": 151645}, f)
+        tokenizer = load_tokenizer(tmp)
+        decoders = {}
+        for ours_name, gguf_type in (("float32", "f32"), ("int8", "q8_0")):
+            path = os.path.join(tmp, f"{gguf_type}.gguf")
+            write_family_gguf(model, "alpaca", tokenizer, path, gguf_type, "qwen3-random")
+            llm = load_llama(path, n_ctx=len(prompt) + new_tokens)
+            decoders[f"llama.cpp {gguf_type}"] = lambda llm=llm: llama_greedy(llm, prompt, new_tokens, eos_id=None)
+        ours = {"float32": prepare_for_decoding(model), "int8": prepare_for_decoding(qwen3_random(), "int8")}
+        for name, m in ours.items():
+            decoders[name] = lambda m=m: generate(m, [prompt], new_tokens, stop_ids=())[0]
+        rates, tokens = decoding_rates(decoders, new_tokens, repeats)
+    same = sum(a == b for a, b in zip(tokens["float32"], tokens["llama.cpp f32"]))
+    print(f"families, qwen3-0.6b against llama.cpp, batch 1, {new_tokens} greedy tokens: float32 {rates['float32']:.1f} "
+          f"vs llama.cpp f32 {rates['llama.cpp f32']:.1f} tokens/s = {rates['float32'] / rates['llama.cpp f32']:.2f}x "
+          f"({same} of {new_tokens} tokens the same); --quantize int8 {rates['int8']:.1f} vs llama.cpp q8_0 "
+          f"{rates['llama.cpp q8_0']:.1f} tokens/s = {rates['int8'] / rates['llama.cpp q8_0']:.2f}x (goal >= 1)")
 
 
 BENCHES = {"generation": bench_generation, "eval": bench_eval, "training": bench_training, "judge": bench_judge,

@@ -101,7 +101,8 @@ class ScriptProcess:
         request = {"argv": [script, *map(str, args[2:])], "cwd": os.path.abspath(cwd or os.getcwd()),
                    "env": dict(os.environ if env is None else env), "new_session": start_new_session}
         try:
-            self.pid = zygote().start(request, [child_in, child_out, child_err])
+            self._key = zygote().start(request, [child_in, child_out, child_err])
+            self.pid = self._key[0]
         finally:
             for fd in theirs:
                 os.close(fd)
@@ -119,12 +120,12 @@ class ScriptProcess:
 
     def poll(self):
         if self.returncode is None:
-            self.returncode = zygote().exit_code(self.pid, block=False)
+            self.returncode = zygote().exit_code(self._key, block=False)
         return self.returncode
 
     def wait(self, timeout=None):
         if self.returncode is None:
-            code = zygote().exit_code(self.pid, timeout=timeout)
+            code = zygote().exit_code(self._key, timeout=timeout)
             if code is None:
                 raise subprocess.TimeoutExpired(self.args, timeout)
             self.returncode = code
@@ -180,7 +181,9 @@ class ScriptProcess:
 
 
 class Zygote:
-    """The test process's side: start requests, and the exit codes the zygote reports."""
+    """The test process's side: start requests, and the exit codes the zygote reports, each child
+    known by its pid and the how-manieth child of that pid it is (pids are reused: a few hundred
+    scripts, each with its threads, wrap a pid_max of 32768)."""
 
     def __init__(self):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one message a packet
@@ -188,17 +191,20 @@ class Zygote:
                                         pass_fds=[theirs.fileno()], cwd=ROOT, stdin=subprocess.DEVNULL)
         theirs.close()
         self.sock, self.lock, self.changed = ours, threading.Lock(), threading.Condition()
-        self.started, self.exits, self.gone = [], {}, False
+        self.started, self.exits, self.generation, self.gone = [], {}, {}, False
         threading.Thread(target=self.listen, daemon=True).start()
 
     def listen(self):
         while packet := self.sock.recv(1 << 16):
             message = json.loads(packet)
             with self.changed:
-                if "started" in message:
-                    self.started.append(message["started"])
+                if "started" in message:  # a pid's next child; its previous one's exit was reported before
+                    pid = message["started"]
+                    self.generation[pid] = self.generation.get(pid, 0) + 1
+                    self.started.append((pid, self.generation[pid]))
                 else:
-                    self.exits[message["pid"]] = os.waitstatus_to_exitcode(message["status"])
+                    key = (message["pid"], self.generation[message["pid"]])
+                    self.exits[key] = os.waitstatus_to_exitcode(message["status"])
                 self.changed.notify_all()
         with self.changed:
             self.gone = True
@@ -211,13 +217,13 @@ class Zygote:
                 raise RuntimeError("the zygote did not start the script (see its output above)")
             return self.started.pop(0)
 
-    def exit_code(self, pid, block=True, timeout=None):
+    def exit_code(self, key, block=True, timeout=None):
         with self.changed:
             if block:
-                self.changed.wait_for(lambda: pid in self.exits or self.gone, timeout=timeout)
-            if pid not in self.exits and self.gone:
+                self.changed.wait_for(lambda: key in self.exits or self.gone, timeout=timeout)
+            if key not in self.exits and self.gone:
                 raise RuntimeError("the zygote ended before the script did")
-            return self.exits.get(pid)
+            return self.exits.get(key)
 
     def close(self):
         self.sock.shutdown(socket.SHUT_RDWR)  # the zygote reads the end of its requests, and ends
