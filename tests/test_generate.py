@@ -291,6 +291,21 @@ def test_cli_interactive_uses_input_for_every_instruction(tmp_path):
     assert "each message gets --input as its input" in result.stderr
 
 
+def wait_until_reading(pid):
+    """Wait until the process sleeps in its read of stdin. A signal that comes between input()'s
+    prompt and its read is only handled once the read returns: a person's Ctrl-C never falls
+    there, a test's that follows the prompt at once can."""
+    for _ in range(600):
+        try:
+            with open(f"/proc/{pid}/wchan") as f:
+                if "pipe_read" in f.read():
+                    return
+        except OSError:  # not Linux: a second is long enough
+            time.sleep(1)
+            return
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_in_the_interactive_loop_ends_with_one_line_and_130(tmp_path, sig):
     ckpt = str(tmp_path / "ckpt.pt")
@@ -304,7 +319,9 @@ def test_ctrl_c_in_the_interactive_loop_ends_with_one_line_and_130(tmp_path, sig
         assert proc.stderr.readline().startswith("chat in prompt style alpaca")  # the loop is running
         assert proc.stdout.read(2) == "> " and proc.stdout.readline()  # one answer made
         assert proc.stdout.read(2) == "> "  # waiting for the next instruction
+        wait_until_reading(proc.pid)
         proc.send_signal(sig)
+        proc.wait(timeout=60)  # stdin still open: the signal alone ends it (communicate's EOF would be Ctrl-D)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
