@@ -714,12 +714,6 @@ def bench_families(steps=2, new_tokens=32, repeats=3):
     greedy decoding at batch 1 (a 45-token prompt, its prefill included), float32 and int8,
     against transformers' generate on the same weights; loading the model from a bfloat16
     Hugging Face folder: time and peak memory against the weights' size."""
-    import json
-    import subprocess
-
-    from hf import config_json, hf_state_dict
-    from safetensors.torch import save_file
-
     if importlib.util.find_spec("transformers") is None:
         print("families: skipped, it needs transformers (pip install transformers)")
         return

@@ -14,7 +14,7 @@ import torch
 
 import common
 from checkpoint import save_checkpoint
-from common import atomic_write, check_writable_folder, plural, remove_stale_temporaries, stop_on_interrupt
+from common import atomic_write, check_writable_folder, remove_stale_temporaries, stop_on_interrupt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(os.path.basename(f) for f in glob.glob(os.path.join(ROOT, "*.py"))

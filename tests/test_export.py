@@ -18,7 +18,6 @@ import tiktoken.load
 import torch
 from safetensors import safe_open
 
-import data
 import prompts
 import export as export_script
 from checkpoint import save_checkpoint
