@@ -218,13 +218,18 @@ class GroupedQueryAttention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.resid_drop = nn.Dropout(cfg.drop_rate)
+        self.qkv_proj = None  # decoding's q, k and v_proj in one (quantize.fuse_projections)
 
     def forward(self, x, cache=None, mask=None, rope=None):
         """As CausalSelfAttention's; rope: the cos and sin of x's positions (RotaryEmbedding)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:  # one matmul for the three
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2, -1)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope).transpose(1, 2), apply_rope(k, *rope).transpose(1, 2)  # (B, heads, T, head size)
@@ -258,9 +263,14 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=False)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.emb_dim, bias=False)
         self.drop = nn.Dropout(cfg.drop_rate)
+        self.gate_up_proj = None  # decoding's gate and up_proj in one (quantize.fuse_projections)
 
     def forward(self, x):
-        return self.drop(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:  # one matmul for the two
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.drop(self.down_proj(F.silu(gate) * up))
 
 
 class Block(nn.Module):

@@ -83,16 +83,45 @@ class Int8Linear(nn.Module):
 
 def block_linears(model):
     """(parent module, attribute name, nn.Linear) of every linear layer in the model's blocks:
-    GPT-2's c_attn, c_proj, c_fc, c_proj; the Llama family's q/k/v/o_proj, gate/up/down_proj."""
+    GPT-2's c_attn, c_proj, c_fc, c_proj; the Llama family's q/k/v/o_proj, gate/up/down_proj
+    (qkv_proj, o_proj, gate_up_proj, down_proj once fused)."""
     return [(parent, name, child) for block in model.h for parent in (block.attn, block.mlp)
             for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+
+
+def stacked(*linears):
+    """One nn.Linear whose outputs are those of `linears` side by side (they share an input)."""
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    fused = nn.Linear(weight.size(1), weight.size(0), bias=linears[0].bias is not None, device=weight.device,
+                      dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([linear.bias.detach() for linear in linears]), requires_grad=False)
+    return fused
+
+
+def fuse_projections(model):
+    """In place, for decoding: each Llama-family block's q, k and v_proj become one linear layer,
+    qkv_proj, and its gate and up_proj one, gate_up_proj (GPT-2's c_attn is one already): the same
+    weights, one matmul where there were three and two: at batch 1, where each call's fixed cost
+    counts, faster (docs/speed.md), and the same results. The parts are freed."""
+    for block in model.h:
+        attn, mlp = block.attn, block.mlp
+        if getattr(attn, "q_proj", None) is not None:
+            attn.qkv_proj = stacked(attn.q_proj, attn.k_proj, attn.v_proj)
+            attn.q_proj = attn.k_proj = attn.v_proj = None
+        if getattr(mlp, "gate_proj", None) is not None:
+            mlp.gate_up_proj = stacked(mlp.gate_proj, mlp.up_proj)
+            mlp.gate_proj = mlp.up_proj = None
+    return model
 
 
 def quantize_int8(model, head=True):
     """Replace, in place, the linear layers of every block with Int8Linear, and with head=True
     add an Int8Linear copy of the output head beside the float embedding it is tied to (which
     then recomputes the int8 head's best logits exactly: model.EXACT_TOP). Returns the model, in
-    eval mode. For decoding only: do it after moving the model to its device."""
+    eval mode. For decoding only (its projections fused): do it after moving the model to its device."""
+    fuse_projections(model)
     for parent, name, linear in block_linears(model):
         setattr(parent, name, Int8Linear(linear.weight, linear.bias))
     if head:
@@ -102,11 +131,12 @@ def quantize_int8(model, head=True):
 
 def prepare_for_decoding(model, quantize=None):
     """The model made ready, in place, for generation and evaluation on its device (after the
-    move): with quantize="int8", quantize_int8; otherwise its block linears' weights (and the
-    output head) in the memory layout linear_kernel chooses, the same values. Returns it in
-    eval mode."""
+    move): with quantize="int8", quantize_int8; otherwise its projections fused, and its block
+    linears' weights (and the output head) in the memory layout linear_kernel chooses, the same
+    values. Returns it in eval mode."""
     if quantize == "int8":
         return quantize_int8(model)
+    fuse_projections(model)
     if linear_kernel(model.wte.weight.device) == "in-out":
         for _, _, linear in block_linears(model):
             # the same [out, in] matrix with its columns contiguous; the old layout is freed

@@ -20,7 +20,7 @@ from decoding import generate, stream
 from hf import config_json, from_pretrained, hf_folder, hf_state_dict, read_config
 from lora import LoRALinear, add_lora, lora_modules, lora_settings, merge_lora
 from model import GPT, KVCache, config_for
-from quantize import Int8Linear, block_linears, prepare_for_decoding, quantize_int8
+from quantize import Int8Linear, block_linears, fuse_projections, prepare_for_decoding, quantize_int8
 from test_decoding import beam_search_without_cache
 from test_lora import train_adapters
 
@@ -214,6 +214,31 @@ def test_the_embedding_trains_vocab_major_and_decodes_emb_major(family, folders)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_decoding_fuses_q_k_v_and_gate_up_into_one_matmul_each_with_the_same_results(family, folders):
+    model = ours(folders, family)
+    attn, mlp = model.h[0].attn, model.h[0].mlp
+    parts = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, mlp.gate_proj.weight, mlp.up_proj.weight]
+    idx = token_ids((3, 12), seed=12)
+    with torch.no_grad():
+        reference = model(idx)
+        fused = fuse_projections(copy.deepcopy(model))
+        block = fused.h[0]
+        assert block.attn.q_proj is block.attn.k_proj is block.attn.v_proj is None  # freed
+        assert block.mlp.gate_proj is block.mlp.up_proj is None
+        assert torch.equal(block.attn.qkv_proj.weight, torch.cat(parts[:3]))
+        assert torch.equal(block.mlp.gate_up_proj.weight, torch.cat(parts[3:]))
+        if attn.q_proj.bias is not None:  # Qwen2.5's q/k/v biases
+            assert torch.equal(block.attn.qkv_proj.bias, torch.cat([attn.q_proj.bias, attn.k_proj.bias,
+                                                                    attn.v_proj.bias]))
+        assert torch.equal(fused(idx), reference)
+        # int8: the same per-channel weights and the same per-row activations, so the same logits
+        unfused = copy.deepcopy(model)
+        for parent, name, linear in block_linears(unfused):
+            setattr(parent, name, Int8Linear(linear.weight, linear.bias))
+        assert torch.equal(quantize_int8(copy.deepcopy(model), head=False)(idx), unfused(idx))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_int8_weights_decode_close_to_float(family, folders):
     model = ours(folders, family)
     linears = block_linears(model)
@@ -236,7 +261,7 @@ def test_int8_weights_decode_close_to_float(family, folders):
             assert error.mean() < 0.03 and error.max() < 0.08
     quantized = quantize_int8(copy.deepcopy(model))
     assert not any(isinstance(m, nn.Linear) for m in quantized.h.modules())
-    assert sum(isinstance(m, Int8Linear) for m in quantized.modules()) == 7 * 2 + 1  # and the head
+    assert sum(isinstance(m, Int8Linear) for m in quantized.modules()) == 4 * 2 + 1  # fused; and the head
     with torch.no_grad():
         error = (quantized(idx) - reference).norm(dim=-1) / reference.norm(dim=-1)
     # these random models amplify errors (1% noise on every weight moves their logits by about 4%); a wrong
