@@ -422,7 +422,7 @@ def bench_int8(repeats=5):
     int8_mib = sum(q.nbytes() for q in packed) / 2**20
     print(f"int8 memory of the block linears' weights: {float_mib:.0f} MiB float32, {int8_mib:.0f} MiB int8 = "
           f"{int8_mib / float_mib:.2f}x (target <= 0.3x)")
-    del in_out, packed, int8
+    in_out = packed = int8 = None  # freed (the kernels above, which hold them, are done)
 
     models = {"float32 as trained": model, "float32": gpt2_for_decoding(),
               "int8, float head": quantize_int8(gpt2_random(), head=False), "int8": gpt2_for_decoding("int8")}
