@@ -57,7 +57,7 @@ from typing import Optional
 from torch.utils.data import DataLoader
 
 from checkpoint import (TrainedWith, add_model_args, check_model_args, load_checkpoint, load_for_inference,
-    load_model_file, model_file_settings)
+    load_model_file, model_file_settings, start_tokenizer)
 from common import (AT_LEAST_1, Progress, lock_folder, plural, resolve_device, run_main, writable_folder,
     write_json)
 from data import DataSplits, batch_indices, check_preference_entries, check_same_data, prepare_data, split_fractions
@@ -219,7 +219,7 @@ def load(args, device, out_dir):
     splits = load_data(args.data, trained, style, context_length, mask, args.split, tokenizer)
     if args.reference is not None and splits.kind != "text":  # bad data, or a reference that does not fit, before work
         check_preference_entries(splits.path, splits.train_entries + splits.test_entries + splits.val_entries)
-        check_reference(args.reference, context_length)
+        check_reference(args.reference, context_length, tokenizer)
     run = Evaluation(args, model, device, trained, style, tokenizer, context_length, splits, out_dir,
                      source={"checkpoint": args.ckpt} if args.ckpt else {"model": args.model},
                      identity={"weights_sha256": weights_fingerprint(model.state_dict().items()),
@@ -271,17 +271,23 @@ def load_data(path, trained, style, context_length, mask_instructions, split=Non
     return splits
 
 
-def check_reference(path, context_length):
+def check_reference(path, context_length, tokenizer):
     """One sentence, before any work, for a --reference model file that is missing, is no model
-    file, or has a shorter context than the model evaluated (its log-probabilities are compared
-    with the model's over the same tokens)."""
+    file, has a shorter context than the model evaluated or another tokenizer (its log-probabilities
+    are compared with the model's over the same tokens)."""
     try:
         settings = model_file_settings(path)
+        theirs = start_tokenizer(path)
     except (OSError, ValueError) as e:
         raise type(e)(f"--reference: {e}") from None
     if settings["context_length"] < context_length:
         raise ValueError(f"--reference {path} has a context of {settings['context_length']} tokens, shorter than the "
                          f"{context_length} of the model evaluated; give the model DPO started from")
+    vocabulary = [(t.state()["kind"], t.state().get("tokenizer_json")) for t in (theirs, tokenizer)]
+    if vocabulary[0] != vocabulary[1]:
+        raise ValueError(f"--reference {path} has another tokenizer ({theirs.name}'s) than the model evaluated "
+                         f"({tokenizer.name}'s), so their log-probabilities are not of the same tokens; give the "
+                         "model DPO started from")
 
 
 # ----------------------------------------------------------------------------- losses

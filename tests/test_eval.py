@@ -15,12 +15,14 @@ import torch.nn.functional as F
 import eval as ev
 from checkpoint import save_checkpoint
 from data import batch_indices, collate, InstructionDataset, prepare_data
-from prompts import decode, encode, EOT_ID, format_prompt, prompt_ids
+from prompts import decode, encode, EOT_ID, format_prompt, load_tokenizer, prompt_ids
 from common import IGNORE_INDEX
 from hf import HF_REPOS
 from model import config_for, GPT
 from decoding import generate, respond
 import scripts
+from test_tokenizers import write_folder
+from tiny_family import tokenizer_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRACTIONS = dict(train_frac=0.5, test_frac=0.3)  # 20 entries -> 10 train, 6 test (entries 10-15), 4 val
@@ -399,6 +401,13 @@ def test_a_reference_that_does_not_fit_is_found_before_the_losses(tmp_path):
     result = eval_py("--ckpt", ckpt, "--reference", tmp_path / "nope.pt", "--max-new-tokens", 2, "--device", "cpu")
     assert result.returncode == 1
     assert result.stderr == f"error: --reference: checkpoint {tmp_path / 'nope.pt'} does not exist\n"
+    qwen = load_tokenizer(write_folder(tmp_path / "qwen3", "qwen3", tokenizer_json("qwen3")))
+    other = save_ckpt(tmp_path / "qwen" / "best.pt", tiny_model(), data=data, tokenizer=qwen.state())
+    result = eval_py("--ckpt", ckpt, "--reference", other, "--max-new-tokens", 2, "--device", "cpu")
+    assert result.returncode == 1 and "test loss" not in result.stdout + result.stderr
+    assert result.stderr == (f"error: --reference {other} has another tokenizer ({qwen.name}'s) than the model "
+                             "evaluated (GPT-2's), so their log-probabilities are not of the same tokens; give the "
+                             "model DPO started from\n")
     assert sorted(os.listdir(tmp_path / "dpo")) == [".lock", "best.pt"]  # nothing written
 
 
