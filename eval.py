@@ -283,7 +283,7 @@ def check_reference(path, context_length, tokenizer):
     if settings["context_length"] < context_length:
         raise ValueError(f"--reference {path} has a context of {settings['context_length']} tokens, shorter than the "
                          f"{context_length} of the model evaluated; give the model DPO started from")
-    vocabulary = [(t.state()["kind"], t.state().get("tokenizer_json")) for t in (theirs, tokenizer)]
+    vocabulary = [(state["kind"], state.get("tokenizer_json")) for state in (theirs.state(), tokenizer.state())]
     if vocabulary[0] != vocabulary[1]:
         raise ValueError(f"--reference {path} has another tokenizer ({theirs.name}'s) than the model evaluated "
                          f"({tokenizer.name}'s), so their log-probabilities are not of the same tokens; give the "

@@ -448,24 +448,40 @@ def bench_llama(repeats=5, new_tokens=64):
               "which builds llama.cpp from source) and gguf")
         return
     from export import write_gguf
-    from test_gguf import llama_greedy, load_llama
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 50257, (45,), generator=g).tolist()
-    ours = {"float32": gpt2_for_decoding(), "int8": gpt2_for_decoding("int8")}
+    rates, same = against_llama_cpp(lambda path, gguf_type: write_gguf(gpt2_random(), "alpaca", path, gguf_type, "gpt2-random"),
+                                    lambda: {"float32": gpt2_for_decoding(), "int8": gpt2_for_decoding("int8")},
+                                    prompt, new_tokens, repeats)
+    print(f"llama.cpp comparison, batch 1, 45-token prompt, {new_tokens} greedy tokens: "
+          f"{llama_cpp_text(rates, same, new_tokens)} (targets >= 1)")
+
+
+def against_llama_cpp(write_gguf_file, make_ours, prompt, new_tokens, repeats):
+    """({name: median tokens/s}, how many tokens float32's and llama.cpp f32's have the same): greedy
+    decoding at batch 1 of llama.cpp on the GGUF files write_gguf_file(path, gguf_type) writes (f32,
+    q8_0) against make_ours()'s {"float32": model, "int8": model} of the same weights, made after
+    the files (preparing a model for decoding changes it in place); the four take turns."""
+    from test_gguf import llama_greedy, load_llama
     with tempfile.TemporaryDirectory() as tmp:
         decoders = {}
-        for ours_name, gguf_type in (("float32", "f32"), ("int8", "q8_0")):
+        for gguf_type in ("f32", "q8_0"):
             path = os.path.join(tmp, f"{gguf_type}.gguf")
-            write_gguf(gpt2_random(), "alpaca", path, gguf_type)
+            write_gguf_file(path, gguf_type)
             llm = load_llama(path, n_ctx=len(prompt) + new_tokens)
             decoders[f"llama.cpp {gguf_type}"] = lambda llm=llm: llama_greedy(llm, prompt, new_tokens, eos_id=None)
-            decoders[ours_name] = lambda m=ours[ours_name]: generate(m, [prompt], new_tokens, stop_ids=())[0]
+        for name, m in make_ours().items():
+            decoders[name] = lambda m=m: generate(m, [prompt], new_tokens, stop_ids=())[0]
         rates, tokens = decoding_rates(decoders, new_tokens, repeats)
-    same = sum(a == b for a, b in zip(tokens["float32"], tokens["llama.cpp f32"]))
-    print(f"llama.cpp comparison, batch 1, 45-token prompt, {new_tokens} greedy tokens: float32 {rates['float32']:.1f} "
-          f"vs llama.cpp f32 {rates['llama.cpp f32']:.1f} tokens/s = {rates['float32'] / rates['llama.cpp f32']:.2f}x "
-          f"(target >= 1; {same} of {new_tokens} tokens the same); --quantize int8 {rates['int8']:.1f} vs llama.cpp "
-          f"q8_0 {rates['llama.cpp q8_0']:.1f} tokens/s = {rates['int8'] / rates['llama.cpp q8_0']:.2f}x (target >= 1)")
+    return rates, sum(a == b for a, b in zip(tokens["float32"], tokens["llama.cpp f32"]))
+
+
+def llama_cpp_text(rates, same, new_tokens):
+    """against_llama_cpp's figures in a line."""
+    return (f"float32 {rates['float32']:.1f} vs llama.cpp f32 {rates['llama.cpp f32']:.1f} tokens/s = "
+            f"{rates['float32'] / rates['llama.cpp f32']:.2f}x ({same} of {new_tokens} tokens the same); --quantize "
+            f"int8 {rates['int8']:.1f} vs llama.cpp q8_0 {rates['llama.cpp q8_0']:.1f} tokens/s = "
+            f"{rates['int8'] / rates['llama.cpp q8_0']:.2f}x")
 
 
 def bench_beams(repeats=3):
@@ -779,7 +795,6 @@ def family_llama_cpp(new_tokens=32, repeats=3):
 
     from export import write_family_gguf
     from prompts import load_tokenizer
-    from test_gguf import llama_greedy, load_llama
     from test_tokenizers import gguf_tokenizer_json
     import pytest
 
@@ -799,21 +814,12 @@ def family_llama_cpp(new_tokens=32, repeats=3):
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({"model_type": "qwen3", "eos_token_id": 151645}, f)
         tokenizer = load_tokenizer(tmp)
-        decoders = {}
-        for ours_name, gguf_type in (("float32", "f32"), ("int8", "q8_0")):
-            path = os.path.join(tmp, f"{gguf_type}.gguf")
-            write_family_gguf(model, "alpaca", tokenizer, path, gguf_type, "qwen3-random")
-            llm = load_llama(path, n_ctx=len(prompt) + new_tokens)
-            decoders[f"llama.cpp {gguf_type}"] = lambda llm=llm: llama_greedy(llm, prompt, new_tokens, eos_id=None)
-        ours = {"float32": prepare_for_decoding(model), "int8": prepare_for_decoding(qwen3_random(), "int8")}
-        for name, m in ours.items():
-            decoders[name] = lambda m=m: generate(m, [prompt], new_tokens, stop_ids=())[0]
-        rates, tokens = decoding_rates(decoders, new_tokens, repeats)
-    same = sum(a == b for a, b in zip(tokens["float32"], tokens["llama.cpp f32"]))
-    print(f"families, qwen3-0.6b against llama.cpp, batch 1, {new_tokens} greedy tokens: float32 {rates['float32']:.1f} "
-          f"vs llama.cpp f32 {rates['llama.cpp f32']:.1f} tokens/s = {rates['float32'] / rates['llama.cpp f32']:.2f}x "
-          f"({same} of {new_tokens} tokens the same); --quantize int8 {rates['int8']:.1f} vs llama.cpp q8_0 "
-          f"{rates['llama.cpp q8_0']:.1f} tokens/s = {rates['int8'] / rates['llama.cpp q8_0']:.2f}x (goal >= 1)")
+    rates, same = against_llama_cpp(
+        lambda path, gguf_type: write_family_gguf(model, "alpaca", tokenizer, path, gguf_type, "qwen3-random"),
+        lambda: {"float32": prepare_for_decoding(model), "int8": prepare_for_decoding(qwen3_random(), "int8")},
+        prompt, new_tokens, repeats)
+    print(f"families, qwen3-0.6b against llama.cpp, batch 1, {new_tokens} greedy tokens: "
+          f"{llama_cpp_text(rates, same, new_tokens)} (goal for int8 >= 1)")
 
 
 BENCHES = {"generation": bench_generation, "eval": bench_eval, "training": bench_training, "judge": bench_judge,
