@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from common import atomic_write
-from hf import HF_REPOS, build_model, default_cache_dir, hf_folder
+from hf import HF_REPOS, build_model, check_folder, default_cache_dir, hf_folder
 from lora import add_lora, base_fingerprint, load_lora_state_dict, lora_settings, lora_state_dict, merge_lora
 from model import GPT, PRESETS, GPTConfig, config_for, with_context_length
 from prompts import (CHAT_TEMPLATE, GPT2, STYLE_NAMES, check_vocab, default_prompt_style, load_tokenizer,
@@ -263,6 +263,8 @@ def check_start_model(name_or_path, pretrained):
     if not os.path.exists(name_or_path):
         raise FileNotFoundError(f"--model {name_or_path} does not exist; give a preset ({', '.join(PRESETS)}), a "
                                 "local Hugging Face folder or a model file")
+    if os.path.isdir(name_or_path):
+        check_folder(name_or_path, weights=pretrained)  # a train.py output folder: its checkpoint is named
     if os.path.isfile(name_or_path) and not pretrained:
         raise ValueError(f"--init random would throw away the weights of the model file {name_or_path}; drop --init "
                          "random to start from them, or give a preset for random weights of its size")
@@ -474,8 +476,8 @@ def check_model_args(ckpt_path=None, model_name=None, base=None):
         raise ValueError("--base goes with a LoRA --ckpt: the folder its base model moved to")
     if model_name in PRESETS and model_name not in HF_REPOS:
         raise ValueError(f"'{model_name}' is a preset without pretrained weights (train.py --init random uses it); "
-                         f"give a --ckpt, a preset with pretrained weights ({', '.join(HF_REPOS)}) or a local "
-                         "folder")
+                         f"give a --ckpt, a preset with pretrained weights ({', '.join(HF_REPOS)}), a local "
+                         "folder or a model file")
 
 
 def load_for_inference(ckpt_path=None, model_name=None, prompt_style=None, device="cpu", quantize=None, base=None):

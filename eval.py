@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader
 
 from checkpoint import (TrainedWith, add_model_args, check_model_args, load_checkpoint, load_for_inference,
     load_model_file, model_file_settings, start_tokenizer)
-from common import (AT_LEAST_1, Progress, lock_folder, plural, resolve_device, run_main, writable_folder,
+from common import (AT_LEAST_1, Progress, check_writable_folder, hold_folder, plural, resolve_device, run_main,
     write_json)
 from data import DataSplits, batch_indices, check_preference_entries, check_same_data, prepare_data, split_fractions
 from decoding import add_decoding_args, choice_logprobs, decoding_settings, generate, hit_limit
@@ -118,8 +118,8 @@ def evaluate(p, args):
     device = resolve_device(args.device)
     decoding = decoding_settings(args)
     out_dir = output_folder(args)
-    lock = lock_folder(out_dir, "eval.py")  # held to the end: one run at a time writes in out_dir
-    try:
+    # held to the end: one run at a time writes in out_dir (a refused run leaves no new folder)
+    with hold_folder(out_dir, "eval.py"):
         run = load(args, device, out_dir)
         if run.splits.kind == "text":
             return evaluate_text(p, run)
@@ -142,9 +142,6 @@ def evaluate(p, args):
             scores = respond(run, prompts, records, earlier, decoding, n_truncated)
         write_report(report, run.eval_path, scores)
         print(f"wrote {run.responses_path} and {run.eval_path}")
-    finally:
-        if lock is not None:
-            lock.close()
 
 
 def check_flags(p, args):
@@ -168,12 +165,12 @@ def changed_flags(p, args, names):
 
 
 def output_folder(args):
-    """--out, or the checkpoint's folder, made sure to be a folder this process can write in."""
+    """--out, or the checkpoint's folder, checked to be a folder this process can write in or create."""
     if args.out is not None:
-        return writable_folder(args.out)
+        return check_writable_folder(args.out)
     if args.ckpt is not None and not os.path.isfile(args.ckpt):
         load_checkpoint(args.ckpt)  # says what is wrong with it, before its folder is used
-    return writable_folder(os.path.dirname(args.ckpt or "") or ".")
+    return check_writable_folder(os.path.dirname(args.ckpt or "") or ".")
 
 
 class Interrupted(Exception):

@@ -310,6 +310,8 @@ def export(ckpt_path, out, force=False, base=None):
     name and renamed into place only when complete; an earlier export in out (with force) is
     deleted only then. A vocabulary that GPT-2's tokenizer cannot serve gets the model files
     only, and a ValueError saying so once they are in place."""
+    if not out:  # realpath would make it the current folder
+        raise ValueError("--out is an empty name; give the folder to export to")
     out = os.path.realpath(out)  # a link to a folder: the export replaces the folder, the link stays
     check_out(out, force)  # before any loading
     with export_lock(out):
@@ -849,12 +851,12 @@ def ollama_settings(style, tokenizer=GPT2):
     return ollama_chat_template(pieces), list(dict.fromkeys(ends + openings))
 
 
-def modelfile_text(gguf_path, cfg, style, ckpt_path, tokenizer=GPT2):
-    """The Modelfile of the GGUF file gguf_path: FROM the file beside it, ollama_settings' TEMPLATE and
+def modelfile_text(gguf_path, cfg, style, ckpt_path, tokenizer=GPT2, modelfile="Modelfile"):
+    """The Modelfile (named `modelfile` in its first line) of the GGUF file gguf_path: FROM the file beside it, ollama_settings' TEMPLATE and
     stops, and the model's context length (Ollama's default is longer than GPT-2's learned positions,
     and than a fine-tuned model has seen)."""
     template, stops = ollama_settings(style, tokenizer)
-    lines = [f"{MODELFILE_HEADER} from {ckpt_path}: ollama create NAME -f Modelfile",
+    lines = [f"{MODELFILE_HEADER} from {ckpt_path}: ollama create NAME -f {os.path.basename(modelfile)}",
              f"FROM ./{os.path.basename(gguf_path)}",
              f'TEMPLATE """{template}"""',
              *(f'PARAMETER stop "{stop}"' for stop in stops),
@@ -922,7 +924,7 @@ def export_gguf(ckpt_path, path, gguf_type="f16", force=False, base=None):
             check_vocab(model.config.vocab_size, ckpt_path)  # llama.cpp needs the tokenizer in the file
         else:
             gguf_pre_tokenizer(tokenizer)  # one llama.cpp knows, before anything is written
-        text = modelfile_text(path, model.config, style, ckpt_path, tokenizer)
+        text = modelfile_text(path, model.config, style, ckpt_path, tokenizer, modelfile)
         with atomic_write(path) as tmp:
             if model.config.family == "gpt2":
                 write_gguf(model, style, tmp, gguf_type, name)

@@ -88,7 +88,7 @@ def unknown_model(name_or_path, names):
     path (a folder in it, or a model file's suffix) does not exist."""
     if "/" in name_or_path or os.sep in name_or_path or name_or_path.endswith((".pt", ".pth", ".bin", ".safetensors")):
         return FileNotFoundError(f"{name_or_path} does not exist; a model is {names}, a local folder or a model file")
-    return ValueError(f"'{name_or_path}' is neither {names} nor a local folder")
+    return ValueError(f"'{name_or_path}' is neither {names}, a local folder nor a model file")
 
 
 def hf_folder(name_or_path, cache_dir=None):

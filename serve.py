@@ -39,7 +39,7 @@ from checkpoint import add_model_args, load_for_inference
 from common import AT_LEAST_1, POSITIVE, checked, plural, resolve_device, run_main
 from decoding import TextStream, prefill, row_generators, sample_next
 from model import KVCache
-from prompts import GPT2, ROLES, encode_conversation
+from prompts import CHAT_TEMPLATE, GPT2, ROLES, encode_conversation
 
 DEFAULT_SEED = 123  # a request without "seed" samples as generate.py does by default: the same reply every time
 MAX_BODY = 1 << 20  # bytes of a request body; more is refused with 413
@@ -47,6 +47,7 @@ MAX_STOPS, MAX_STOP_CHARS = 4, 1000  # stop strings of a request (OpenAI's limit
 # Below this a temperature decodes greedily, as in vLLM: dividing the logits by less can overflow
 # float32 to inf and NaN, and at this temperature sampling is greedy but for near-exact ties.
 MIN_TEMPERATURE = 1e-5
+MAX_DEPTH = 32  # levels of nesting in a request body (OpenAI's requests need about 6; Python's own limit is ~1,000)
 MAX_LOGPROBS = 5  # the most likely tokens listed per position with "logprobs", as OpenAI's legacy completions
 CHAT_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 # path -> (method, handler name); every GET route also answers HEAD; all but the first two need the API key
@@ -336,20 +337,24 @@ def field(body, name, kinds, ok=lambda v: True, requirement="", default=None):
     return value
 
 
-def check_messages(messages):
+def check_messages(messages, style="alpaca"):
     """The chat messages as the renderer takes them. APIError 400 for a list that is not
-    system?, then user and assistant in turn, ending with a user turn. A user message right
-    after another one is that one's input (the Alpaca input block), as in the exported chat
-    templates: a turn is one user message, or two."""
+    system?, then user and assistant in turn, ending with a user turn. In the GPT-2 styles a user
+    message right after another one is that one's input (the Alpaca input block), as in the
+    exported chat templates: a turn is one user message, or two. In the chat-template style the
+    model's own template renders the messages as they come, as apply_chat_template does (and the
+    exported folder and GGUF file): user messages in a row are turns of their own."""
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} objects", "messages")
+    own_template = style == CHAT_TEMPLATE
     checked = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise APIError(400, f"messages[{i}] must be an object with a 'role' ({', '.join(ROLES)}) and a "
                            "string 'content'", "messages")
         previous = checked[-1] if checked else None
-        if previous is not None and previous["role"] == m["role"] == "user" and "input" not in previous:
+        if (previous is not None and previous["role"] == m["role"] == "user" and "input" not in previous
+                and not own_template):
             previous["input"] = m["content"]
             continue
         role = previous and ("input" if "input" in previous else previous["role"])
@@ -358,9 +363,9 @@ def check_messages(messages):
         if m["role"] not in expected[role]:
             after = "nothing" if role is None else "a user message and its input" if role == "input" else \
                 f"{article(role)} one"
+            may = "" if own_template else " (a user message may be followed by one more, its input)"
             raise APIError(400, f"messages[{i}] is {article(m['role'])} message after {after}: the model takes an "
-                           "optional system message, then user and assistant messages in turn (a user message "
-                           "may be followed by one more, its input)", "messages")
+                           f"optional system message, then user and assistant messages in turn{may}", "messages")
         checked.append({"role": m["role"], "content": m["content"]})
     if checked[-1]["role"] != "user":
         raise APIError(400, "the last message must be the user's: the reply is the next assistant message",
@@ -410,7 +415,7 @@ def conversation_ids(messages, style, tokenizer=GPT2):
     """The prompt ids of a chat request's messages (check_messages), rendered in the style (a chat
     model's own template) with typed special tokens as text; APIError 400 if they cannot be."""
     try:
-        return encode_conversation(check_messages(messages), style, tokenizer)[0]
+        return encode_conversation(check_messages(messages, style), style, tokenizer)[0]
     except ValueError as e:  # the template refused these messages (its raise_exception)
         raise APIError(400, str(e), "messages") from None
 
@@ -480,6 +485,19 @@ def echo_logprobs(request):
 # ----------------------------------------------------------------------------- HTTP
 
 
+def nested_deeper(value, depth):
+    """Whether a parsed JSON value nests lists and objects more than `depth` levels deep (iterative:
+    no recursion for a hostile body to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, (list, dict)):
+            if level > depth:
+                return True
+            stack.extend((item, level + 1) for item in (value.values() if isinstance(value, dict) else value))
+    return False
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, and chunked streams
 
@@ -491,7 +509,7 @@ class Handler(BaseHTTPRequestHandler):
         raise AttributeError(name)
 
     def route(self, method):
-        path = urlsplit(self.path).path.rstrip("/") or "/"
+        path, self.responded = urlsplit(self.path).path.rstrip("/") or "/", False
         try:
             data = self.read_body(method)  # read even when refused: keep-alive
             if path not in ROUTES:
@@ -511,13 +529,21 @@ class Handler(BaseHTTPRequestHandler):
                 body = None if data is None else json.loads(data)
             except ValueError as e:  # UnicodeDecodeError is one
                 raise APIError(400, f"the request body is not valid JSON ({e})") from None
-            except RecursionError:
-                raise APIError(400, "the request body is nested too deeply") from None
+            except RecursionError:  # deeper than Python's parser goes
+                raise APIError(400, f"the request body is nested more than {MAX_DEPTH} levels deep") from None
+            if nested_deeper(body, MAX_DEPTH):  # a field this deep would fail the checks (json.dumps) later
+                raise APIError(400, f"the request body is nested more than {MAX_DEPTH} levels deep")
             getattr(self, name)(body)
         except APIError as e:
             self.send_json(e.status, e.body, e.headers)
         except OSError:  # the client left, or went silent for the timeout
             self.close_connection = True
+        except Exception as e:  # a fault of ours, met by this request alone: a 500 and one line in the log
+            self.close_connection = True
+            self.log_error("%s %s failed: %s: %s", method, path, type(e).__name__, e)
+            if not self.responded:
+                self.send_json(500, APIError(500, f"the server failed on this request ({type(e).__name__}); "
+                                              "other requests go on", kind="server_error").body)
 
     def read_body(self, method):
         """The bytes of a request's body (None without one): 411 for a POST without a length,
@@ -659,6 +685,10 @@ class Handler(BaseHTTPRequestHandler):
         data = b"data: " + (obj if isinstance(obj, str) else json.dumps(obj)).encode() + b"\n\n"
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
+
+    def send_response(self, code, message=None):
+        self.responded = True  # route(): a failure after this cannot send its own status any more
+        super().send_response(code, message)
 
     def send_json(self, status, obj, headers=None):
         self.send_bytes(status, json.dumps(obj).encode(), "application/json", headers)

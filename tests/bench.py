@@ -1,8 +1,8 @@
 """Speed benchmarks, one line per figure (a script, not collected by pytest).
 
     python tests/bench.py                    # everything (about 20 minutes on 2 cores)
-    python tests/bench.py --only generation  # or training, eval, judge, lora, int8, llama, beams, dpo, serve, choices,
-                                             # dedup, families
+    python tests/bench.py --only generation  # or training, eval, judge, lora, int8, llama, beams, dpo, serve,
+                                             # hostile, choices, dedup, families
 
 On the gpt2 (124M) config with random weights (lora: gpt2-medium), on the CPU. Targets are
 ratios within one run, since absolute times on a shared machine are noisy; see README.md.
@@ -266,6 +266,25 @@ def bench_serve(clients=8, new_tokens=64, repeats=2):
         server.shutdown()
         server.server_close()
         engine.stop()
+
+
+def bench_hostile(repeats=3):
+    """serve.py beside a hostile client (tests/test_serve_hostile.py's rounds on its tiny model):
+    the time to the last token of 8 streaming clients beside every bad request, over alone."""
+    from test_serve import lively_tiny
+    from test_serve_hostile import hostile_rounds, slowdown
+
+    model = lively_tiny(context_length=256)
+    ratios = []
+    for _ in range(repeats):
+        expected, phases, sent, hostile_time, _ = hostile_rounds(model)
+        ratio, line = slowdown(phases, sent, hostile_time)
+        same = all([text for text, _ in results] == expected for results in phases)
+        ratios.append(ratio)
+        print(f"serve.py beside a hostile client, {line}; replies {'the same' if same else 'NOT the same'} as alone",
+              flush=True)
+    print(f"serve.py beside a hostile client: median {sorted(ratios)[repeats // 2]:.2f}x the time to the last token "
+          "alone (target <= 1.5x)")
 
 
 def tensor_bytes(obj):
@@ -824,7 +843,7 @@ def family_llama_cpp(new_tokens=32, repeats=3):
 
 BENCHES = {"generation": bench_generation, "eval": bench_eval, "training": bench_training, "judge": bench_judge,
            "lora": bench_lora, "int8": bench_int8, "llama": bench_llama, "beams": bench_beams, "dpo": bench_dpo,
-           "serve": bench_serve, "choices": bench_choices, "dedup": bench_dedup, "families": bench_families}
+           "serve": bench_serve, "hostile": bench_hostile, "choices": bench_choices, "dedup": bench_dedup, "families": bench_families}
 
 
 def main():

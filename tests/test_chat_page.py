@@ -138,6 +138,27 @@ def test_stop_keeps_what_was_made_and_frees_the_row(browser, server, model, monk
     assert chat_bodies(server)[-1]["messages"][1] == {"role": "assistant", "content": kept}
 
 
+def test_a_stop_before_any_reply_leaves_the_exchange_out(browser, server, monkeypatch):
+    """Stopped before a token came (the prompt still being counted, or the first step slow): no
+    empty assistant turn joins the conversation; the message goes back to the input box."""
+    step = server.engine.step
+    monkeypatch.setattr(server.engine, "step", lambda: (time.sleep(1.0), step()))
+    open_page(browser, server)
+    say(browser, "Tell a long story.")
+    browser.find_element("id", "stop").click()
+    wait(lambda: idle(browser))
+    assert replies(browser) == [""]
+    assert "(stopped before any reply; this exchange is left out of the conversation)" in browser.find_element(
+        "css selector", ".msg.assistant").text
+    box = browser.find_element("id", "input")
+    assert box.get_attribute("value") == "Tell a long story."
+    box.clear()
+    monkeypatch.setattr(server.engine, "step", step)
+    say(browser, "Name a color.")
+    wait(lambda: len(replies(browser)) == 2 and idle(browser))
+    assert chat_bodies(server)[-1]["messages"] == [{"role": "user", "content": "Name a color."}]
+
+
 def test_an_empty_max_tokens_is_the_servers_default_and_regenerate_asks_again(browser, server, model):
     open_page(browser, server, max_tokens=None)
     say(browser, "Name a color.")

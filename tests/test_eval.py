@@ -341,7 +341,8 @@ def test_an_unwritable_out_fails_before_any_work(tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(NotADirectoryError, match=f"^{tmp_path / 'a-file'} is a file, not a folder to write results in$"):
         ev.main(["--ckpt", ckpt, "--out", str(tmp_path / "a-file")])
-    with pytest.raises(OSError, match=f"^cannot write in {tmp_path / 'a-file' / 'under'} \\(Not a directory\\)$"):
+    with pytest.raises(NotADirectoryError, match=f"^cannot create the folder {tmp_path / 'a-file' / 'under'}: "
+                       f"{tmp_path / 'a-file'} is a file$"):
         ev.main(["--ckpt", ckpt, "--out", str(tmp_path / "a-file" / "under")])
 
 
@@ -369,7 +370,7 @@ def test_an_out_that_cannot_be_a_folder_is_refused_first(tmp_path, out):
     result = eval_py("--ckpt", ckpt, "--out", out, "--max-new-tokens", 2, "--device", "cpu")
     assert result.returncode == 1 and result.stdout == "" and len(result.stderr.splitlines()) == 1, result.stderr
     if out:
-        assert result.stderr.startswith(f"error: cannot write in {out} (")
+        assert result.stderr.startswith(f"error: cannot create the folder {out}: ")
     else:
         assert result.stderr == "error: --out is empty; give the folder for test-responses.json and eval.json\n"
     assert os.listdir(tmp_path / "run") == ["ckpt.pt"] and not os.path.exists(out)
@@ -387,6 +388,7 @@ def test_model_paths_that_are_no_model_say_so(tmp_path):
     assert result.returncode == 1 and result.stderr == (
         f"error: {run} is a train.py output folder, not a Hugging Face model folder (it has no config.json); give its "
         f"checkpoint, {run / 'best.pt'}\n")
+    assert not os.path.exists(tmp_path / "o")  # a refused run leaves no folder behind
 
 
 def test_a_reference_that_does_not_fit_is_found_before_the_losses(tmp_path):

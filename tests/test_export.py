@@ -422,6 +422,16 @@ def test_an_unwritable_out_is_found_before_loading(tmp_path, monkeypatch):
                                  "to write results in")
 
 
+def test_an_empty_out_is_refused_not_taken_for_the_current_folder(tmp_path):
+    save_tiny_checkpoint(str(tmp_path / "ckpt.pt"), "alpaca")
+    (tmp_path / "here").mkdir()
+    result = scripts.run([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", str(tmp_path / "ckpt.pt"),
+                          "--out", ""], capture_output=True, text=True, cwd=tmp_path / "here", timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == "error: --out is an empty name; give the folder to export to\n"
+    assert os.listdir(tmp_path / "here") == []
+
+
 def test_ctrl_c_leaves_the_earlier_export_as_it_was(tmp_path):
     ckpt = str(tmp_path / "ckpt.pt")
     save_tiny_checkpoint(ckpt, "alpaca")

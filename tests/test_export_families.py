@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import export as export_script
+import serve
 from checkpoint import build_base, lora_checkpoint, run_record, save_checkpoint
 from export import (CHAT_PIECES, chat_pieces, export, export_gguf, family_chat_template, modelfile_text,
     render_chat_pieces)
@@ -203,6 +204,22 @@ def test_transformers_loads_the_folder_with_our_logits_and_prompt_ids(runs, expo
         thinking = theirs.apply_chat_template(ONE_TURN, add_generation_prompt=True, tokenize=False,
                                               enable_thinking=True)
         assert thinking.endswith("<|im_start|>assistant\n") and "<think>" not in thinking
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_serve_renders_user_messages_in_a_row_as_the_exported_template_does(runs, exports, family):
+    """In the chat-template style serve.py's rule for user messages in a row is the model's own
+    template's (each one a turn), so the server, transformers on the exported folder and llama.cpp
+    on its GGUF file (the same template) give one prompt; a third in a row is no error either."""
+    transformers = pytest.importorskip("transformers")
+    _, tokenizer, _ = runs(family, CHAT_TEMPLATE)
+    theirs = transformers.AutoTokenizer.from_pretrained(exports(family, CHAT_TEMPLATE))
+    instruction, given = {"role": "user", "content": "Translate into German:"}, {"role": "user", "content": "Thanks."}
+    for messages in ([instruction, given], [*WITH_SYSTEM[:1], instruction, given, given],
+                     [*ANSWERED, instruction, given]):
+        assert [m["role"] for m in serve.check_messages(messages, CHAT_TEMPLATE)] == [m["role"] for m in messages]
+        ids = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        assert serve.conversation_ids(messages, CHAT_TEMPLATE, tokenizer) == ids["input_ids"]
 
 
 def test_what_cannot_be_exported_is_refused_before_anything_is_written(runs, tmp_path):

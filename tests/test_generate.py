@@ -242,8 +242,8 @@ def test_cli_errors_are_one_line(tmp_path):
     assert result.returncode == 1 and result.stderr == (
         "error: 'tiny' is a preset without pretrained weights (train.py --init random uses it); give a --ckpt, "
         "a preset with pretrained weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl, qwen3-0.6b, qwen3-1.7b, "
-        "llama-3.2-1b, llama-3.2-3b, smollm2-135m, smollm2-360m, smollm2-1.7b, qwen2.5-0.5b, qwen2.5-1.5b) or a "
-        "local folder\n")
+        "llama-3.2-1b, llama-3.2-3b, smollm2-135m, smollm2-360m, smollm2-1.7b, qwen2.5-0.5b, qwen2.5-1.5b), a "
+        "local folder or a model file\n")
     result = run_script("--ckpt", str(tmp_path), "--prompt", "hi")
     assert result.returncode == 1
     assert result.stderr == f"error: checkpoint {tmp_path} is a directory, not a checkpoint file\n"

@@ -263,6 +263,8 @@ def test_a_second_type_in_one_folder_gets_its_own_modelfile(tmp_path):
     assert result.stdout.endswith(f"and {own}; for Ollama: ollama create NAME -f {own}\n")
     assert (tmp_path / "out" / "Modelfile").read_text() == shared and "FROM ./model-f16.gguf\n" in shared
     assert "FROM ./model-q8_0.gguf\n" in own.read_text()
+    assert own.read_text().split("\n")[0].endswith(": ollama create NAME -f model-q8_0.Modelfile")
+    assert shared.split("\n")[0].endswith(": ollama create NAME -f Modelfile")
     assert export_gguf(ckpt, str(first), "f16", force=True) == str(tmp_path / "out" / "Modelfile")
     with pytest.raises(ValueError, match=f"^{second} holds an earlier export; pass --force to replace it$"):
         export_gguf(ckpt, str(second), "q8_0")

@@ -169,7 +169,7 @@ def test_a_missing_path_and_a_train_output_folder_are_told_apart(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"^out/nope.pt does not exist; a model is a preset with pretrained "
                                                 r"weights \(gpt2, .*, qwen2.5-1.5b\), a local folder or a model file$"):
         build_model("out/nope.pt")
-    with pytest.raises(ValueError, match=r"^'nope' is neither a preset \(gpt2, .*tiny, .*\) nor a local folder$"):
+    with pytest.raises(ValueError, match=r"^'nope' is neither a preset \(gpt2, .*tiny, .*\), a local folder nor a model file$"):
         build_model("nope", pretrained=False)
     (tmp_path / "ckpt.pt").write_bytes(b"")
     for pretrained in (True, False):

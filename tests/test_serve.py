@@ -401,9 +401,23 @@ def serve_stats(server):
     return call(server, "GET", "/health")[1]
 
 
+NESTED_31 = [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]  # 31 lists: a body of 32 levels
+NESTED_32 = [NESTED_31]
+
+
+def test_a_body_32_levels_deep_is_read_and_its_field_checked():
+    assert json.dumps(NESTED_32).count("[") == 32 and not serve.nested_deeper({"stop": NESTED_31}, 32)
+    assert serve.nested_deeper({"stop": NESTED_32}, 32) and serve.nested_deeper([{"a": [[{}]]}], 4)
+    assert not serve.nested_deeper([{"a": [[{}]]}], 5) and not serve.nested_deeper("text", 0)
+
+
 @pytest.mark.parametrize("body, message", [
     (b"{not json", "the request body is not valid JSON"),
-    (b"[" * 400_000 + b"]" * 400_000, "the request body is nested too deeply"),
+    (b"[" * 400_000 + b"]" * 400_000, "the request body is nested more than 32 levels deep"),
+    # within Python's parser, yet deep enough to fail a recursive check of the field (json.dumps)
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ' + b"[" * 983 + b"]" * 983 + b"}",
+     "the request body is nested more than 32 levels deep"),
+    ({"messages": COLORS, "stop": NESTED_32}, "the request body is nested more than 32 levels deep"),
     ([1, 2], "the request body must be a JSON object"),
     ({}, "'messages' must be a non-empty list"),
     ({"messages": "hi"}, "'messages' must be a non-empty list"),
@@ -434,6 +448,19 @@ def test_bad_chat_requests_get_a_400_error_object(server, model, body, message):
     assert set(reply["error"]) == {"message", "type", "param", "code"} and reply["error"]["type"] == "invalid_request_error"
     assert message in reply["error"]["message"], reply["error"]["message"]
     # nothing else disturbed: the next request is answered as ever
+    status, reply = call(server, "POST", "/v1/chat/completions", {"messages": COLORS, "max_tokens": 3})
+    assert status == 200 and reply["choices"][0]["message"]["content"] == reference(
+        model, encode_conversation(COLORS, "alpaca")[0], 3)
+
+
+def test_a_fault_of_the_server_fails_its_request_alone_with_a_500(server, model, monkeypatch):
+    """An exception no check foresaw, in a request's handler: that request gets a 500 error object
+    (the connection closed), and the server answers the next as ever."""
+    monkeypatch.setattr(serve.Handler, "models", lambda self, body: {}["no such key"])
+    status, reply = call(server, "GET", "/v1/models")
+    assert status == 500 and reply["error"] == {
+        "message": "the server failed on this request (KeyError); other requests go on", "type": "server_error",
+        "param": None, "code": None}
     status, reply = call(server, "POST", "/v1/chat/completions", {"messages": COLORS, "max_tokens": 3})
     assert status == 200 and reply["choices"][0]["message"]["content"] == reference(
         model, encode_conversation(COLORS, "alpaca")[0], 3)

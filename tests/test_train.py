@@ -655,6 +655,12 @@ def test_a_model_file_says_what_it_holds_and_refuses_random_weights(data, tmp_pa
                                                 f"file {best}; drop --init random to start from them, or give a preset "
                                                 "for random weights of its size\n") and proc.returncode == 1
     assert not os.path.exists(tmp_path / "random")
+    proc = script("train.py", "--model", tmp_path / "first", "--data", tmp_path / "nope.json", "--out",
+                  tmp_path / "folder")  # the run's folder for its checkpoint: its best.pt is named
+    assert proc.communicate(timeout=60) == ("", f"error: {tmp_path / 'first'} is a train.py output folder, not a "
+                                                "Hugging Face model folder (it has no config.json); give its "
+                                                f"checkpoint, {best}\n") and proc.returncode == 1
+    assert not os.path.exists(tmp_path / "folder")
 
 
 def test_a_model_that_does_not_exist_is_refused_before_the_data_is_read(tmp_path):
