@@ -29,13 +29,16 @@ from common import (AT_LEAST_1, POSITIVE, SEED, Progress, atomic_write, checked,
     run_main, stop_on_interrupt, write_json)
 from data import TEST_FRAC, TRAIN_FRAC, is_raw_text, load_instruction_data, split_data, split_fractions
 from decoding import add_decoding_args, decoding_settings, generate
-from dedup import THRESHOLD, default_fields, duplicate_entries, field_texts, keep_first, near_pairs, tfidf
+from dedup import (THRESHOLD, count_field_pairs, default_fields, duplicate_entries, field_pairs, field_texts,
+    grouped_pairs, keep_first, tfidf)
 from llm import DEFAULT_TIMEOUT, DEFAULT_URL, OPTIONS, ask, check_server, check_url, judge_prompt, parse_score
 from prompts import GPT2, format_input, prompt_ids
 
 # Llama 3's pre-query template (the Magpie paper, the book's 05): the model writes a user's instruction
 LLAMA3_PRE_QUERY = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>"
 GIVE_UP_AFTER = 100  # requests in a row that give no new entry: the model repeats itself
+LISTED_PAIRS = 100_000  # near-duplicate pairs of a field listed at most; more (a template's) are summarised
+INSTRUCTION_TOKENS = 256  # at most, for an instruction (a model that does not end its line stops there)
 
 
 # ----------------------------------------------------------------------------- dedup
@@ -85,12 +88,18 @@ def find_duplicates(args):
     vectors, pairs = {}, {}
     for field, column in texts.items():
         vectors[field] = tfidf(column)
-        pairs[field] = near_pairs(vectors[field], args.threshold)
+        grouped = grouped_pairs(vectors[field], column, args.threshold)  # each distinct text compared once
+        count = count_field_pairs(column, grouped[0])
+        if not any(column):  # a field no entry has (a system message, say) has no pairs to list
+            continue
+        if count > LISTED_PAIRS:  # a template's field: the texts many entries share, not millions of pairs
+            show_shared(field, column, grouped[1], count, args.show)
+            continue
+        pairs[field] = field_pairs(vectors[field], column, args.threshold, grouped=grouped)
         i, j, sims = pairs[field]
         shown = np.array([len(column[a]) > 1 and len(column[b]) > 1 for a, b in zip(i, j)], dtype=bool)
-        if any(column):  # a field no entry has (a system message, say) has no pairs to list
-            print(f"\n{field}: {plural(int(shown.sum()), 'pair')}")  # the book leaves out texts of one character
-            show_pairs((i[shown], j[shown], sims[shown]), column, args.show)
+        print(f"\n{field}: {plural(int(shown.sum()), 'pair')}")  # the book leaves out texts of one character
+        show_pairs((i[shown], j[shown], sims[shown]), column, args.show)
     i, j, sims = duplicate_entries(texts, args.threshold, vectors=vectors, pairs=pairs)
     print(f"\nentries that are near-duplicates of an earlier entry in every field ({', '.join(fields)}): "
           f"{len(np.unique(j))}")
@@ -99,6 +108,15 @@ def find_duplicates(args):
     report_leaks(args, len(entries), i, j, sims)
     if args.drop_duplicates:
         drop_duplicates(args, entries, i, j)
+
+
+def show_shared(field, column, groups, count, show):
+    """A field with too many pairs to list: its count, and the texts most entries share."""
+    shared = sorted((members for members in groups.values() if len(members) > 1), key=len, reverse=True)
+    print(f"\n{field}: {count:,} pairs, too many to list (over {LISTED_PAIRS:,}); the texts entries share most:")
+    for members in shared[:5 if show is None else min(show, 5)]:
+        listed = ", ".join(map(str, members[:5])) + (", ..." if len(members) > 5 else "")
+        print(f"  {len(members):,} entries ({listed}): {one_line(column[members[0]])}")
 
 
 def report_leaks(args, n, i, j, sims):
@@ -183,9 +201,11 @@ class Output:
                 was = ", ".join(f"{key} {made_by.get(key)}" for key in same)
                 raise ValueError(f"{path} holds entries made with {was}; continue it with those, or give another "
                                  "output file")
-        self.file = open(path, "a", encoding="utf-8")
+        self.file = None  # opened at the first entry written: a run that writes none leaves no new file
 
     def write(self, record):
+        if self.file is None:
+            self.file = open(self.path, "a", encoding="utf-8")
         self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.file.flush()
         os.fsync(self.file.fileno())
@@ -290,7 +310,8 @@ def generate_one(args, url, out, seen, request, left_out):
     write the entry unless it is left out. True if it was written."""
     options = sampling(args, request)
     where = f"request {request} (seed {options['seed']})"
-    reply = ask(url, args.llm, [{"role": "assistant", "content": args.pre_query}], args.llm_timeout, options, "llm")
+    reply = ask(url, args.llm, args.pre_query, args.llm_timeout, {**options, "num_predict": INSTRUCTION_TOKENS}, "llm",
+                continuation=True)
     instruction = first_line(reply)
     key = " ".join(instruction.casefold().split())
     if not instruction:
@@ -377,10 +398,11 @@ def reflect(args):
     check_output(args.out, args.file)
     url = check_url(args.llm_url, "llm")
     entries = alpaca_entries(args.file)
-    check_server(url, args.llm, args.llm_timeout, "llm")
     out = Output(args.out, "reflect", {"tool": "reflect", "model": args.llm, "part": args.part})
-    switch_training_text(out, args.train_on)
+    switch_training_text(out, args.train_on)  # no request: the entries written keep both texts
     indices = todo(entries, out, args.entries)
+    if indices:
+        check_server(url, args.llm, args.llm_timeout, "llm")
     progress = Progress(f"reflected by {args.llm}:", len(indices))
     kept = LeftOut(progress)  # the entries kept as they were, by reason
 
@@ -426,10 +448,11 @@ def switch_training_text(out, train_on):
     for record in switched:
         record.update(record["reflection"][train_on])
         record["reflection"]["train_on"] = train_on
-    out.file.close()
+    if out.file is not None:
+        out.file.close()
+        out.file = None
     with atomic_write(out.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in out.records)
-    out.file = open(out.path, "a", encoding="utf-8")
     print(f"{out.path}: {plural(len(switched), 'entry', 'entries')} written before now train on the {train_on} text")
 
 

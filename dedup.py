@@ -231,21 +231,72 @@ def near_pairs(vectors, threshold=THRESHOLD, left=None, right=None, allowed=None
     return i[order], j[order], sims[order]
 
 
+def equal_texts(column):
+    """The entries of each text that has n-grams, in order of first appearance: {text: [entries]}."""
+    groups = {}
+    for k, text in enumerate(column):
+        groups.setdefault(text, []).append(k)
+    return {text: members for text, members in groups.items() if preprocess(text)}
+
+
+def count_field_pairs(column, near):
+    """How many pairs of entries field_pairs would give, from the pairs of distinct texts `near`
+    (grouped_pairs' first value): without making them."""
+    groups = equal_texts(column)
+    sizes = np.array([len(groups.get(text, ())) for text in column], dtype=np.int64)  # blank texts: no pairs
+    i, j, _ = near
+    return int((sizes[i] * sizes[j]).sum()) + sum(len(g) * (len(g) - 1) // 2 for g in groups.values())
+
+
+def grouped_pairs(vectors, column, threshold=THRESHOLD):
+    """near_pairs of a field with each distinct text compared once (a field where thousands of
+    entries share a text, a template, would otherwise give millions of pairs): (the near pairs of
+    the first entries of distinct texts, {text: its entries})."""
+    groups = equal_texts(column)
+    first = np.zeros(len(column), dtype=bool)
+    first[[members[0] for members in groups.values()]] = True
+    return near_pairs(vectors, threshold, allowed=first), groups
+
+
+def field_pairs(vectors, column, threshold=THRESHOLD, left=None, right=None, grouped=None):
+    """near_pairs of a field's entries (i < j, or i in left and j in right), each distinct text
+    compared once (grouped_pairs, or `grouped` as it gave them): every entry of a text with every
+    entry of a near-duplicate one, and the entries of one text with each other. Sorted by i, then j."""
+    (ni, nj, nsims), groups = grouped or grouped_pairs(vectors, column, threshold)
+    pairs = [(a, b, sim) for x, y, sim in zip(ni.tolist(), nj.tolist(), nsims.tolist())
+             for a in groups[column[x]] for b in groups[column[y]]]
+    for members in groups.values():
+        if len(members) > 1:
+            same = float(similarities(vectors, np.array(members[:1]), np.array(members[:1]))[0])  # 1 but for rounding
+            pairs += [(a, b, same) for x, a in enumerate(members) for b in members[x + 1:]]
+    i, j, sims = (np.array(side, dtype=dtype) for side, dtype in
+                  zip(zip(*pairs) if pairs else ([], [], []), (np.int64, np.int64, np.float64)))
+    i, j = np.minimum(i, j), np.maximum(i, j)
+    if left is not None:  # each pair the way round that has i in left and j in right
+        in_left, in_right = (np.isin(np.arange(len(column)), side) for side in (left, right))
+        forward, backward = in_left[i] & in_right[j], in_left[j] & in_right[i]
+        i, j, sims = np.r_[i[forward], j[backward]], np.r_[j[forward], i[backward]], np.r_[sims[forward],
+                                                                                              sims[backward]]
+    order = np.lexsort((j, i))
+    return i[order], j[order], sims[order]
+
+
 def duplicate_entries(texts, threshold=THRESHOLD, left=None, right=None, vectors=None, pairs=None):
     """Pairs of entries whose every field is a near-duplicate, from texts {field: the field's text
     in each entry}: (i, j, {field: similarities}), a similarity being nan where the two texts are
     equal and have no n-grams (both empty, say). Pairs as near_pairs gives them (i < j, or i in
-    left and j in right). The pairs of the field with the fewest such texts are found first and
-    the other fields compared on those only. vectors ({field: tfidf}) and pairs ({field: near_pairs
-    of all rows}) that the caller has already are used, not made again."""
+    left and j in right). The pairs of the field with the most distinct texts (the fewest pairs,
+    as a rule: not a template's field) are found first and the other fields compared on those only.
+    vectors ({field: tfidf}) and pairs ({field: field_pairs of all rows}) that the caller has
+    already are used, not made again."""
     vectors = {**{field: None for field in texts}, **(vectors or {})}
     blank = {field: np.array([not preprocess(t) for t in column], dtype=bool) for field, column in texts.items()}
-    first, *rest = sorted(texts, key=lambda f: blank[f].sum())
+    first, *rest = sorted(texts, key=lambda f: (-len(set(texts[f])), blank[f].sum()))
     if pairs and first in pairs and left is None:
         i, j, found = pairs[first]
     else:
         vectors[first] = vectors[first] or tfidf(texts[first])
-        i, j, found = near_pairs(vectors[first], threshold, left, right)
+        i, j, found = field_pairs(vectors[first], texts[first], threshold, left, right)
     ei, ej = equal_blank_pairs(texts[first], blank[first], left, right)
     i, j, found = np.r_[i, ei], np.r_[j, ej], np.r_[found, np.full(len(ei), np.nan)]
     order = np.lexsort((j, i))

@@ -78,18 +78,21 @@ def is_openai(url):
     return url.endswith("/v1")
 
 
-def chat_request(url, model, prompt, options=None):
+def chat_request(url, model, prompt, options=None, continuation=False):
     """A POST of one user message (prompt, a text) or of a conversation (prompt, a list of
     messages) to an Ollama server (the book's request, whose reply is streamed as JSON lines) or
     to an OpenAI-compatible one (url ends in /v1). options, in Ollama's names (seed, temperature,
     top_p, num_predict, ...), default to the judge's OPTIONS; an OpenAI-compatible server gets
-    those it has (temperature, seed, top_p, max_tokens)."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    those it has (temperature, seed, top_p, max_tokens). With continuation the model goes on from
+    the text prompt: an assistant message to Ollama (the book's 05), a raw prompt to an
+    OpenAI-compatible server's /completions (its chat API wants a user message last)."""
+    role = "assistant" if continuation else "user"
+    messages = [{"role": role, "content": prompt}] if isinstance(prompt, str) else prompt
     options = OPTIONS if options is None else options
     if is_openai(url):
-        endpoint = f"{url}/chat/completions"
-        body = {"model": model, "messages": messages,
-                **{OPENAI_OPTIONS[k]: v for k, v in options.items() if k in OPENAI_OPTIONS}}
+        sampling = {OPENAI_OPTIONS[k]: v for k, v in options.items() if k in OPENAI_OPTIONS}
+        endpoint = f"{url}/completions" if continuation else f"{url}/chat/completions"
+        body = {"model": model, **({"prompt": prompt} if continuation else {"messages": messages}), **sampling}
     else:
         endpoint, body = f"{url}/api/chat", {"model": model, "messages": messages, "options": options}
     return urllib.request.Request(endpoint, json.dumps(body).encode("utf-8"), request_headers(url),
@@ -111,7 +114,8 @@ def reply_text(body, url, role="judge"):
     try:
         text = body.decode("utf-8")
         if is_openai(url):
-            return json.loads(text)["choices"][0]["message"]["content"] or ""
+            choice = json.loads(text)["choices"][0]  # a chat reply's message, or a completion's text
+            return (choice["message"]["content"] if "message" in choice else choice["text"]) or ""
         try:
             chunks = [json.loads(text)]
         except json.JSONDecodeError:  # streamed: one JSON object a line
@@ -163,12 +167,12 @@ def failure(error, url, model, timeout, role="judge"):
     return f"cannot reach the {server} at {url}: {error}"
 
 
-def ask(url, model, prompt, timeout=DEFAULT_TIMEOUT, options=None, role="judge"):
+def ask(url, model, prompt, timeout=DEFAULT_TIMEOUT, options=None, role="judge", continuation=False):
     """The server's reply to prompt (a text, or a list of messages; chat_request says what options
-    are). A dropped connection or a 5xx is retried with backoff; any other failure, or the last
+    and continuation are). A dropped connection or a 5xx is retried with backoff; any other failure, or the last
     retry's, is an OSError saying what went wrong and what to do; a body that is no chat reply a
     ValueError."""
-    request = chat_request(url, model, prompt, options)
+    request = chat_request(url, model, prompt, options, continuation)
     for attempt in range(RETRIES + 1):
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:

@@ -1,6 +1,6 @@
 """A chat server on 127.0.0.1 for the judge's tests and benchmark. It speaks Ollama's /api/chat
 (JSON lines in chunked encoding, as Ollama streams, or one JSON object) and OpenAI's
-/v1/chat/completions, lists its models as Ollama (/api/tags) and OpenAI (/v1/models) do, records
+/v1/chat/completions and /v1/completions, lists its models as Ollama (/api/tags) and OpenAI (/v1/models) do, records
 every request, and counts how many it serves at once."""
 import contextlib
 import json
@@ -42,6 +42,8 @@ class Handler(BaseHTTPRequestHandler):
             elif self.path.endswith("/chat/completions"):
                 self.send(200, {"choices": [{"index": 0, "message": {"role": "assistant",
                                                                      "content": server.reply(body)}}]})
+            elif self.path.endswith("/v1/completions"):  # a raw prompt continued
+                self.send(200, {"choices": [{"index": 0, "text": server.reply(body), "finish_reason": "stop"}]})
             elif server.stream:
                 self.send_chunks(server.reply(body))
             else:

@@ -58,6 +58,19 @@ DATA += [entry("Write number 3 in words.", "The number is three."),  # 10, test:
          entry("Name a color.", "Blue."), entry("Name a color!", "Red.")]  # 11, 12: instructions alike only
 
 
+def test_a_template_field_is_summarised_not_listed_pair_by_pair(tmp_path):
+    """460 entries with one instruction make 105,570 pairs of it: over the 100,000 listed, the field
+    says how many and which text the entries share; the entries are still compared in full."""
+    entries = [entry("Classify the sentiment of this review.", ("positive", "negative")[n % 2], f"Review #{n}: " +
+                     " ".join(("good", "bad", "long", "short", "loud", "dull", "fun", "odd")[(n >> k) % 8]
+                              for k in range(0, 9, 3))) for n in range(460)]
+    done = datatools_cli("dedup", write_entries(tmp_path / "data.json", entries))
+    assert done.returncode == 0, done.stderr
+    assert "\ninstruction: 105,570 pairs, too many to list (over 100,000); the texts entries share most:\n" \
+           "  460 entries (0, 1, 2, 3, 4, ...): Classify the sentiment of this review.\n" in done.stdout
+    assert "\ninput: " in done.stdout and "\noutput: " in done.stdout
+
+
 def test_dedup_lists_pairs_and_the_leak_and_drops_duplicates(tmp_path):
     path = write_entries(tmp_path / "data.json", DATA)
     before = open(path, "rb").read()
@@ -110,8 +123,8 @@ def llm(body):
     """A made-up LLM. The pre-query template gets an instruction chosen by the request's seed: none
     (seed a multiple of 5), the template again (of 7), else "Name s // 2 things." (so seeds 2m and
     2m + 1 give the same one); an instruction gets its answer, but "Name 62 things." none."""
-    messages, seed = body["messages"], (body.get("options") or body)["seed"]
-    if messages[0]["role"] == "assistant":
+    messages, seed = body.get("messages"), (body.get("options") or body)["seed"]
+    if messages is None or messages[0]["role"] == "assistant":  # a raw prompt (OpenAI), an assistant's (Ollama)
         return " \n" if seed % 5 == 0 else "<|eot_id|>" if seed % 7 == 0 else f"Name {seed // 2} things.\nOr not."
     return "" if "62" in messages[0]["content"] else f"Answer: {messages[0]['content'].lower()}"
 
@@ -140,8 +153,9 @@ def test_generate_writes_entries_and_counts_what_it_leaves_out(tmp_path):
     # the book's request: the template as an assistant message; the options Ollama reads
     first = server.requests[0]["body"]
     assert first == {"model": "llama3", "messages": [{"role": "assistant", "content": datatools.LLAMA3_PRE_QUERY}],
-                     "options": {"seed": 123, "temperature": 1.0, "top_p": 1.0}}
+                     "options": {"seed": 123, "temperature": 1.0, "top_p": 1.0, "num_predict": 256}}
     assert server.requests[1]["body"]["messages"] == [{"role": "user", "content": "Name 61 things."}]
+    assert server.requests[1]["body"]["options"] == {"seed": 123, "temperature": 1.0, "top_p": 1.0}  # no limit
     assert len(server.requests) == 12 + 7  # 12 instructions asked for, 7 answers
     # asked for more, the same command goes on from request 12; asked for as many, it asks nothing
     with judge_server(answer=llm) as server:
@@ -160,13 +174,37 @@ def test_generate_from_an_openai_compatible_server(tmp_path, monkeypatch):
         done = datatools_cli("generate", out, "--count", 1, "--llm-url", server.url + "/v1", "--temperature", 0.8,
                              "--top-p", 0.9, "--seed", 4, "--pre-query", "<|im_start|>user\n")
     assert done.returncode == 0, done.stderr
-    assert [r["path"] for r in server.requests] == ["/v1/chat/completions"] * 2
+    assert [r["path"] for r in server.requests] == ["/v1/completions", "/v1/chat/completions"]
     assert server.requests[0]["body"] == {"model": "llama3", "temperature": 0.8, "seed": 4, "top_p": 0.9,
-                                          "messages": [{"role": "assistant", "content": "<|im_start|>user\n"}]}
+                                          "max_tokens": 256, "prompt": "<|im_start|>user\n"}  # continued as it is
     assert server.requests[0]["headers"]["Authorization"] == "Bearer sk-test"
     assert read_lines(out) == [{"instruction": "Name 2 things.", "input": "", "output": "Answer: name 2 things.",
                                 "made_by": {"tool": "generate", "model": "llama3", "seed": 4, "temperature": 0.8,
                                             "top_p": 0.9, "request": 0}}]
+
+
+def test_generate_from_our_own_serve_py(tmp_path):
+    """serve.py as the LLM: the pre-query text continued through its /v1/completions (a raw
+    prompt, sampled with the request's seed as generate() samples), then each instruction
+    answered through its chat API."""
+    from decoding import generate
+    from prompts import decode, encode, format_prompt
+    from test_serve import lively_tiny, running
+    model = lively_tiny(context_length=1024)  # room for an instruction of any length, and its answer
+    pre_query = format_prompt({"instruction": ""}, "alpaca").removesuffix("\n")  # "...### Instruction:"
+    out = tmp_path / "made.jsonl"
+    with running(model) as server:
+        done = datatools_cli("generate", out, "--count", 2, "--llm", "tiny-test", "--llm-url",
+                             f"http://127.0.0.1:{server.port}/v1", "--pre-query", pre_query, "--seed", 5)
+    assert done.returncode == 0, done.stderr
+    made = read_lines(out)
+    assert len(made) == 2 and len({r["instruction"] for r in made}) == 2
+    prompt = encode(pre_query)
+    for record in made:
+        settings = record["made_by"]
+        assert settings["model"] == "tiny-test" and settings["seed"] == 5 + settings["request"]
+        continued = generate(model, [prompt], datatools.INSTRUCTION_TOKENS, temperature=1.0, top_p=1.0, seed=settings["seed"])
+        assert record["instruction"] == datatools.first_line(decode(continued[0])) and record["output"]
 
 
 def test_an_interrupted_generation_goes_on_without_duplicates(tmp_path):
@@ -292,9 +330,9 @@ def test_reflect_keeps_the_original_beside_the_refined_text(tmp_path):
         "[The Start of Answer]\nBonjour\n\n[The End of Answer]\n\n[System]\nWe would like")
     assert server.requests[2]["body"]["options"] == {"seed": 125, "temperature": 0.0, "top_p": 1.0}
     # training on the original text instead: the entries written are switched, and data.py reads the file
-    with judge_server(answer=reflector) as server:
-        done = datatools_cli("reflect", path, out, "--llm-url", server.url, "--train-on", "original")
-        assert server.requests == []
+    # (with no server at all: switching sends no request)
+    done = datatools_cli("reflect", path, out, "--llm-url", closed_port_url(), "--train-on", "original")
+    assert done.returncode == 0, done.stderr
     assert f"{out}: 3 entries written before now train on the original text" in done.stdout
     assert [(e["instruction"], e["output"]) for e in load_instruction_data(str(out))] == \
         [(e["instruction"], e["output"]) for e in ENTRIES]
@@ -318,6 +356,28 @@ def politeness(body):
     return f"Kindly: {output}" if "to be more polite." in prompt else f"Whatever: {output}"
 
 
+@pytest.mark.parametrize("tool, answer", [("reflect", reflector), ("polite", politeness)])
+@pytest.mark.parametrize("failure, message", [
+    (dict(garbage=lambda n: n == 3), "did not send an Ollama chat reply: '<html><body>502 Bad Gateway</body></html>'"),
+    (dict(status=lambda n: 400 if n == 3 else 200), "answered HTTP 400 Bad Request: the server failed"),
+])
+def test_reflect_and_polite_keep_every_entry_when_the_server_fails_mid_run(tmp_path, tool, answer, failure, message):
+    """The third request fails: the entries written stay, one sentence says so, and the same command
+    then makes the rest, as a run that never failed does."""
+    path, out = write_entries(tmp_path / "data.json", ENTRIES), tmp_path / "out.jsonl"
+    with judge_server(answer=answer, **failure) as server:
+        done = datatools_cli(tool, path, out, "--llm-url", server.url)
+    kept = read_lines(out)
+    assert done.returncode == 1 and done.stderr.splitlines()[-1] == (
+        f"error: the LLM server at {server.url} {message}; {out} keeps the {len(kept)} "
+        f"{'entry' if len(kept) == 1 else 'entries'} written before: run the same command again to go on") and kept
+    with judge_server(answer=answer) as server:
+        assert datatools_cli(tool, path, out, "--llm-url", server.url).returncode == 0
+    (tmp_path / "whole").mkdir()
+    _, _, whole = run_on_entries(tool, answer, tmp_path / "whole")
+    assert read_lines(out) == whole
+
+
 def test_polite_pairs_the_books_way(tmp_path):
     done, server, records = run_on_entries("polite", politeness, tmp_path)
     out = tmp_path / "out.jsonl"
@@ -338,8 +398,9 @@ def test_polite_pairs_the_books_way(tmp_path):
 
 
 def score_by_length(prompt):
-    """The made-up judge: 0, 40 or 80, from the length of the response it is shown."""
-    return str(len(echo(prompt)) % 3 * 40)
+    """The made-up judge: 0, 40 or 80, from the length of the response it is shown; 50 for every
+    response about apples (a tie, whatever the samples)."""
+    return "50" if "Spell apple backwards." in prompt else str(len(echo(prompt)) % 3 * 40)
 
 
 def test_pairs_from_a_model_then_dpo_on_them(tmp_path, base_folder):  # noqa: F811
@@ -351,8 +412,9 @@ def test_pairs_from_a_model_then_dpo_on_them(tmp_path, base_folder):  # noqa: F8
                              server.url, "--samples", 3, "--max-new-tokens", 6, "--temperature", 1.0, "--device", "cpu")
     assert done.returncode == 0, done.stderr
     records = read_lines(out)
-    ties = int(re.search(r"left out this run: (\d+) tied", done.stdout).group(1)) if "tied" in done.stdout else 0
-    assert len(records) + ties == 12 and len(records) >= 4
+    ties = int(re.search(r"left out this run: (\d+) tied", done.stdout).group(1))
+    assert len(records) + ties == 12 and len(records) >= 4 and ties >= 1
+    assert "apple" not in {r["instruction"].split()[1] for r in records}  # its samples tied: left out
     for r in records:
         assert r["chosen_score"] == int(score_by_length(f"score the model response `{r['chosen']}` on a scale from "
                                                         "0 to 100"))
@@ -367,8 +429,7 @@ def test_pairs_from_a_model_then_dpo_on_them(tmp_path, base_folder):  # noqa: F8
         again = datatools_cli("pairs", path, out, "--model", base_folder, "--judge", "llama3", "--judge-url",
                               server.url, "--samples", 3, "--max-new-tokens", 6, "--temperature", 1.0)
     assert read_lines(out) == records
-    if ties:
-        assert f"left out this run: {ties} tied" in again.stdout
+    assert f"left out this run: {ties} tied" in again.stdout
     # what train.py --dpo reads
     splits = preference_splits(prepare_data(str(out), train_frac=0.5, test_frac=0.25), 64)
     assert len(splits.train) == len(records) // 2

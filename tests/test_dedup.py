@@ -181,6 +181,46 @@ def test_entries_are_near_duplicates_when_every_field_is():
     assert dedup.keep_first(len(ENTRIES), i, j).tolist() == [True, True, False, False, True, True, True, False]
 
 
+@pytest.mark.parametrize("threshold", [0.3, 0.9])
+def test_field_pairs_compare_each_distinct_text_once_and_give_near_pairs_pairs(threshold):
+    texts = TEXTS * 3 + ["", TEXTS[0]]  # equal texts in threes and fours, and a blank one
+    vectors = dedup.tfidf(texts)
+    expected = dedup.near_pairs(vectors, threshold)
+    i, j, sims = dedup.field_pairs(vectors, texts, threshold)
+    assert list(zip(i, j)) == list(zip(*expected[:2])) and sims == pytest.approx(expected[2])
+    near, groups = dedup.grouped_pairs(vectors, texts, threshold)
+    assert dedup.count_field_pairs(texts, near) == len(i)
+    assert len(groups) == len({t for t in TEXTS if dedup.preprocess(t)})  # "!!!" has no n-grams either
+    left, right = np.arange(0, len(texts), 2), np.arange(1, len(texts), 2)
+    expected = dedup.near_pairs(vectors, threshold, left, right)
+    i, j, sims = dedup.field_pairs(vectors, texts, threshold, left, right)
+    assert list(zip(i, j)) == list(zip(*expected[:2])) and sims == pytest.approx(expected[2])
+
+
+def test_a_template_shared_by_every_entry_is_not_paired_entry_by_entry(monkeypatch):
+    """A classification set: every entry has one instruction, so 1,000 entries give half a million
+    pairs of instructions. The entries are paired from the field with the most distinct texts (the
+    review); the instruction's pairs are never made: near_pairs sees each distinct text once."""
+    reviews = [f"Review {n}: the {w} was {a}." for n, (w, a) in enumerate(
+        (w, a) for w in ("film", "plot", "cast", "score", "ending") for a in ("dull", "great", "long"))]
+    entries = [entry("Classify the sentiment of the review.", ("positive", "negative")[n % 2],
+                     f"{reviews[n % 15]} #{n}") for n in range(1000)]
+    texts = {field: dedup.field_texts(entries, field) for field in dedup.ALPACA_FIELDS}
+    made = []  # the number of pairs of each field paired entry by entry
+    field_pairs, near_pairs = dedup.field_pairs, dedup.near_pairs
+    monkeypatch.setattr(dedup, "field_pairs", lambda *a, **k: made.append(len(field_pairs(*a, **k)[0])) or
+                        field_pairs(*a, **k))
+    i, j, sims = dedup.duplicate_entries(texts)
+    assert len(made) == 1 and made[0] < 100  # one field's pairs made: the reviews' few
+    ni, nj, _ = near_pairs(dedup.tfidf(texts["input"]))  # the reviews' near pairs with the same label
+    expected = [(a, b) for a, b in zip(ni.tolist(), nj.tolist()) if a % 2 == b % 2]
+    assert list(zip(i.tolist(), j.tolist())) == expected and len(expected) > 10
+    vectors = dedup.tfidf(texts["instruction"])
+    near, groups = dedup.grouped_pairs(vectors, texts["instruction"])
+    assert len(near[0]) == 0 and list(groups) == ["Classify the sentiment of the review."]
+    assert dedup.count_field_pairs(texts["instruction"], near) == 1000 * 999 // 2
+
+
 def test_keep_first_keeps_an_entry_whose_only_near_duplicate_went():
     # a ~ b and b ~ c, but a is not c: b goes, c stays (no two kept entries are near-duplicates)
     kept = dedup.keep_first(3, np.array([0, 1]), np.array([1, 2]))
