@@ -87,11 +87,11 @@ def find_duplicates(args):
           f"1-3-grams with a cosine similarity above {args.threshold:g}")
     vectors, pairs = {}, {}
     for field, column in texts.items():
-        vectors[field] = tfidf(column)
-        grouped = grouped_pairs(vectors[field], column, args.threshold)  # each distinct text compared once
-        count = count_field_pairs(column, grouped[0])
         if not any(column):  # a field no entry has (a system message, say) has no pairs to list
             continue
+        vectors[field] = tfidf(column)
+        grouped = grouped_pairs(vectors[field], column, args.threshold)  # each distinct text compared once
+        count = count_field_pairs(column, grouped)
         if count > LISTED_PAIRS:  # a template's field: the texts many entries share, not millions of pairs
             show_shared(field, column, grouped[1], count, args.show)
             continue

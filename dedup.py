@@ -239,12 +239,11 @@ def equal_texts(column):
     return {text: members for text, members in groups.items() if preprocess(text)}
 
 
-def count_field_pairs(column, near):
-    """How many pairs of entries field_pairs would give, from the pairs of distinct texts `near`
-    (grouped_pairs' first value): without making them."""
-    groups = equal_texts(column)
+def count_field_pairs(column, grouped):
+    """How many pairs of entries field_pairs would give, from what grouped_pairs gave (the pairs of
+    distinct texts and each text's entries): without making them."""
+    (i, j, _), groups = grouped
     sizes = np.array([len(groups.get(text, ())) for text in column], dtype=np.int64)  # blank texts: no pairs
-    i, j, _ = near
     return int((sizes[i] * sizes[j]).sum()) + sum(len(g) * (len(g) - 1) // 2 for g in groups.values())
 
 

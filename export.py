@@ -852,9 +852,9 @@ def ollama_settings(style, tokenizer=GPT2):
 
 
 def modelfile_text(gguf_path, cfg, style, ckpt_path, tokenizer=GPT2, modelfile="Modelfile"):
-    """The Modelfile (named `modelfile` in its first line) of the GGUF file gguf_path: FROM the file beside it, ollama_settings' TEMPLATE and
-    stops, and the model's context length (Ollama's default is longer than GPT-2's learned positions,
-    and than a fine-tuned model has seen)."""
+    """The Modelfile (named `modelfile` in its first line) of the GGUF file gguf_path: FROM the file
+    beside it, ollama_settings' TEMPLATE and stops, and the model's context length (Ollama's default
+    is longer than GPT-2's learned positions, and than a fine-tuned model has seen)."""
     template, stops = ollama_settings(style, tokenizer)
     lines = [f"{MODELFILE_HEADER} from {ckpt_path}: ollama create NAME -f {os.path.basename(modelfile)}",
              f"FROM ./{os.path.basename(gguf_path)}",

@@ -169,9 +169,9 @@ def failure(error, url, model, timeout, role="judge"):
 
 def ask(url, model, prompt, timeout=DEFAULT_TIMEOUT, options=None, role="judge", continuation=False):
     """The server's reply to prompt (a text, or a list of messages; chat_request says what options
-    and continuation are). A dropped connection or a 5xx is retried with backoff; any other failure, or the last
-    retry's, is an OSError saying what went wrong and what to do; a body that is no chat reply a
-    ValueError."""
+    and continuation are). A dropped connection or a 5xx is retried with backoff; any other
+    failure, or the last retry's, is an OSError saying what went wrong and what to do; a body that
+    is no chat reply a ValueError."""
     request = chat_request(url, model, prompt, options, continuation)
     for attempt in range(RETRIES + 1):
         try:

@@ -189,7 +189,7 @@ def test_field_pairs_compare_each_distinct_text_once_and_give_near_pairs_pairs(t
     i, j, sims = dedup.field_pairs(vectors, texts, threshold)
     assert list(zip(i, j)) == list(zip(*expected[:2])) and sims == pytest.approx(expected[2])
     near, groups = dedup.grouped_pairs(vectors, texts, threshold)
-    assert dedup.count_field_pairs(texts, near) == len(i)
+    assert dedup.count_field_pairs(texts, (near, groups)) == len(i)
     assert len(groups) == len({t for t in TEXTS if dedup.preprocess(t)})  # "!!!" has no n-grams either
     left, right = np.arange(0, len(texts), 2), np.arange(1, len(texts), 2)
     expected = dedup.near_pairs(vectors, threshold, left, right)
@@ -218,7 +218,7 @@ def test_a_template_shared_by_every_entry_is_not_paired_entry_by_entry(monkeypat
     vectors = dedup.tfidf(texts["instruction"])
     near, groups = dedup.grouped_pairs(vectors, texts["instruction"])
     assert len(near[0]) == 0 and list(groups) == ["Classify the sentiment of the review."]
-    assert dedup.count_field_pairs(texts["instruction"], near) == 1000 * 999 // 2
+    assert dedup.count_field_pairs(texts["instruction"], (near, groups)) == 1000 * 999 // 2
 
 
 def test_keep_first_keeps_an_entry_whose_only_near_duplicate_went():
